@@ -1,0 +1,168 @@
+"""The configuration model: what a config file may say, validated with pydantic.
+
+The keys are the public contract of DESIGN.md; unknown keys are errors so that a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ServerConfig(Strict):
+    public_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8080")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class CacheConfig(Strict):
+    store: str = "./var/cache"
+    max_bytes: ByteSize = ByteSize(50 * 2**30)
+    block_size: ByteSize = ByteSize(4 * 2**20)
+
+
+class QueueConfig(Strict):
+    redis_url: str | None = None
+
+
+class AuthConfig(Strict):
+    oidc_issuer: AnyHttpUrl | None = None
+    audience: str = "fdp"
+    groups_claim: str = "groups"
+    admin_group: str = "fdp-admins"
+
+
+class EodagConfig(Strict):
+    providers_file: str | None = None
+
+
+class HttpUpstream(Strict):
+    base_url: AnyHttpUrl
+    objects: list[str] | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _directory(cls, v: AnyHttpUrl) -> AnyHttpUrl:
+        return v if str(v).endswith("/") else AnyHttpUrl(f"{v}/")
+
+
+class EodagUpstream(Strict):
+    provider: str
+    collection: str
+
+
+class S3Upstream(Strict):
+    bucket: str
+    prefix: str = ""
+    endpoint_url: AnyHttpUrl | None = None
+    region: str | None = None
+
+
+class FdpUpstream(Strict):
+    base_url: AnyHttpUrl
+    dataset: str | None = None  # the dataset's name at the other fdp; default: the same name
+
+
+class Mirror(Strict):
+    http: HttpUpstream | None = None
+    s3: S3Upstream | None = None
+    fdp: FdpUpstream | None = None
+    priority: int = 100
+
+
+class Upstream(Strict):
+    """Exactly one kind of upstream."""
+
+    eodag: EodagUpstream | None = None
+    s3: S3Upstream | None = None
+    http: HttpUpstream | None = None
+    fdp: FdpUpstream | None = None
+    mirrors: list[Mirror] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Upstream:
+        kinds = [k for k in ("eodag", "s3", "http", "fdp", "mirrors") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(
+                "expected exactly one of eodag, s3, http, fdp, mirrors"
+                + (f" (got {', '.join(kinds)})" if kinds else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("eodag", "s3", "http", "fdp", "mirrors") if getattr(self, k))
+
+
+class Access(Strict):
+    public: bool = False
+    authenticated: bool = False
+    groups: list[str] | None = None
+    scopes: list[str] | None = None
+
+
+class Retention(Strict):
+    mode: Literal["permanent", "rolling", "lru"] = "lru"
+    days: PositiveInt | None = None
+    max_bytes: ByteSize | None = None
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> Retention:
+        if self.mode == "rolling" and self.days is None:
+            raise ValueError("mode 'rolling' needs 'days: N'")
+        return self
+
+
+class Qos(Strict):
+    requests_per_minute: PositiveInt | None = None
+    miss_requests_per_minute: PositiveInt | None = None
+    bytes_per_day: ByteSize | None = None
+    miss_bytes_per_day: ByteSize | None = None
+
+
+class AsyncPolicy(Strict):
+    hold_seconds: float = Field(25.0, ge=0, le=3600)
+    not_ready_status: Literal[202, 503] = 202
+    retry_after: PositiveInt = 10
+
+
+class Dataset(Strict):
+    upstream: Upstream
+    title: str | None = None
+    description: str | None = None
+    archive: bool = False
+    access: Access = Access(public=True)
+    delivery: Literal["cache", "redirect", "presign"] = "cache"
+    retention: Retention = Retention()
+    qos: Qos = Qos()
+    async_: Annotated[AsyncPolicy, Field(alias="async")] = AsyncPolicy()
+    forward_token: bool = False
+
+
+class Settings(Strict):
+    server: ServerConfig = ServerConfig()
+    cache: CacheConfig = CacheConfig()
+    queue: QueueConfig = QueueConfig()
+    auth: AuthConfig = AuthConfig()
+    eodag: EodagConfig = EodagConfig()
+    datasets: dict[Annotated[str, Field(pattern=DATASET_NAME)], Dataset] = {}
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

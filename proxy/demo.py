@@ -1,0 +1,119 @@
+"""The embedded default: a demo upstream in a thread, and the config that points fdp at it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+
+DEMO_PROVIDER = "fdp_demo"  # EODAG spells provider names with underscores
+
+
+def providers_yaml(upstream_url: str) -> str:
+    """A standard EODAG provider file for a STAC API (the pattern in NOTES.md)."""
+    conf = {
+        DEMO_PROVIDER: {
+            "priority": 1,
+            "description": "fdp demo upstream",
+            "url": f"{upstream_url}/",
+            "search": {
+                "type": "StacSearch",
+                "api_endpoint": f"{upstream_url}/search",
+                "need_auth": False,
+                "asset_key_from_href": False,
+                "discover_collections": {"fetch_url": None},
+                "discover_queryables": {"fetch_url": None, "collection_fetch_url": None},
+            },
+            "products": {"GENERIC_COLLECTION": {"_collection": "{collection}"}},
+            "download": {"type": "HTTPDownload"},
+        }
+    }
+    return yaml.safe_dump(conf, sort_keys=False)
+
+
+def demo_config(upstream_url: str, var_dir: Path) -> dict[str, Any]:
+    """The embedded default config: local cache under `var_dir`, no Redis, three datasets."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    providers = var_dir / "demo-providers.yml"
+    providers.write_text(providers_yaml(upstream_url))
+    objects = [f"{s}/{a}.tif" for s in ("scene-a", "scene-b", "scene-c") for a in ("visual", "B04")]
+    return {
+        "cache": {"store": str(var_dir / "cache")},
+        "eodag": {"providers_file": str(providers)},
+        "datasets": {
+            "demo-cogs": {
+                "title": "Demo scenes (EODAG, online)",
+                "upstream": {"eodag": {"provider": DEMO_PROVIDER, "collection": "demo-cogs"}},
+            },
+            "demo-archive": {
+                "title": "Demo scenes in a slow archive (EODAG)",
+                "upstream": {"eodag": {"provider": DEMO_PROVIDER, "collection": "demo-archive"}},
+                "archive": True,
+            },
+            "demo-files": {
+                "title": "Demo files (plain HTTP)",
+                "upstream": {"http": {"base_url": f"{upstream_url}/data/demo-cogs/",
+                                      "objects": objects}},
+            },
+        },
+    }
+
+
+def start_upstream(data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> str:
+    """Run the demo upstream in a daemon thread; return its base URL once it listens."""
+    from upstreams.demo.server import create_app
+
+    app = create_app(data_dir)  # generates the COGs on first run
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="demo-upstream", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the demo upstream did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return f"http://{host}:{bound}"
+
+
+def banner(public_url: str, upstream_url: str) -> str:
+    asset = f"{public_url}/assets/demo-cogs/scene-a/visual"
+    return f"""
+fdp is running with the embedded default config and demo data.
+
+  proxy        {public_url}
+  STAC API     {public_url}/stac
+  health       {public_url}/readyz
+  demo upstream (stands in for a provider)  {upstream_url}
+
+Datasets: demo-cogs (EODAG, online), demo-archive (EODAG, slow archive: the first read of a
+file waits ~5 s for it to be staged), demo-files (plain HTTP).
+
+Try (GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR spares GDAL a directory listing):
+
+  curl -I {asset}
+  GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR gdalinfo /vsicurl/{asset}
+
+  python - <<'EOF'
+import rasterio
+from rasterio.windows import Window
+with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    with rasterio.open("{asset}") as src:
+        print(src.profile)
+        print(src.read(1, window=Window(0, 0, 256, 256)).mean())
+EOF
+
+  python - <<'EOF'
+from pystac_client import Client
+cat = Client.open("{public_url}/stac")
+for item in cat.search(collections=["demo-cogs"], bbox=[3, 44.9, 4, 45.2]).items():
+    print(item.id, item.assets["visual"].href)
+EOF
+
+Press Ctrl+C to stop.
+"""

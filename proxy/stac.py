@@ -1,0 +1,309 @@
+"""`/stac`: a STAC API over the configured datasets, asset hrefs rewritten to `/assets/...`.
+
+Each dataset is one collection. EODAG datasets list and search through EODAG; `http`
+datasets with an `objects` list have one item per object. Provider URLs never appear.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.problems import ProxyError
+from proxy.registry import Entry, Registry
+from upstreams.base import ObjectNotFound, UpstreamUnavailable
+from upstreams.eodag import EodagResolver
+
+STAC_VERSION = "1.0.0"
+MAX_LIMIT = 1000
+CONFORMS = [
+    "https://api.stacspec.org/v1.0.0/core",
+    "https://api.stacspec.org/v1.0.0/collections",
+    "https://api.stacspec.org/v1.0.0/ogcapi-features",
+    "https://api.stacspec.org/v1.0.0/item-search",
+    "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core",
+    "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/geojson",
+]
+GEOJSON = "application/geo+json"
+
+
+class BadQuery(ProxyError):
+    status, slug = 400, "bad-stac-query"
+
+
+def _root(request: Request) -> str:
+    return str(request.app.state.settings.server.public_url).rstrip("/") + "/stac"
+
+
+def _public(request: Request) -> str:
+    return str(request.app.state.settings.server.public_url).rstrip("/")
+
+
+def _collection(request: Request, entry: Entry) -> dict[str, Any]:
+    root = _root(request)
+    ds = entry.policy
+    return {
+        "type": "Collection",
+        "stac_version": STAC_VERSION,
+        "id": entry.name,
+        "title": ds.title or entry.name,
+        "description": ds.description or f"{entry.name}, served by fdp",
+        "license": "other",
+        "extent": {
+            "spatial": {"bbox": [[-180.0, -90.0, 180.0, 90.0]]},
+            "temporal": {"interval": [[None, None]]},
+        },
+        "links": [
+            {"rel": "self", "href": f"{root}/collections/{entry.name}", "type": "application/json"},
+            {"rel": "items", "href": f"{root}/collections/{entry.name}/items", "type": GEOJSON},
+            {"rel": "root", "href": f"{root}", "type": "application/json"},
+            {"rel": "parent", "href": f"{root}", "type": "application/json"},
+        ],
+    }
+
+
+def _links(request: Request, entry: Entry, iid: str) -> list[dict[str, str]]:
+    root = _root(request)
+    col = f"{root}/collections/{entry.name}"
+    return [
+        {"rel": "self", "href": f"{col}/items/{quote(iid)}", "type": GEOJSON},
+        {"rel": "collection", "href": col, "type": "application/json"},
+        {"rel": "parent", "href": col, "type": "application/json"},
+        {"rel": "root", "href": root, "type": "application/json"},
+    ]
+
+
+def _rewrite(request: Request, entry: Entry, item: dict[str, Any]) -> dict[str, Any]:
+    """Point an EODAG item at us: collection id, asset hrefs, links; drop EODAG internals."""
+    iid = item["id"]
+    item["collection"] = entry.name
+    item["stac_version"] = STAC_VERSION
+    item["properties"] = {
+        k: v
+        for k, v in item.get("properties", {}).items()
+        if not k.startswith("eodag:") and k not in ("federation:backends", "providers")
+    }
+    for key, asset in item.get("assets", {}).items():
+        asset["href"] = f"{_public(request)}/assets/{entry.name}/{quote(iid)}/{quote(key)}"
+        asset.pop("alternate", None)
+    item["links"] = _links(request, entry, iid)
+    return item
+
+
+def _object_item(request: Request, entry: Entry, key: str) -> dict[str, Any]:
+    """An `http` dataset's object as an item with one asset and no footprint."""
+    return {
+        "type": "Feature",
+        "stac_version": STAC_VERSION,
+        "id": key,
+        "collection": entry.name,
+        "geometry": None,
+        "properties": {"datetime": None},
+        "assets": {
+            "data": {"href": f"{_public(request)}/assets/{entry.name}/{quote(key)}",
+                     "roles": ["data"]}
+        },
+        "links": _links(request, entry, key),
+    }
+
+
+def _eodag_search(entry: Entry, page: int, limit: int, query: dict[str, Any]) -> list[dict]:
+    resolver = entry.resolver
+    assert isinstance(resolver, EodagResolver)
+    kwargs: dict[str, Any] = {
+        "collection": resolver.collection,
+        "provider": resolver.provider,
+        "raise_errors": True,
+        "page": page,
+        "limit": limit,
+        **query,
+    }
+    try:
+        results = resolver.gateway.search(**kwargs)
+    except Exception as e:  # EODAG's errors are many; the provider failed either way
+        raise UpstreamUnavailable(f"EODAG search failed ({type(e).__name__})") from None
+    return [p.as_dict() for p in results]
+
+
+async def _items(
+    request: Request, entry: Entry, page: int, limit: int, query: dict[str, Any]
+) -> list[dict[str, Any]]:
+    if isinstance(entry.resolver, EodagResolver):
+        found = await anyio.to_thread.run_sync(_eodag_search, entry, page, limit, query)
+        return [_rewrite(request, entry, json.loads(json.dumps(f, default=str))) for f in found]
+    objects = sorted(getattr(entry.resolver, "objects", None) or [])
+    if query.get("geom") or query.get("start") or query.get("end"):
+        return []  # objects carry no footprint or time
+    if "id" in query:
+        objects = [o for o in objects if o == query["id"]]
+    start = (page - 1) * limit
+    return [_object_item(request, entry, k) for k in objects[start : start + limit]]
+
+
+def _page_params(values: dict[str, Any]) -> tuple[int, int, int]:
+    """(dataset index, page, limit); the token is `index:page` so pages never skip items."""
+    try:
+        limit = min(int(values.get("limit") or 10), MAX_LIMIT)
+        index, _, page = str(values.get("token") or "0:1").partition(":")
+        start, number = int(index), int(page or 1)
+    except (TypeError, ValueError):
+        raise BadQuery("limit must be an integer and token as given in a next link") from None
+    if limit < 1 or number < 1 or start < 0:
+        raise BadQuery("limit and token must be positive")
+    return start, number, limit
+
+
+def _query(values: dict[str, Any]) -> dict[str, Any]:
+    """Translate STAC search parameters into EODAG's."""
+    out: dict[str, Any] = {}
+    bbox = values.get("bbox")
+    if bbox:
+        try:
+            box = [float(v) for v in (bbox.split(",") if isinstance(bbox, str) else bbox)]
+        except ValueError:
+            raise BadQuery("bbox must be four numbers") from None
+        if len(box) != 4:
+            raise BadQuery("bbox must be four numbers")
+        out["geom"] = box
+    interval = values.get("datetime")
+    if interval:
+        start, _, end = str(interval).partition("/")
+        if start not in ("", ".."):
+            out["start"] = start
+        if end not in ("", "..") and "/" in str(interval):
+            out["end"] = end
+        elif "/" not in str(interval):
+            out["end"] = start
+    return out
+
+
+def _feature_collection(
+    request: Request, features: list[dict[str, Any]], values: dict[str, Any], token: str | None
+) -> Response:
+    links: list[dict[str, Any]] = [
+        {"rel": "root", "href": _root(request), "type": "application/json"}
+    ]
+    if token is not None:
+        if request.method == "POST":
+            links.append({"rel": "next", "href": f"{_root(request)}/search", "method": "POST",
+                          "body": {**values, "token": token}, "type": GEOJSON})
+        else:
+            links.append({"rel": "next", "type": GEOJSON, "method": "GET",
+                          "href": str(request.url.include_query_params(token=token))})
+    body = {"type": "FeatureCollection", "features": features,
+            "numberReturned": len(features), "links": links}
+    return JSONResponse(body, media_type=GEOJSON)
+
+
+async def landing(request: Request) -> Response:
+    root = _root(request)
+    return JSONResponse({
+        "type": "Catalog",
+        "stac_version": STAC_VERSION,
+        "id": "fdp",
+        "title": "fdp",
+        "description": "Federated Data Proxy: every dataset this endpoint serves",
+        "conformsTo": CONFORMS,
+        "links": [
+            {"rel": "self", "href": root, "type": "application/json"},
+            {"rel": "root", "href": root, "type": "application/json"},
+            {"rel": "conformance", "href": f"{root}/conformance", "type": "application/json"},
+            {"rel": "data", "href": f"{root}/collections", "type": "application/json"},
+            {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "GET"},
+            {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "POST"},
+            *({"rel": "child", "href": f"{root}/collections/{n}", "type": "application/json"}
+              for n in request.app.state.registry.entries),
+        ],
+    })
+
+
+async def conformance(request: Request) -> Response:
+    return JSONResponse({"conformsTo": CONFORMS})
+
+
+async def collections(request: Request) -> Response:
+    registry: Registry = request.app.state.registry
+    cols = [_collection(request, e) for e in registry.entries.values()]
+    root = _root(request)
+    return JSONResponse({"collections": cols, "links": [
+        {"rel": "self", "href": f"{root}/collections", "type": "application/json"},
+        {"rel": "root", "href": root, "type": "application/json"},
+    ]})
+
+
+async def collection(request: Request) -> Response:
+    entry = request.app.state.registry.get(request.path_params["cid"])
+    return JSONResponse(_collection(request, entry))
+
+
+async def items(request: Request) -> Response:
+    entry = request.app.state.registry.get(request.path_params["cid"])
+    values = dict(request.query_params)
+    _, page, limit = _page_params(values)
+    features = await _items(request, entry, page, limit, _query(values))
+    token = f"0:{page + 1}" if len(features) >= limit else None
+    return _feature_collection(request, features, values, token)
+
+
+async def item(request: Request) -> Response:
+    entry = request.app.state.registry.get(request.path_params["cid"])
+    iid = request.path_params["iid"]
+    found = [f for f in await _items(request, entry, 1, 1, {"id": iid}) if f["id"] == iid]
+    if not found:
+        raise ObjectNotFound(f"no item {iid!r} in {entry.name}")
+    return JSONResponse(found[0], media_type=GEOJSON)
+
+
+async def search(request: Request) -> Response:
+    registry: Registry = request.app.state.registry
+    if request.method == "POST":
+        try:
+            values = await request.json()
+        except ValueError:
+            raise BadQuery("the search body must be JSON") from None
+        if not isinstance(values, dict):
+            raise BadQuery("the search body must be a JSON object")
+    else:
+        values = dict(request.query_params)
+        for key in ("collections", "ids"):
+            if key in values:
+                values[key] = [v for v in values[key].split(",") if v]
+    index, page, limit = _page_params(values)
+    query = _query(values)
+    entries = [registry.get(n) for n in values.get("collections") or registry.entries]
+    if ids := values.get("ids"):
+        found = [
+            f
+            for entry in entries
+            for iid in ids
+            for f in await _items(request, entry, 1, 1, {**query, "id": iid})
+            if f["id"] == iid
+        ]
+        return _feature_collection(request, found[:limit], values, None)
+    # One dataset per page, in order: a short page moves the token on to the next dataset.
+    while index < len(entries):
+        features = await _items(request, entries[index], page, limit, query)
+        if len(features) >= limit:
+            return _feature_collection(request, features, values, f"{index}:{page + 1}")
+        index, page = index + 1, 1
+        if features:
+            token = f"{index}:1" if index < len(entries) else None
+            return _feature_collection(request, features, values, token)
+    return _feature_collection(request, [], values, None)
+
+
+routes = [
+    Route("/stac", landing),
+    Route("/stac/conformance", conformance),
+    Route("/stac/collections", collections),
+    Route("/stac/collections/{cid}", collection),
+    Route("/stac/collections/{cid}/items", items),
+    Route("/stac/collections/{cid}/items/{iid:path}", item),
+    Route("/stac/search", search, methods=["GET", "POST"]),
+]

@@ -1,0 +1,432 @@
+"""A small provider of our own: STAC API + asset server with fault injection.
+
+`fdp demo` runs it as the demo upstream; the tests run it as the upstream they break on
+purpose. It serves the files and catalogue written by `upstreams.demo.data`:
+
+- STAC API: `/`, `/conformance`, `/collections[/{c}[/items[/{i}]]]`, `GET|POST /search`.
+- Assets: `GET|HEAD /data/{collection}/{item}/{file}` with Range, ETag, Last-Modified.
+- A slow archive: collections with `archive_delay` hold the first read of an object until it
+  is "staged" (the delay after its first request).
+- Control, for tests: `GET|DELETE /_log` (every request seen), `POST|DELETE /_faults`
+  (delays, HTTP errors, bodies cut off after N bytes, each for the next `times` requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+from werkzeug.http import parse_range_header
+
+from upstreams.demo.data import ensure_demo_data
+
+CHUNK = 256 * 1024
+CONFORMS = [
+    "https://api.stacspec.org/v1.0.0/core",
+    "https://api.stacspec.org/v1.0.0/collections",
+    "https://api.stacspec.org/v1.0.0/ogcapi-features",
+    "https://api.stacspec.org/v1.0.0/item-search",
+    "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core",
+    "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/geojson",
+]
+
+
+@dataclass
+class Fault:
+    match: str
+    method: str | None = None
+    status: int | None = None
+    delay: float = 0.0
+    cut_after: int | None = None
+    times: int | None = None
+
+    def applies(self, method: str, path: str) -> bool:
+        if self.times is not None and self.times <= 0:
+            return False
+        if self.method and self.method.upper() != method:
+            return False
+        return re.search(self.match, path) is not None
+
+
+@dataclass
+class State:
+    root: Path
+    catalog: dict[str, Any]
+    log: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    staged_at: dict[str, float] = field(default_factory=dict)
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        for f in self.faults:
+            if f.applies(method, path):
+                if f.times is not None:
+                    f.times -= 1
+                return f
+        return None
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _item(state: State, base: str, cid: str, iid: str) -> dict[str, Any]:
+    spec = state.catalog["collections"][cid]["items"][iid]
+    x0, y0, x1, y1 = spec["bbox"]
+    assets = {}
+    for key, a in spec["assets"].items():
+        asset = {k: v for k, v in a.items() if k != "file"}
+        asset["href"] = f"{base}/data/{a['file']}"
+        assets[key] = asset
+    return {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": ["https://stac-extensions.github.io/file/v2.1.0/schema.json"],
+        "id": iid,
+        "collection": cid,
+        "bbox": spec["bbox"],
+        "geometry": {
+            "type": "Polygon",
+            "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
+        },
+        "properties": {"datetime": spec["datetime"]},
+        "assets": assets,
+        "links": [
+            {"rel": "self", "href": f"{base}/collections/{cid}/items/{iid}"},
+            {"rel": "collection", "href": f"{base}/collections/{cid}"},
+            {"rel": "root", "href": f"{base}/"},
+        ],
+    }
+
+
+def _collection(state: State, base: str, cid: str) -> dict[str, Any]:
+    spec = state.catalog["collections"][cid]
+    boxes = [i["bbox"] for i in spec["items"].values()]
+    times = sorted(i["datetime"] for i in spec["items"].values())
+    return {
+        "type": "Collection",
+        "stac_version": "1.0.0",
+        "id": cid,
+        "description": spec["description"],
+        "license": "CC-BY-4.0",
+        "extent": {
+            "spatial": {
+                "bbox": [
+                    [
+                        min(b[0] for b in boxes),
+                        min(b[1] for b in boxes),
+                        max(b[2] for b in boxes),
+                        max(b[3] for b in boxes),
+                    ]
+                ]
+            },
+            "temporal": {"interval": [[times[0], times[-1]]]},
+        },
+        "links": [
+            {"rel": "self", "href": f"{base}/collections/{cid}"},
+            {"rel": "items", "href": f"{base}/collections/{cid}/items"},
+            {"rel": "root", "href": f"{base}/"},
+        ],
+    }
+
+
+def _intersects(a: list[float], b: list[float]) -> bool:
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
+def _in_interval(dt: str, interval: str) -> bool:
+    if "/" not in interval:
+        return dt == interval
+    start, end = interval.split("/", 1)
+    return (start in ("", "..") or dt >= start) and (end in ("", "..") or dt <= end)
+
+
+def _search(state: State, request: Request, params: dict[str, Any]) -> dict[str, Any]:
+    base = _base(request)
+    cids = params.get("collections") or list(state.catalog["collections"])
+    ids = params.get("ids")
+    bbox = params.get("bbox")
+    interval = params.get("datetime")
+    limit = int(params.get("limit") or 10)
+    page = params.get("page")  # EODAG's StacSearch pages with `page`, clients with `token`
+    offset = (int(page) - 1) * limit if page else int(params.get("token") or 0)
+    matches = []
+    for cid in cids:
+        for iid, spec in state.catalog["collections"].get(cid, {}).get("items", {}).items():
+            if ids and iid not in ids:
+                continue
+            if bbox and not _intersects(spec["bbox"], bbox):
+                continue
+            if interval and not _in_interval(spec["datetime"], interval):
+                continue
+            matches.append((cid, iid))
+    page = matches[offset : offset + limit]
+    links = [{"rel": "root", "href": f"{base}/"}]
+    if offset + limit < len(matches):
+        if request.method == "POST":
+            body = {**params, "token": str(offset + limit)}
+            links.append(
+                {"rel": "next", "href": f"{base}/search", "method": "POST", "body": body}
+            )
+        else:
+            url = request.url.include_query_params(token=str(offset + limit))
+            links.append({"rel": "next", "href": str(url), "method": "GET"})
+    return {
+        "type": "FeatureCollection",
+        "features": [_item(state, base, c, i) for c, i in page],
+        "numberMatched": len(matches),
+        "numberReturned": len(page),
+        "links": links,
+    }
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v for v in value.split(",") if v] if value else None
+
+
+async def search(request: Request) -> Response:
+    state: State = request.app.state.demo
+    if request.method == "POST":
+        params = await request.json()
+    else:
+        q = request.query_params
+        bbox = _csv(q.get("bbox"))
+        params = {
+            "collections": _csv(q.get("collections")),
+            "ids": _csv(q.get("ids")),
+            "bbox": [float(v) for v in bbox] if bbox else None,
+            "datetime": q.get("datetime"),
+            "limit": q.get("limit"),
+            "token": q.get("token"),
+            "page": q.get("page"),
+        }
+    return JSONResponse(_search(state, request, params), media_type="application/geo+json")
+
+
+async def landing(request: Request) -> Response:
+    base = _base(request)
+    return JSONResponse(
+        {
+            "type": "Catalog",
+            "stac_version": "1.0.0",
+            "id": "demo-upstream",
+            "description": "fdp demo/test upstream",
+            "conformsTo": CONFORMS,
+            "links": [
+                {"rel": "self", "href": f"{base}/"},
+                {"rel": "root", "href": f"{base}/"},
+                {"rel": "conformance", "href": f"{base}/conformance"},
+                {"rel": "data", "href": f"{base}/collections"},
+                {"rel": "search", "href": f"{base}/search", "method": "GET"},
+                {"rel": "search", "href": f"{base}/search", "method": "POST"},
+            ],
+        }
+    )
+
+
+async def conformance(request: Request) -> Response:
+    return JSONResponse({"conformsTo": CONFORMS})
+
+
+async def collections(request: Request) -> Response:
+    state: State = request.app.state.demo
+    base = _base(request)
+    cols = [_collection(state, base, c) for c in state.catalog["collections"]]
+    return JSONResponse({"collections": cols, "links": [{"rel": "root", "href": f"{base}/"}]})
+
+
+def _not_found(what: str) -> Response:
+    return JSONResponse({"code": "NotFound", "description": f"{what} not found"}, 404)
+
+
+async def collection(request: Request) -> Response:
+    state: State = request.app.state.demo
+    cid = request.path_params["cid"]
+    if cid not in state.catalog["collections"]:
+        return _not_found(f"collection {cid}")
+    return JSONResponse(_collection(state, _base(request), cid))
+
+
+async def items(request: Request) -> Response:
+    state: State = request.app.state.demo
+    cid = request.path_params["cid"]
+    if cid not in state.catalog["collections"]:
+        return _not_found(f"collection {cid}")
+    q = request.query_params
+    params = {"collections": [cid], "limit": q.get("limit"), "token": q.get("token")}
+    return JSONResponse(_search(state, request, params), media_type="application/geo+json")
+
+
+async def item(request: Request) -> Response:
+    state: State = request.app.state.demo
+    cid, iid = request.path_params["cid"], request.path_params["iid"]
+    if iid not in state.catalog["collections"].get(cid, {}).get("items", {}):
+        return _not_found(f"item {cid}/{iid}")
+    return JSONResponse(_item(state, _base(request), cid, iid), media_type="application/geo+json")
+
+
+async def get_log(request: Request) -> Response:
+    return JSONResponse(request.app.state.demo.log)
+
+
+async def clear_log(request: Request) -> Response:
+    request.app.state.demo.log.clear()
+    return Response(status_code=204)
+
+
+async def add_fault(request: Request) -> Response:
+    request.app.state.demo.faults.append(Fault(**await request.json()))
+    return Response(status_code=204)
+
+
+async def clear_faults(request: Request) -> Response:
+    state: State = request.app.state.demo
+    state.faults.clear()
+    state.staged_at.clear()
+    return Response(status_code=204)
+
+
+class DataFiles:
+    """Raw ASGI file server: Range, conditional headers, staging delay, injected faults."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: State = scope["app"].state.demo
+        method = scope["method"]
+        rel = scope["path"][len("/data/") :]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        fault = state.take_fault(method, scope["path"])
+        if fault and fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault and fault.status:
+            await _send_simple(send, fault.status, b'{"error":"injected fault"}')
+            return
+        path = (state.root / rel).resolve()
+        if method not in ("GET", "HEAD"):
+            await _send_simple(send, 405, b"")
+            return
+        if not path.is_file() or state.root.resolve() not in path.parents:
+            await _send_simple(send, 404, b'{"error":"no such file"}')
+            return
+        cid = rel.split("/", 1)[0]
+        delay = state.catalog["collections"].get(cid, {}).get("archive_delay", 0.0)
+        if delay and method == "GET":
+            ready_at = state.staged_at.setdefault(rel, time.monotonic() + delay)
+            await asyncio.sleep(max(0.0, ready_at - time.monotonic()))
+        st = path.stat()
+        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+        out = [
+            (b"accept-ranges", b"bytes"),
+            (b"content-type", b"image/tiff"),
+            (b"etag", etag.encode()),
+            (b"last-modified", formatdate(st.st_mtime, usegmt=True).encode()),
+        ]
+        start, end, status = 0, st.st_size, 200
+        rng = parse_range_header(headers.get("range"))
+        if rng is not None and len(rng.ranges) == 1:
+            bounds = rng.range_for_length(st.st_size)
+            if bounds is None:
+                out.append((b"content-range", f"bytes */{st.st_size}".encode()))
+                await _send_simple(send, 416, b"", out)
+                return
+            start, end, status = bounds[0], bounds[1], 206
+            out.append((b"content-range", f"bytes {start}-{end - 1}/{st.st_size}".encode()))
+        out.append((b"content-length", str(end - start).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        if method == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return
+        limit = end if fault is None or fault.cut_after is None else start + fault.cut_after
+        with path.open("rb") as f:
+            pos = start
+            while pos < min(end, limit):
+                n = min(CHUNK, end - pos, limit - pos)
+                chunk = os.pread(f.fileno(), n, pos)
+                pos += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if pos < end:
+            return  # cut off: the server closes the connection with the body incomplete
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _send_simple(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    out = [(k, v) for k, v in headers or [] if k != b"content-length"]
+    out.append((b"content-length", str(len(body)).encode()))
+    out.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestLog:
+    """Record every request (method, path, query, range, whether it carried Authorization)."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/_"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope["headers"]}
+            self.app.state.demo.log.append(
+                {
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "query": scope["query_string"].decode("latin-1"),
+                    "range": headers.get("range"),
+                    "authorization": "authorization" in headers,
+                    "time": time.time(),
+                }
+            )
+        await self.app(scope, receive, send)
+
+
+def create_app(root: Path) -> RequestLog:
+    """The upstream app over the demo data in `root` (generated when missing)."""
+    root = Path(root)
+    manifest = ensure_demo_data(root)
+    app = Starlette(
+        routes=[
+            Route("/", landing),
+            Route("/conformance", conformance),
+            Route("/collections", collections),
+            Route("/collections/{cid}", collection),
+            Route("/collections/{cid}/items", items),
+            Route("/collections/{cid}/items/{iid}", item),
+            Route("/search", search, methods=["GET", "POST"]),
+            Route("/data/{rest:path}", DataFiles(), methods=["GET", "HEAD"]),
+            Route("/_log", get_log, methods=["GET"]),
+            Route("/_log", clear_log, methods=["DELETE"]),
+            Route("/_faults", add_fault, methods=["POST"]),
+            Route("/_faults", clear_faults, methods=["DELETE"]),
+        ]
+    )
+    app.state.demo = State(root=root, catalog=json.loads(manifest.read_text()))
+    return RequestLog(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser(description="fdp demo/test upstream (STAC API + assets)")
+    p.add_argument("--data", type=Path, required=True, help="data folder (created on first run)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    args = p.parse_args(argv)
+    uvicorn.run(create_app(args.data), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

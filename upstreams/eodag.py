@@ -1,0 +1,140 @@
+"""EODAG datasets: `{item_id}/{asset_key}` resolved through an EODAG provider.
+
+EODAG does the provider-specific part (search, auth plugins, order metadata); the bytes are
+fetched by our own async client with the client's Range, because EODAG's streaming ignores
+ranges (NOTES.md). Every EODAG call blocks, so it runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+
+from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable, safe_key
+
+#: How long a resolved item (or a miss) is trusted before EODAG is asked again.
+ITEM_TTL = 300.0
+MISS_TTL = 30.0
+
+
+def make_gateway(providers_file: Path | None, workdir: Path) -> Any:
+    """An EODataAccessGateway that loads only our providers and never reaches the internet.
+
+    Its config lives in `workdir` (not `$HOME`), and the external collections list is an
+    empty local file, otherwise EODAG fetches it from the web on first use.
+    """
+    from eodag import EODataAccessGateway
+    from eodag.config import EODAGSettings
+
+    providers_dir = workdir / "providers"
+    providers_dir.mkdir(parents=True, exist_ok=True)
+    if providers_file is not None:
+        shutil.copyfile(providers_file, providers_dir / "providers.yml")
+    ext = workdir / "ext_collections.json"
+    ext.write_text("{}")
+    user_conf = workdir / "eodag.yml"
+    user_conf.write_text("{}\n")  # no per-user provider overrides (and no template warnings)
+    settings = EODAGSettings(
+        cfg_dir=workdir / "cfg",
+        cfg_file=user_conf,
+        providers_cfg_dir=providers_dir,
+        ext_collections_cfg_uri=str(ext),
+    )
+    return EODataAccessGateway(settings=settings)
+
+
+class EodagWorkdir:
+    """A private temporary folder for EODAG's config files, removed on close."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="fdp-eodag-"))
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _split(path: str) -> tuple[str, str]:
+    key = safe_key(path)
+    item_id, sep, asset_key = key.partition("/")
+    if not sep or "/" in asset_key:
+        raise ObjectNotFound(f"expected {{item_id}}/{{asset_key}}, got {key!r}")
+    return item_id, asset_key
+
+
+class EodagResolver:
+    """Resolve through one provider and collection; items are cached, lookups single-flight."""
+
+    def __init__(self, gateway: Any, provider: str, collection: str) -> None:
+        self.gateway = gateway
+        self.provider = provider
+        self.collection = collection
+        self._items: dict[str, tuple[float, dict[str, UpstreamObject] | None]] = {}
+        self._inflight: dict[str, asyncio.Future[dict[str, UpstreamObject] | None]] = {}
+
+    async def resolve(self, path: str) -> UpstreamObject:
+        item_id, asset_key = _split(path)
+        assets = await self._assets(item_id)
+        if assets is None:
+            raise ObjectNotFound(f"no item {item_id!r} in {self.collection}")
+        if asset_key not in assets:
+            raise ObjectNotFound(f"item {item_id!r} has no asset {asset_key!r}")
+        return assets[asset_key]
+
+    async def _assets(self, item_id: str) -> dict[str, UpstreamObject] | None:
+        hit = self._items.get(item_id)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        if item_id in self._inflight:
+            return await asyncio.shield(self._inflight[item_id])
+        future: asyncio.Future[dict[str, UpstreamObject] | None]
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[item_id] = future
+        try:
+            assets = await anyio.to_thread.run_sync(self._search, item_id)
+            ttl = ITEM_TTL if assets is not None else MISS_TTL
+            self._items[item_id] = (time.monotonic() + ttl, assets)
+            future.set_result(assets)
+            return assets
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: waiters get it, nobody else needs to
+            raise
+        finally:
+            del self._inflight[item_id]
+
+    def _search(self, item_id: str) -> dict[str, UpstreamObject] | None:
+        try:
+            results = self.gateway.search(
+                id=item_id,
+                collection=self.collection,
+                provider=self.provider,
+                raise_errors=True,
+            )
+        except Exception as e:  # EODAG raises many kinds; all mean "provider failed"
+            raise UpstreamUnavailable(f"EODAG search failed ({type(e).__name__})") from None
+        product = next((p for p in results if p.properties.get("id") == item_id), None)
+        if product is None:
+            return None
+        online = product.properties.get("order:status") in (None, "succeeded")
+        out = {}
+        for key, asset in product.assets.items():
+            href = asset.get("href")
+            if not href:
+                continue
+            options = product.get_storage_options(key)
+            headers = options.get("headers") or {}
+            out[key] = UpstreamObject(
+                href=options.get("path") or href,
+                size=asset.get("file:size"),
+                media_type=asset.get("type"),
+                checksum=asset.get("file:checksum"),
+                headers={str(k): str(v) for k, v in headers.items()},
+                online=online,
+            )
+        return out
