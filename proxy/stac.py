@@ -6,6 +6,7 @@ datasets with an `objects` list have one item per object. Provider URLs never ap
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 from urllib.parse import quote
@@ -104,7 +105,9 @@ def _object_item(request: Request, entry: Entry, key: str) -> dict[str, Any]:
         "id": key,
         "collection": entry.name,
         "geometry": None,
-        "properties": {"datetime": None},
+        # time unknown: STAC wants an interval then, so give the widest honest one
+        "properties": {"datetime": None, "start_datetime": "1970-01-01T00:00:00Z",
+                       "end_datetime": "2100-01-01T00:00:00Z"},
         "assets": {
             "data": {"href": f"{_public(request)}/assets/{entry.name}/{quote(key)}",
                      "roles": ["data"]}
@@ -113,50 +116,70 @@ def _object_item(request: Request, entry: Entry, key: str) -> dict[str, Any]:
     }
 
 
-def _eodag_search(entry: Entry, page: int, limit: int, query: dict[str, Any]) -> list[dict]:
+Cursor = dict[str, Any]
+
+
+def _eodag_search(
+    entry: Entry, limit: int, query: dict[str, Any], cursor: Cursor | None
+) -> tuple[list[dict[str, Any]], Cursor | None]:
+    """One page through EODAG; EODAG pages by the provider's own next-page token."""
     resolver = entry.resolver
     assert isinstance(resolver, EodagResolver)
     kwargs: dict[str, Any] = {
         "collection": resolver.collection,
         "provider": resolver.provider,
         "raise_errors": True,
-        "page": page,
         "limit": limit,
         **query,
     }
+    if cursor:
+        kwargs |= {"next_page_token": cursor["t"], "next_page_token_key": cursor["k"]}
     try:
         results = resolver.gateway.search(**kwargs)
     except Exception as e:  # EODAG's errors are many; the provider failed either way
         raise UpstreamUnavailable(f"EODAG search failed ({type(e).__name__})") from None
-    return [p.as_dict() for p in results]
+    token = results.next_page_token if len(results) >= limit else None
+    nxt = {"k": results.next_page_token_key, "t": token} if token is not None else None
+    return [p.as_dict() for p in results], nxt
 
 
-async def _items(
-    request: Request, entry: Entry, page: int, limit: int, query: dict[str, Any]
-) -> list[dict[str, Any]]:
+async def _page(
+    request: Request, entry: Entry, limit: int, query: dict[str, Any], cursor: Cursor | None
+) -> tuple[list[dict[str, Any]], Cursor | None]:
+    """A page of a dataset's items, and the cursor of the next page (None at the end)."""
     if isinstance(entry.resolver, EodagResolver):
-        found = await anyio.to_thread.run_sync(_eodag_search, entry, page, limit, query)
-        return [_rewrite(request, entry, json.loads(json.dumps(f, default=str))) for f in found]
+        found, nxt = await anyio.to_thread.run_sync(_eodag_search, entry, limit, query, cursor)
+        items = [_rewrite(request, entry, json.loads(json.dumps(f, default=str))) for f in found]
+        return items, nxt
     objects = sorted(getattr(entry.resolver, "objects", None) or [])
     if query.get("geom") or query.get("start") or query.get("end"):
-        return []  # objects carry no footprint or time
+        return [], None  # objects carry no footprint or time
     if "id" in query:
         objects = [o for o in objects if o == query["id"]]
-    start = (page - 1) * limit
-    return [_object_item(request, entry, k) for k in objects[start : start + limit]]
+    start = int((cursor or {}).get("o", 0))
+    end = start + limit
+    page = [_object_item(request, entry, k) for k in objects[start:end]]
+    return page, ({"o": end} if end < len(objects) else None)
 
 
-def _page_params(values: dict[str, Any]) -> tuple[int, int, int]:
-    """(dataset index, page, limit); the token is `index:page` so pages never skip items."""
+def _encode(index: int, cursor: Cursor | None) -> str:
+    raw = json.dumps({"i": index, "c": cursor}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _page_params(values: dict[str, Any]) -> tuple[int, Cursor | None, int]:
+    """(dataset index, cursor within it, limit), from `limit` and an opaque `token`."""
     try:
         limit = min(int(values.get("limit") or 10), MAX_LIMIT)
-        index, _, page = str(values.get("token") or "0:1").partition(":")
-        start, number = int(index), int(page or 1)
-    except (TypeError, ValueError):
-        raise BadQuery("limit must be an integer and token as given in a next link") from None
-    if limit < 1 or number < 1 or start < 0:
-        raise BadQuery("limit and token must be positive")
-    return start, number, limit
+        token = values.get("token")
+        state = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))) \
+            if token else {"i": 0, "c": None}
+        index, cursor = int(state["i"]), state["c"]
+    except (TypeError, ValueError, KeyError):
+        raise BadQuery("limit must be an integer, and token one given in a next link") from None
+    if limit < 1 or index < 0 or not (cursor is None or isinstance(cursor, dict)):
+        raise BadQuery("limit must be positive, and token one given in a next link")
+    return index, cursor, limit
 
 
 def _query(values: dict[str, Any]) -> dict[str, Any]:
@@ -245,16 +268,16 @@ async def collection(request: Request) -> Response:
 async def items(request: Request) -> Response:
     entry = request.app.state.registry.get(request.path_params["cid"])
     values = dict(request.query_params)
-    _, page, limit = _page_params(values)
-    features = await _items(request, entry, page, limit, _query(values))
-    token = f"0:{page + 1}" if len(features) >= limit else None
+    _, cursor, limit = _page_params(values)
+    features, nxt = await _page(request, entry, limit, _query(values), cursor)
+    token = _encode(0, nxt) if nxt else None
     return _feature_collection(request, features, values, token)
 
 
 async def item(request: Request) -> Response:
     entry = request.app.state.registry.get(request.path_params["cid"])
     iid = request.path_params["iid"]
-    found = [f for f in await _items(request, entry, 1, 1, {"id": iid}) if f["id"] == iid]
+    found = [f for f in (await _page(request, entry, 1, {"id": iid}, None))[0] if f["id"] == iid]
     if not found:
         raise ObjectNotFound(f"no item {iid!r} in {entry.name}")
     return JSONResponse(found[0], media_type=GEOJSON)
@@ -274,7 +297,7 @@ async def search(request: Request) -> Response:
         for key in ("collections", "ids"):
             if key in values:
                 values[key] = [v for v in values[key].split(",") if v]
-    index, page, limit = _page_params(values)
+    index, cursor, limit = _page_params(values)
     query = _query(values)
     entries = [registry.get(n) for n in values.get("collections") or registry.entries]
     if ids := values.get("ids"):
@@ -282,19 +305,19 @@ async def search(request: Request) -> Response:
             f
             for entry in entries
             for iid in ids
-            for f in await _items(request, entry, 1, 1, {**query, "id": iid})
+            for f in (await _page(request, entry, 1, {**query, "id": iid}, None))[0]
             if f["id"] == iid
         ]
         return _feature_collection(request, found[:limit], values, None)
-    # One dataset per page, in order: a short page moves the token on to the next dataset.
+    # One dataset per page, in order; at a dataset's end the token moves on to the next one.
     while index < len(entries):
-        features = await _items(request, entries[index], page, limit, query)
-        if len(features) >= limit:
-            return _feature_collection(request, features, values, f"{index}:{page + 1}")
-        index, page = index + 1, 1
+        features, nxt = await _page(request, entries[index], limit, query, cursor)
+        if nxt is None:
+            index, nxt = index + 1, None
+        token = _encode(index, nxt) if index < len(entries) else None
         if features:
-            token = f"{index}:1" if index < len(entries) else None
             return _feature_collection(request, features, values, token)
+        cursor = None
     return _feature_collection(request, [], values, None)
 
 

@@ -31,7 +31,7 @@ COLLECTIONS: dict[str, dict[str, Any]] = {
 def _write_cog(path: Path, seed: int, size: int, bands: int, dtype: str) -> None:
     import numpy as np
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     rng = np.random.default_rng(seed)
     yy, xx = np.indices((size, size))
@@ -45,7 +45,7 @@ def _write_cog(path: Path, seed: int, size: int, bands: int, dtype: str) -> None
         "count": bands,
         "dtype": dtype,
         "crs": "EPSG:32631",
-        "transform": from_origin(600000 + seed * size * 10, 5000000, 10, 10),
+        "transform": Affine(10.0, 0.0, 600000.0 + seed * size * 10, 0.0, -10.0, 5000000.0),
         "blocksize": 256,
         "compress": "deflate",
     }

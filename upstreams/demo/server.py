@@ -146,6 +146,24 @@ def _intersects(a: list[float], b: list[float]) -> bool:
     return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
+def _envelope(geometry: dict[str, Any] | None) -> list[float] | None:
+    """The bounding box of a GeoJSON geometry (enough for rectangular demo footprints)."""
+    if not geometry:
+        return None
+    flat: list[float] = []
+
+    def walk(c: Any) -> None:
+        if c and isinstance(c[0], int | float):
+            flat.extend(c[:2])
+        else:
+            for part in c:
+                walk(part)
+
+    walk(geometry["coordinates"])
+    xs, ys = flat[0::2], flat[1::2]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
 def _in_interval(dt: str, interval: str) -> bool:
     if "/" not in interval:
         return dt == interval
@@ -157,7 +175,7 @@ def _search(state: State, request: Request, params: dict[str, Any]) -> dict[str,
     base = _base(request)
     cids = params.get("collections") or list(state.catalog["collections"])
     ids = params.get("ids")
-    bbox = params.get("bbox")
+    bbox = params.get("bbox") or _envelope(params.get("intersects"))
     interval = params.get("datetime")
     limit = int(params.get("limit") or 10)
     page = params.get("page")  # EODAG's StacSearch pages with `page`, clients with `token`

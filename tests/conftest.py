@@ -1,0 +1,153 @@
+"""Fixtures for the upstream (our fault-injecting STAC + asset server) and the proxy itself.
+
+Both run as real processes on free loopback ports, started from fixtures and stopped by pid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from proxy.demo import providers_yaml
+from tests.harness.procs import BIN, PYTHON, ServerProcess, free_port, http_ok
+from upstreams.demo.data import ensure_demo_data
+
+pytest_plugins = ["tests.harness.fixtures"]
+
+
+@dataclass
+class Upstream:
+    """Handle on the upstream process: its URL, its request log, its faults, its files."""
+
+    url: str
+    data: Path
+    proc: ServerProcess
+
+    def log(self, path_prefix: str = "") -> list[dict[str, Any]]:
+        entries = httpx.get(f"{self.url}/_log").json()
+        return [e for e in entries if e["path"].startswith(path_prefix)]
+
+    def data_requests(self) -> list[dict[str, Any]]:
+        return self.log("/data/")
+
+    def reset(self) -> None:
+        httpx.delete(f"{self.url}/_log").raise_for_status()
+        httpx.delete(f"{self.url}/_faults").raise_for_status()
+
+    def fault(self, match: str, **spec: Any) -> None:
+        httpx.post(f"{self.url}/_faults", json={"match": match, **spec}).raise_for_status()
+
+    def file(self, rel: str) -> bytes:
+        return (self.data / rel).read_bytes()
+
+
+@dataclass
+class Proxy:
+    url: str
+    proc: ServerProcess
+    config: Path
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo-data")
+    ensure_demo_data(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def upstream_server(
+    demo_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Upstream]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = ServerProcess(
+        "upstream",
+        [PYTHON, "-m", "upstreams.demo.server", "--data", str(demo_data), "--port", str(port)],
+        log_dir=tmp_path_factory.mktemp("logs"),
+        ready=http_ok(f"{url}/conformance"),
+    )
+    with proc:
+        yield Upstream(url, demo_data, proc)
+
+
+@pytest.fixture
+def upstream(upstream_server: Upstream) -> Upstream:
+    """The session's upstream with an empty request log and no faults."""
+    upstream_server.reset()
+    return upstream_server
+
+
+def standard_config(upstream_url: str, work: Path) -> dict[str, Any]:
+    providers = work / "providers.yml"
+    providers.write_text(providers_yaml(upstream_url))
+    return {
+        "cache": {"store": str(work / "cache")},
+        "eodag": {"providers_file": "providers.yml"},
+        "datasets": {
+            "files": {"upstream": {"http": {"base_url": f"{upstream_url}/data/demo-cogs"}}},
+            "listed": {
+                "upstream": {
+                    "http": {
+                        "base_url": f"{upstream_url}/data/demo-cogs/",
+                        "objects": ["scene-a/B04.tif", "scene-b/B04.tif"],
+                    }
+                }
+            },
+            "scenes": {
+                "upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}}
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proxy]]:
+    """Start `fdp serve --config FILE --port P` (as a user would); all are stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> Proxy:
+        work = tmp_path_factory.mktemp("proxy")
+        port = free_port()
+        config.setdefault("server", {})["public_url"] = f"http://127.0.0.1:{port}"
+        path = work / "fdp.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = ServerProcess(
+            "fdp",
+            [str(BIN / "fdp"), "serve", "--config", str(path), "--port", str(port)],
+            log_dir=work,
+            cwd=work,
+            env={"FDP_LOG_LEVEL": "INFO", **(env or {})},
+            ready=http_ok(f"http://127.0.0.1:{port}/healthz"),
+        )
+        started.append(proc.start())
+        return Proxy(f"http://127.0.0.1:{port}", proc, path)
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(
+    start_proxy: Callable[..., Proxy],
+    upstream_server: Upstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Proxy:
+    """A proxy with an http dataset (`files`), a listed one (`listed`), an EODAG one (`scenes`)."""
+    work = tmp_path_factory.mktemp("standard")
+    config = standard_config(upstream_server.url, work)
+    config["eodag"]["providers_file"] = str(work / "providers.yml")
+    return start_proxy(config)
+
+
+@pytest.fixture
+def client(proxy: Proxy) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=proxy.url, timeout=30) as c:
+        yield c
