@@ -73,7 +73,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if doc is None:
         return {}
     if not isinstance(doc, dict):
-        raise ConfigError(source, [f"expected a mapping at the top level, got {type(doc).__name__}"])
+        raise ConfigError(
+            source, [f"expected a mapping at the top level, got {type(doc).__name__}"]
+        )
     return doc
 
 

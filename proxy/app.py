@@ -51,8 +51,10 @@ async def readyz(request: Request) -> Response:
         "cache": {"ok": ok_cache, "detail": cache_detail},
     }
     ready = all(c["ok"] for c in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
 
 
 def create_app(settings: Settings, source: str = "the config") -> Starlette:

@@ -98,8 +98,9 @@ class UpstreamStream(Response):
                     try:
                         async for chunk in body.chunks():
                             sent += len(chunk)
-                            await send({"type": "http.response.body", "body": chunk,
-                                        "more_body": True})
+                            await send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
                     except UpstreamUnavailable as e:
                         log.warning("%s: %s after %d bytes; response aborted", self.path, e, sent)
                     else:

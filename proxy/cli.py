@@ -43,8 +43,10 @@ def _settings(args: argparse.Namespace, var_dir: Path) -> tuple[Settings, str, s
         settings = load_settings(None, default=demo_config(upstream_url, var_dir))
         source = "the embedded default config"
     server = settings.server
-    update = {"host": args.host or server.host, "port": server.port if args.port is None
-              else args.port}
+    update = {
+        "host": args.host or server.host,
+        "port": server.port if args.port is None else args.port,
+    }
     if "public_url" not in server.model_fields_set:
         update["public_url"] = f"http://{update['host']}:{update['port']}"
     settings = settings.model_copy(update={"server": server.model_copy(update=update)})
@@ -65,7 +67,7 @@ async def _serve(settings: Settings, source: str, banner: str | None) -> None:
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    while not server.started and not task.done():
+    while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn has only a flag)
         await asyncio.sleep(0.05)
     if server.started:
         log.info("fdp listening on %s", settings.server.public_url)
@@ -95,8 +97,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdp", description="Federated Data Proxy")
-    p.add_argument("--config", help="config file (YAML); default $FDP_CONFIG, else the "
-                                    "embedded default with demo data")
+    p.add_argument(
+        "--config",
+        help="config file (YAML); default $FDP_CONFIG, else the embedded default with demo data",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("serve", "run the proxy"),
@@ -106,8 +110,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--config", default=argparse.SUPPRESS, help="config file (YAML)")
         s.add_argument("--host", default=None)
         s.add_argument("--port", type=int, default=None)
-        s.add_argument("--upstream-port", type=int, default=0,
-                       help="demo upstream port (embedded default only; 0 = any free port)")
+        s.add_argument(
+            "--upstream-port",
+            type=int,
+            default=0,
+            help="demo upstream port (embedded default only; 0 = any free port)",
+        )
         s.add_argument("--var", default="./var", help="state folder for the embedded default")
     pol = sub.add_parser("policies", help="policy documents")
     pol_sub = pol.add_subparsers(dest="policies_command", required=True)

@@ -56,8 +56,9 @@ def demo_config(upstream_url: str, var_dir: Path) -> dict[str, Any]:
             },
             "demo-files": {
                 "title": "Demo files (plain HTTP)",
-                "upstream": {"http": {"base_url": f"{upstream_url}/data/demo-cogs/",
-                                      "objects": objects}},
+                "upstream": {
+                    "http": {"base_url": f"{upstream_url}/data/demo-cogs/", "objects": objects}
+                },
             },
         },
     }

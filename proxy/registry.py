@@ -47,8 +47,10 @@ class Registry:
                     continue
                 resolver = EodagResolver(gateway, up.eodag.provider, up.eodag.collection)
             else:
-                problems.append(f"datasets.{name}.upstream: '{up.kind}' upstreams are not "
-                                   "supported by this version (http, fdp and eodag are)")
+                problems.append(
+                    f"datasets.{name}.upstream: '{up.kind}' upstreams are not "
+                    "supported by this version (http, fdp and eodag are)"
+                )
                 continue
             self.entries[name] = Entry(name, ds, resolver)
         if problems:
@@ -59,8 +61,7 @@ class Registry:
         if self.gateway is None:
             providers = settings.eodag.providers_file
             self._workdir = EodagWorkdir()
-            self.gateway = make_gateway(Path(providers) if providers else None,
-                                        self._workdir.path)
+            self.gateway = make_gateway(Path(providers) if providers else None, self._workdir.path)
         return self.gateway
 
     def get(self, name: str) -> Entry:

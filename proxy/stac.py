@@ -106,11 +106,16 @@ def _object_item(request: Request, entry: Entry, key: str) -> dict[str, Any]:
         "collection": entry.name,
         "geometry": None,
         # time unknown: STAC wants an interval then, so give the widest honest one
-        "properties": {"datetime": None, "start_datetime": "1970-01-01T00:00:00Z",
-                       "end_datetime": "2100-01-01T00:00:00Z"},
+        "properties": {
+            "datetime": None,
+            "start_datetime": "1970-01-01T00:00:00Z",
+            "end_datetime": "2100-01-01T00:00:00Z",
+        },
         "assets": {
-            "data": {"href": f"{_public(request)}/assets/{entry.name}/{quote(key)}",
-                     "roles": ["data"]}
+            "data": {
+                "href": f"{_public(request)}/assets/{entry.name}/{quote(key)}",
+                "roles": ["data"],
+            }
         },
         "links": _links(request, entry, key),
     }
@@ -172,8 +177,11 @@ def _page_params(values: dict[str, Any]) -> tuple[int, Cursor | None, int]:
     try:
         limit = min(int(values.get("limit") or 10), MAX_LIMIT)
         token = values.get("token")
-        state = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))) \
-            if token else {"i": 0, "c": None}
+        state = (
+            json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            if token
+            else {"i": 0, "c": None}
+        )
         index, cursor = int(state["i"]), state["c"]
     except (TypeError, ValueError, KeyError):
         raise BadQuery("limit must be an integer, and token one given in a next link") from None
@@ -214,36 +222,57 @@ def _feature_collection(
     ]
     if token is not None:
         if request.method == "POST":
-            links.append({"rel": "next", "href": f"{_root(request)}/search", "method": "POST",
-                          "body": {**values, "token": token}, "type": GEOJSON})
+            links.append(
+                {
+                    "rel": "next",
+                    "href": f"{_root(request)}/search",
+                    "method": "POST",
+                    "body": {**values, "token": token},
+                    "type": GEOJSON,
+                }
+            )
         else:
-            links.append({"rel": "next", "type": GEOJSON, "method": "GET",
-                          "href": str(request.url.include_query_params(token=token))})
-    body = {"type": "FeatureCollection", "features": features,
-            "numberReturned": len(features), "links": links}
+            links.append(
+                {
+                    "rel": "next",
+                    "type": GEOJSON,
+                    "method": "GET",
+                    "href": str(request.url.include_query_params(token=token)),
+                }
+            )
+    body = {
+        "type": "FeatureCollection",
+        "features": features,
+        "numberReturned": len(features),
+        "links": links,
+    }
     return JSONResponse(body, media_type=GEOJSON)
 
 
 async def landing(request: Request) -> Response:
     root = _root(request)
-    return JSONResponse({
-        "type": "Catalog",
-        "stac_version": STAC_VERSION,
-        "id": "fdp",
-        "title": "fdp",
-        "description": "Federated Data Proxy: every dataset this endpoint serves",
-        "conformsTo": CONFORMS,
-        "links": [
-            {"rel": "self", "href": root, "type": "application/json"},
-            {"rel": "root", "href": root, "type": "application/json"},
-            {"rel": "conformance", "href": f"{root}/conformance", "type": "application/json"},
-            {"rel": "data", "href": f"{root}/collections", "type": "application/json"},
-            {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "GET"},
-            {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "POST"},
-            *({"rel": "child", "href": f"{root}/collections/{n}", "type": "application/json"}
-              for n in request.app.state.registry.entries),
-        ],
-    })
+    return JSONResponse(
+        {
+            "type": "Catalog",
+            "stac_version": STAC_VERSION,
+            "id": "fdp",
+            "title": "fdp",
+            "description": "Federated Data Proxy: every dataset this endpoint serves",
+            "conformsTo": CONFORMS,
+            "links": [
+                {"rel": "self", "href": root, "type": "application/json"},
+                {"rel": "root", "href": root, "type": "application/json"},
+                {"rel": "conformance", "href": f"{root}/conformance", "type": "application/json"},
+                {"rel": "data", "href": f"{root}/collections", "type": "application/json"},
+                {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "GET"},
+                {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "POST"},
+                *(
+                    {"rel": "child", "href": f"{root}/collections/{n}", "type": "application/json"}
+                    for n in request.app.state.registry.entries
+                ),
+            ],
+        }
+    )
 
 
 async def conformance(request: Request) -> Response:
@@ -254,10 +283,15 @@ async def collections(request: Request) -> Response:
     registry: Registry = request.app.state.registry
     cols = [_collection(request, e) for e in registry.entries.values()]
     root = _root(request)
-    return JSONResponse({"collections": cols, "links": [
-        {"rel": "self", "href": f"{root}/collections", "type": "application/json"},
-        {"rel": "root", "href": root, "type": "application/json"},
-    ]})
+    return JSONResponse(
+        {
+            "collections": cols,
+            "links": [
+                {"rel": "self", "href": f"{root}/collections", "type": "application/json"},
+                {"rel": "root", "href": root, "type": "application/json"},
+            ],
+        }
+    )
 
 
 async def collection(request: Request) -> Response:

@@ -100,9 +100,7 @@ def standard_config(upstream_url: str, work: Path) -> dict[str, Any]:
                     }
                 }
             },
-            "scenes": {
-                "upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}}
-            },
+            "scenes": {"upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}}},
         },
     }
 

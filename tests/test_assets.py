@@ -68,8 +68,9 @@ def test_unsatisfiable_range_is_416(client, upstream):
 
 @pytest.mark.parametrize("header", ["bytes=zz", "bytes=5-1", "bytes=", "bytes=1-2-3"])
 def test_malformed_range_is_a_400_problem_and_reaches_no_upstream(client, upstream, header):
-    body = assert_problem(client.get("/assets/files/scene-a/B04.tif", headers={"Range": header}),
-                          400)
+    body = assert_problem(
+        client.get("/assets/files/scene-a/B04.tif", headers={"Range": header}), 400
+    )
     assert "Range" in body["detail"]
     assert upstream.data_requests() == []
 
@@ -102,8 +103,10 @@ def test_eodag_resolution_is_cached_and_sidecar_probes_are_fast_404s(client, ups
     for probe in ("visual.aux.xml", "visual.msk", "visual.ovr", "nope"):
         assert client.head(f"/assets/scenes/scene-c/{probe}").status_code == 404
         assert_problem(client.get(f"/assets/scenes/scene-c/{probe}"), 404)
-    assert client.get("/assets/scenes/scene-c/visual", headers={"Range": "bytes=0-9"}).status_code \
+    assert (
+        client.get("/assets/scenes/scene-c/visual", headers={"Range": "bytes=0-9"}).status_code
         == 206
+    )
     assert len(upstream.log("/search")) == searches  # no further search
     assert len(upstream.data_requests()) == 1
 
@@ -164,9 +167,10 @@ def test_upstream_error_is_a_502_problem(client, upstream):
 
 def test_upstream_cut_off_mid_body_is_never_a_complete_response(client, upstream):
     upstream.fault(r"scene-b/visual", cut_after=100_000, times=1)
-    with pytest.raises(httpx.RemoteProtocolError), client.stream(
-        "GET", "/assets/files/scene-b/visual.tif"
-    ) as r:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream("GET", "/assets/files/scene-b/visual.tif") as r,
+    ):
         assert r.status_code == 200
         for _ in r.iter_bytes():
             pass

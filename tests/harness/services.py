@@ -30,7 +30,7 @@ from botocore.config import Config
 
 from tests.harness.procs import ServerProcess
 
-REDIS_SERVER = Path("/usr/bin/redis-server")
+REDIS_SERVER = Path(shutil.which("redis-server") or "/usr/bin/redis-server")
 WEED = Path(sys.executable).parent / "weed"
 LOOPBACK = "127.0.0.1"
 

@@ -195,9 +195,7 @@ def _search(state: State, request: Request, params: dict[str, Any]) -> dict[str,
     if offset + limit < len(matches):
         if request.method == "POST":
             body = {**params, "token": str(offset + limit)}
-            links.append(
-                {"rel": "next", "href": f"{base}/search", "method": "POST", "body": body}
-            )
+            links.append({"rel": "next", "href": f"{base}/search", "method": "POST", "body": body})
         else:
             url = request.url.include_query_params(token=str(offset + limit))
             links.append({"rel": "next", "href": str(url), "method": "GET"})
@@ -396,8 +394,9 @@ class RequestLog:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith("/_"):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                       for k, v in scope["headers"]}
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
             self.app.state.demo.log.append(
                 {
                     "method": scope["method"],
