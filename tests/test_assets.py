@@ -210,3 +210,12 @@ def test_health_and_readiness(client):
 def test_unknown_route_and_method_are_problems(client):
     assert_problem(client.get("/nothing-here"), 404)
     assert_problem(client.post("/assets/files/scene-a/B04.tif"), 405)
+
+
+def test_proxy_log_has_no_traceback_and_no_token(proxy, client):
+    """Runs after the fault tests above: they are logged as one line each, never a traceback."""
+    client.get("/assets/files/scene-a/B04.tif", headers={"Authorization": "Bearer secret-t"})
+    log = proxy.proc.log_text()
+    assert "upstream answered 500" in log  # the failures above were logged ...
+    assert "Traceback" not in log  # ... without a traceback
+    assert "secret-t" not in log

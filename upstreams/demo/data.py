@@ -25,6 +25,12 @@ COLLECTIONS: dict[str, dict[str, Any]] = {
         "items": ["archived-a", "archived-b"],
         "archive_delay": 5.0,
     },
+    "demo-orderable": {
+        "description": "Synthetic scenes that are offline until ordered: POST the item's "
+        "eodag:order_link, poll eodag:status_link, then download.",
+        "items": ["offline-a"],
+        "order_delay": 3.0,
+    },
 }
 
 
@@ -96,6 +102,7 @@ def ensure_demo_data(root: Path) -> Path:
         catalog["collections"][cid] = {
             "description": spec["description"],
             "archive_delay": spec.get("archive_delay", 0.0),
+            "order_delay": spec.get("order_delay"),
             "items": items,
         }
     root.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,10 @@ purpose. It serves the files and catalogue written by `upstreams.demo.data`:
 - Assets: `GET|HEAD /data/{collection}/{item}/{file}` with Range, ETag, Last-Modified.
 - A slow archive: collections with `archive_delay` hold the first read of an object until it
   is "staged" (the delay after its first request).
+- Offline items: collections with `order_delay` have items whose `order:status` is
+  `orderable`; `POST /orders/{c}/{i}` (the item's `eodag:order_link`) orders one, `GET` on the
+  same URL (`eodag:status_link`) reports `ordered` then `succeeded` after the delay; until then
+  its data answers 409.
 - Control, for tests: `GET|DELETE /_log` (every request seen), `POST|DELETE /_faults`
   (delays, HTTP errors, bodies cut off after N bytes, each for the next `times` requests).
 """
@@ -68,6 +72,7 @@ class State:
     log: list[dict[str, Any]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     staged_at: dict[str, float] = field(default_factory=dict)
+    ordered_at: dict[str, float] = field(default_factory=dict)
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         for f in self.faults:
@@ -76,6 +81,17 @@ class State:
                     f.times -= 1
                 return f
         return None
+
+
+def order_status(state: State, cid: str, iid: str) -> str | None:
+    """None for items that are always online, else orderable / ordered / succeeded."""
+    delay = state.catalog["collections"][cid].get("order_delay")
+    if delay is None:
+        return None
+    ordered = state.ordered_at.get(f"{cid}/{iid}")
+    if ordered is None:
+        return "orderable"
+    return "succeeded" if time.monotonic() >= ordered + delay else "ordered"
 
 
 def _base(request: Request) -> str:
@@ -90,6 +106,15 @@ def _item(state: State, base: str, cid: str, iid: str) -> dict[str, Any]:
         asset = {k: v for k, v in a.items() if k != "file"}
         asset["href"] = f"{base}/data/{a['file']}"
         assets[key] = asset
+    properties: dict[str, Any] = {"datetime": spec["datetime"]}
+    status = order_status(state, cid, iid)
+    if status is not None:
+        order_url = f"{base}/orders/{cid}/{iid}"
+        properties |= {
+            "order:status": status,
+            "eodag:order_link": order_url,
+            "eodag:status_link": order_url,
+        }
     return {
         "type": "Feature",
         "stac_version": "1.0.0",
@@ -101,7 +126,7 @@ def _item(state: State, base: str, cid: str, iid: str) -> dict[str, Any]:
             "type": "Polygon",
             "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
         },
-        "properties": {"datetime": spec["datetime"]},
+        "properties": properties,
         "assets": assets,
         "links": [
             {"rel": "self", "href": f"{base}/collections/{cid}/items/{iid}"},
@@ -293,6 +318,31 @@ async def item(request: Request) -> Response:
     return JSONResponse(_item(state, _base(request), cid, iid), media_type="application/geo+json")
 
 
+async def place_order(request: Request) -> Response:
+    state: State = request.app.state.demo
+    cid, iid = request.path_params["cid"], request.path_params["iid"]
+    if iid not in state.catalog["collections"].get(cid, {}).get("items", {}):
+        return _not_found(f"item {cid}/{iid}")
+    if order_status(state, cid, iid) is None:
+        return JSONResponse({"error": "item is online, nothing to order"}, 400)
+    state.ordered_at.setdefault(f"{cid}/{iid}", time.monotonic())
+    return await get_order(request, 202)
+
+
+async def get_order(request: Request, code: int = 200) -> Response:
+    state: State = request.app.state.demo
+    cid, iid = request.path_params["cid"], request.path_params["iid"]
+    if iid not in state.catalog["collections"].get(cid, {}).get("items", {}):
+        return _not_found(f"item {cid}/{iid}")
+    status = order_status(state, cid, iid)
+    body = {"id": f"{cid}/{iid}", "status": status}
+    headers = {}
+    if status == "ordered":
+        left = state.ordered_at[f"{cid}/{iid}"] + state.catalog["collections"][cid]["order_delay"]
+        headers["retry-after"] = str(max(1, round(left - time.monotonic())))
+    return JSONResponse(body, code, headers=headers)
+
+
 async def get_log(request: Request) -> Response:
     return JSONResponse(request.app.state.demo.log)
 
@@ -311,6 +361,7 @@ async def clear_faults(request: Request) -> Response:
     state: State = request.app.state.demo
     state.faults.clear()
     state.staged_at.clear()
+    state.ordered_at.clear()
     return Response(status_code=204)
 
 
@@ -335,7 +386,13 @@ class DataFiles:
         if not path.is_file() or state.root.resolve() not in path.parents:
             await _send_simple(send, 404, b'{"error":"no such file"}')
             return
-        cid = rel.split("/", 1)[0]
+        cid, iid = [*rel.split("/"), "", ""][:2]
+        if cid in state.catalog["collections"] and order_status(state, cid, iid) in (
+            "orderable",
+            "ordered",
+        ):
+            await _send_simple(send, 409, b'{"error":"offline: order the item first"}')
+            return
         delay = state.catalog["collections"].get(cid, {}).get("archive_delay", 0.0)
         if delay and method == "GET":
             ready_at = state.staged_at.setdefault(rel, time.monotonic() + delay)
@@ -424,6 +481,8 @@ def create_app(root: Path) -> RequestLog:
             Route("/collections/{cid}/items/{iid}", item),
             Route("/search", search, methods=["GET", "POST"]),
             Route("/data/{rest:path}", DataFiles(), methods=["GET", "HEAD"]),
+            Route("/orders/{cid}/{iid}", place_order, methods=["POST"]),
+            Route("/orders/{cid}/{iid}", get_order, methods=["GET"]),
             Route("/_log", get_log, methods=["GET"]),
             Route("/_log", clear_log, methods=["DELETE"]),
             Route("/_faults", add_fault, methods=["POST"]),
