@@ -35,7 +35,8 @@ class ServerConfig(Strict):
 class CacheConfig(Strict):
     store: str = "./var/cache"
     max_bytes: ByteSize = ByteSize(50 * 2**30)
-    block_size: ByteSize = ByteSize(4 * 2**20)
+    block_size: ByteSize = Field(ByteSize(4 * 2**20), ge=64 * 2**10)
+    sweep_seconds: float = Field(60.0, gt=0)  # how often retention runs
 
 
 class QueueConfig(Strict):

@@ -1,27 +1,32 @@
-"""The Starlette application: routes, shared clients, startup and shutdown."""
+"""The application: `/assets` on a lean ASGI path, everything else through Starlette."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from collections.abc import AsyncIterator
-from pathlib import Path
+import time
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from cache.retention import Rule, sweep
+from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from proxy import stac
-from proxy.assets import asset
+from proxy.assets import Assets
+from proxy.delivery import CacheDelivery
 from proxy.problems import exception_handlers
 from proxy.registry import Registry
 from upstreams.http import make_client
 
 log = logging.getLogger("fdp.proxy")
+FLUSH_SECONDS = 5.0
 
 
 async def healthz(request: Request) -> Response:
@@ -29,57 +34,106 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def _cache_dir_check(store: str) -> tuple[bool, str]:
-    path = Path(store)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".ready-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        return False, f"{store}: {e.strerror}"
-    return True, store
-
-
 async def readyz(request: Request) -> Response:
-    """Readiness: datasets loaded and the cache directory writable; details say what is wrong."""
-    settings: Settings = request.app.state.settings
-    ok_cache, cache_detail = await anyio.to_thread.run_sync(_cache_dir_check, settings.cache.store)
+    """Readiness with details. A cache that cannot write degrades to pass-through: still ready."""
     registry: Registry = request.app.state.registry
-    checks = {
-        "datasets": {"ok": True, "count": len(registry.entries)},
-        "cache": {"ok": ok_cache, "detail": cache_detail},
+    delivery: CacheDelivery = request.app.state.delivery
+    health = delivery.health
+    cache = {
+        "ok": delivery.store is not None and health.error is None,
+        "store": str(request.app.state.settings.cache.store),
+        "error": health.error if delivery.store is not None else "cache folder unusable",
+        "integrity_failures": health.integrity_failures,
+        **health.counters,
     }
-    ready = all(c["ok"] for c in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    checks = {"datasets": {"ok": True, "count": len(registry.entries)}, "cache": cache}
+    return JSONResponse({"status": "ready", "checks": checks})
 
 
-def create_app(settings: Settings, source: str = "the config") -> Starlette:
+def retention_rules(settings: Settings) -> dict[str, Rule]:
+    return {
+        name: Rule(ds.retention.mode, ds.retention.days, ds.retention.max_bytes)
+        for name, ds in settings.datasets.items()
+    }
+
+
+def open_store(settings: Settings, clock: Callable[[], float]) -> tuple[Store | None, str | None]:
+    try:
+        return Store(settings.cache.store, clock), None
+    except CacheUnavailable as e:
+        log.error("%s; serving pass-through until restart", e)
+        return None, str(e)
+
+
+class App:
+    """Dispatch: `/assets/...` to the lean endpoint, the rest to Starlette."""
+
+    def __init__(self, starlette: Starlette, assets: Assets) -> None:
+        self.starlette = starlette
+        self.assets = assets
+        self.state = starlette.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/assets/"):
+            await self.assets(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+
+def create_app(
+    settings: Settings, source: str = "the config", clock: Callable[[], float] = time.time
+) -> App:
     """Build the app; raises ConfigError here (not at startup) when a dataset cannot be served."""
     registry = Registry(settings, source)
+    store, store_error = open_store(settings, clock)
+    rules = retention_rules(settings)
+    max_bytes = int(settings.cache.max_bytes)
+
+    async def housekeeping(delivery: CacheDelivery) -> None:
+        """Batch access-time writes and run retention, off the request path."""
+        assert store is not None
+        last_sweep = 0.0
+        while True:
+            await anyio.sleep(FLUSH_SECONDS)
+            try:
+                if time.monotonic() - last_sweep >= settings.cache.sweep_seconds:
+                    last_sweep = time.monotonic()
+                    await anyio.to_thread.run_sync(sweep, store, rules, max_bytes, clock())
+                else:
+                    await anyio.to_thread.run_sync(store.flush)
+            except Exception as e:  # a full disk must not stop housekeeping for good
+                delivery.health.failed("housekeeping", e)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with make_client() as client:
-            app.state.http = client
+        async with make_client() as client, anyio.create_task_group() as tg:
+            delivery = CacheDelivery(store, client, int(settings.cache.block_size), clock)
+            if store_error:
+                delivery.health.failed("opening the cache", Exception(store_error))
+            app.state.delivery = assets.delivery = delivery
+            assets.client = client
+            if store is not None:
+                tg.start_soon(housekeeping, delivery)
             try:
                 yield
             finally:
-                app.state.registry.close()
+                tg.cancel_scope.cancel()
+                await delivery.fills.drain()
+                if store is not None:
+                    store.close()
+                registry.close()
 
-    app = Starlette(
+    starlette = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/assets/{dataset}/{path:path}", asset, methods=["GET", "HEAD"]),
             *stac.routes,
         ],
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.registry = registry
-    return app
+    starlette.state.settings = settings
+    starlette.state.registry = registry
+    starlette.state.store = store
+    assets = Assets(registry)
+    return App(starlette, assets)

@@ -1,7 +1,8 @@
-"""`GET|HEAD /assets/{dataset}/{path}`: resolve, then deliver (pass-through streaming for now).
+"""`GET|HEAD /assets/{dataset}/{path}`: resolve, then deliver from the cache or pass-through.
 
-The pipeline's stages are plain awaits in one function so that authentication, QoS, the
-cache and async retrieval slot in as further stages.
+A raw ASGI endpoint, not a Starlette route: a cache hit is a dict lookup, a range parse and
+`os.pread`, and the framework's per-request objects would cost more than all of that. The
+pipeline's stages are plain awaits, so authentication and QoS slot in before delivery.
 """
 
 from __future__ import annotations
@@ -10,44 +11,114 @@ import logging
 
 import anyio
 import httpx
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from werkzeug.http import parse_range_header
 
-from proxy.problems import MalformedRange
-from proxy.registry import Registry
+from cache.fill import CacheWriteFailed
+from proxy.delivery import Asked, CacheDelivery
+from proxy.problems import MalformedRange, ProxyError, error_response
+from proxy.registry import Entry, Registry
 from upstreams.base import UpstreamObject, UpstreamUnavailable
 from upstreams.http import FORWARD_HEADERS, Body, head, open_body
 
 log = logging.getLogger("fdp.proxy")
 
-
-def forward_headers(request: Request) -> dict[str, str]:
-    """The client headers we pass to the provider; a Range we cannot parse is refused here."""
-    out = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-    rng = out.get("range")
-    if rng is not None:
-        unit = rng.partition("=")[0].strip().lower()
-        if unit != "bytes":
-            del out["range"]  # RFC 9110 14.2: ignore a range unit we do not support
-        elif parse_range_header(rng) is None:
-            raise MalformedRange(f"malformed Range header {rng!r}; expected e.g. bytes=0-1023")
-    return out
+_WANTED = {b"range", b"if-none-match", b"if-range", b"if-modified-since"}
 
 
-async def asset(request: Request) -> Response:
-    registry: Registry = request.app.state.registry
-    client: httpx.AsyncClient = request.app.state.http
-    entry = registry.get(request.path_params["dataset"])
-    obj = await entry.resolver.resolve(request.path_params["path"])
-    if request.method == "HEAD":
-        return await head_response(client, obj)
-    body = await open_body(client, obj, forward_headers(request))
-    return UpstreamStream(body, request.url.path)
+class MethodNotAllowed(ProxyError):
+    status, slug = 405, "method-not-allowed"
 
 
-async def head_response(client: httpx.AsyncClient, obj: UpstreamObject) -> Response:
+def caches(entry: Entry) -> bool:
+    """`delivery: cache` keeps bytes unless its retention allows none (`lru`, `max_bytes: 0`)."""
+    policy = entry.policy
+    return policy.delivery == "cache" and policy.retention.max_bytes != 0
+
+
+class Assets:
+    def __init__(self, registry: Registry, delivery: CacheDelivery | None = None) -> None:
+        self.registry = registry
+        self.delivery = delivery
+        self.client: httpx.AsyncClient | None = None  # set at startup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            if scope["method"] not in ("GET", "HEAD"):
+                raise MethodNotAllowed("use GET or HEAD", headers={"allow": "GET, HEAD"})
+            dataset, _, rel = path[len("/assets/") :].partition("/")
+            entry = self.registry.get(dataset)
+            obj = await entry.resolver.resolve(rel)
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in scope["headers"]
+                if k in _WANTED
+            }
+            asked = Asked(
+                scope["method"],
+                path,
+                headers.get("range"),
+                headers.get("if-none-match"),
+                headers.get("if-range"),
+            )
+            delivery = self.delivery
+            if delivery is not None and delivery.usable and caches(entry):
+                try:
+                    await delivery.serve(asked, dataset, rel, obj, tracked)
+                    return
+                except CacheWriteFailed:
+                    pass  # nothing sent yet: pass-through below
+            await self.passthrough(asked, headers, obj, path, receive, tracked)
+        except Exception as exc:  # mapped in one place; unknown errors are logged there
+            if started:  # too late for a problem: leave the response incomplete
+                log.error(
+                    "%s: %s after the response started; aborted",
+                    path,
+                    exc,
+                    exc_info=not isinstance(exc, ProxyError | UpstreamUnavailable),
+                )
+                return
+            await error_response(exc, path)(scope, receive, send)
+
+    async def passthrough(
+        self,
+        asked: Asked,
+        headers: dict[str, str],
+        obj: UpstreamObject,
+        path: str,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        assert self.client is not None
+        if asked.method == "HEAD":
+            await head_response(self.client, obj, send)
+            return
+        forward = {k: v for k in FORWARD_HEADERS if (v := headers.get(k)) is not None}
+        check_range(forward)
+        body = await open_body(self.client, obj, forward)
+        await relay(body, path, receive, send)
+
+
+def check_range(forward: dict[str, str]) -> None:
+    """Refuse a Range we cannot parse; drop one in a unit we do not know (RFC 9110 14.2)."""
+    rng = forward.get("range")
+    if rng is None:
+        return
+    if rng.partition("=")[0].strip().lower() != "bytes":
+        del forward["range"]
+    elif parse_range_header(rng) is None:
+        raise MalformedRange(f"malformed Range header {rng!r}; expected e.g. bytes=0-1023")
+
+
+async def head_response(client: httpx.AsyncClient, obj: UpstreamObject, send: Send) -> None:
     """HEAD must answer at once with the true size: the catalogue's, else the provider's."""
     headers = {"accept-ranges": "bytes"}
     if obj.size is not None:
@@ -64,52 +135,38 @@ async def head_response(client: httpx.AsyncClient, obj: UpstreamObject) -> Respo
         ):
             if value:
                 headers[name] = value
-    return Response(b"", headers=headers)
+    raw = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
+    await send({"type": "http.response.body", "body": b""})
 
 
-class UpstreamStream(Response):
+async def relay(body: Body, path: str, receive: Receive, send: Send) -> None:
     """Relay an upstream body as it arrives.
 
     If the upstream cuts off, the client's response is left incomplete so the client sees
     an error, never a short body presented as whole. A client that goes away stops the fetch.
     """
+    sent = 0
+    raw = [(k.encode(), v.encode("latin-1")) for k, v in body.headers.items()]
+    try:
+        async with anyio.create_task_group() as tg:
 
-    def __init__(self, body: Body, path: str) -> None:
-        self.body_source = body
-        self.path = path
-        self.status_code = body.status
-        self.raw_headers = [(k.encode(), v.encode("latin-1")) for k, v in body.headers.items()]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = self.body_source
-        sent = 0
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def stream() -> None:
-                    nonlocal sent
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": self.status_code,
-                            "headers": self.raw_headers,
-                        }
-                    )
-                    try:
-                        async for chunk in body.chunks():
-                            sent += len(chunk)
-                            await send(
-                                {"type": "http.response.body", "body": chunk, "more_body": True}
-                            )
-                    except UpstreamUnavailable as e:
-                        log.warning("%s: %s after %d bytes; response aborted", self.path, e, sent)
-                    else:
-                        await send({"type": "http.response.body", "body": b""})
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                while (await receive())["type"] != "http.disconnect":
-                    pass
+            async def stream() -> None:
+                nonlocal sent
+                await send({"type": "http.response.start", "status": body.status, "headers": raw})
+                try:
+                    async for chunk in body.chunks():
+                        sent += len(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except UpstreamUnavailable as e:
+                    log.warning("%s: %s after %d bytes; response aborted", path, e, sent)
+                else:
+                    await send({"type": "http.response.body", "body": b""})
                 tg.cancel_scope.cancel()
-        finally:
-            await body.aclose()
+
+            tg.start_soon(stream)
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+    finally:
+        await body.aclose()

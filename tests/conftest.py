@@ -84,21 +84,30 @@ def upstream(upstream_server: Upstream) -> Upstream:
     return upstream_server
 
 
+#: A retention that keeps nothing: these datasets stream pass-through.
+NO_CACHE = {"mode": "lru", "max_bytes": 0}
+
+
 def standard_config(upstream_url: str, work: Path) -> dict[str, Any]:
+    """Pass-through datasets: `files` (http), `listed` (http with objects), `scenes` (EODAG)."""
     providers = work / "providers.yml"
     providers.write_text(providers_yaml(upstream_url))
     return {
         "cache": {"store": str(work / "cache")},
         "eodag": {"providers_file": "providers.yml"},
         "datasets": {
-            "files": {"upstream": {"http": {"base_url": f"{upstream_url}/data/demo-cogs"}}},
+            "files": {
+                "upstream": {"http": {"base_url": f"{upstream_url}/data/demo-cogs"}},
+                "retention": NO_CACHE,
+            },
             "listed": {
                 "upstream": {
                     "http": {
                         "base_url": f"{upstream_url}/data/demo-cogs/",
                         "objects": ["scene-a/B04.tif", "scene-b/B04.tif"],
                     }
-                }
+                },
+                "retention": NO_CACHE,
             },
             "scenes": {"upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}}},
         },

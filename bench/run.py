@@ -1,0 +1,778 @@
+"""Benchmark the proxy against nginx and the upstream direct, all on 127.0.0.1.
+
+One command: `.venv/bin/python bench/run.py [--size-mib 512] [--duration 10]
+[--out bench/REPORT.md] [--keep]`. It installs nginx and wrk when missing (apt-get, as root),
+writes random files into a work dir, starts nginx, the demo upstream and `fdp serve` on free
+loopback ports, checks each answers correctly, then measures whole-file streaming (curl,
+best of 3), 16 KiB random ranges at concurrency 32 (wrk) and the proxy's RSS while it
+streams a 1 GiB file. Every server is stopped by its own pid at the end, also on Ctrl+C.
+
+Exit status: 0 ran (targets met or not), 1 aborted (a probe failed, a tool is missing),
+3 ran but some figure is untrustworthy (non-2xx responses, socket errors, wrong sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MIB = 1 << 20
+RANGE_LEN = 16 * 1024
+MEM_FILE_MIB = 1024
+CONCURRENCY = 32
+STREAM_TRIES = 3
+FLAT_RSS_MIB = 64  # "memory flat": RSS growth below this while streaming the 1 GiB file
+SERVERS = ("nginx", "proxy", "upstream")
+
+
+class BenchError(Exception):
+    """A setup step or probe failed: the figures would be meaningless."""
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (the report goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:port."""
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def find_tool(name: str) -> str | None:
+    """Path of a tool, also looking in the sbin folders a non-root PATH may lack."""
+    return shutil.which(name) or next(
+        (str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d) / name).is_file()), None
+    )
+
+
+def ensure_tools() -> dict[str, str]:
+    """nginx, wrk and curl paths; installs nginx/wrk with apt-get when missing (root only)."""
+    missing = [t for t in ("nginx", "wrk") if find_tool(t) is None]
+    if missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise BenchError(
+                f"{' and '.join(missing)} missing and this is not root with apt-get: install "
+                "them first (Debian: sudo apt-get install -y nginx wrk), or run as root"
+            )
+        log(f"installing {' '.join(missing)} with apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "nginx", "wrk"],
+        ):
+            r = subprocess.run(
+                argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600
+            )
+            if r.returncode != 0:
+                raise BenchError(f"{' '.join(argv)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    tools = {t: find_tool(t) for t in ("nginx", "wrk", "curl")}
+    if tools["curl"] is None:
+        raise BenchError("curl is missing (Debian: apt-get install -y curl)")
+    return {k: v for k, v in tools.items() if v}
+
+
+def write_random(path: Path, size: int) -> None:
+    """`size` random bytes into `path`, 4 MiB at a time (never the whole file in memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            n = min(4 * MIB, left)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset + length) of a file."""
+    with path.open("rb") as f:
+        return os.pread(f.fileno(), length, offset)
+
+
+def rss_kib(pid: int) -> int | None:
+    """VmRSS of a process in KiB, None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+# --- servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """One server subprocess in its own session, stopped by its pid."""
+
+    name: str
+    argv: list[str]
+    port: int
+    url: str  # the big file's URL on this server
+    log_path: Path
+    cwd: Path  # the work dir, so nothing a server writes lands in the repo
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_path: str = "/", timeout: float = 60.0) -> None:
+        """Start and wait (bounded) until it answers any HTTP status on `ready_path`."""
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
+                cwd=self.cwd,
+                start_new_session=True,  # Ctrl+C hits us, and we stop it in `finally`
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            if port_open(self.port):
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    status, _, _ = http_get(self.port, ready_path, read=0)
+                    if status:
+                        return
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM our pid, SIGKILL it after 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait(10)
+
+    def tail(self) -> str:
+        """The end of its log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+
+def http_get(
+    port: int, path: str, headers: dict[str, str] | None = None, read: int = 65536
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-cased headers, first `read` body bytes); closes without reading the rest."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        hdrs = {k.lower(): v for k, v in resp.getheaders()}
+        body = resp.read(read) if read else b""
+        return resp.status, hdrs, body
+    finally:
+        conn.close()
+
+
+def nginx_conf(work: Path, port: int) -> Path:
+    """An nginx config of our own: one process, sendfile, no access log, serving work/data.
+
+    `master_process off` keeps nginx in the one process we started (its pid is the server),
+    and, started as root, it then never switches to `www-data` (the 403 trap in NOTES.md).
+    """
+    ng = work / "nginx"
+    for sub in ("tmp", "logs"):
+        (ng / sub).mkdir(parents=True, exist_ok=True)
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {ng}/tmp/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = ng / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {ng}/nginx.pid;
+error_log {ng}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+{temp_paths}
+    server {{
+        listen 127.0.0.1:{port};
+        root {work}/data;
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def make_servers(work: Path, tools: dict[str, str]) -> dict[str, Server]:
+    """nginx, the demo upstream and the proxy, configured but not started."""
+    logs = work / "logs"
+    ports = {name: free_port() for name in SERVERS}
+    conf = nginx_conf(work, ports["nginx"])
+    (work / "fdp.yaml").write_text(
+        f"cache: {{store: {work}/cache, block_size: 4MiB}}\n"
+        "datasets:\n"
+        "  bench: {upstream: {http: {base_url: "
+        f'"http://127.0.0.1:{ports["upstream"]}/data/big/"}}}}}}\n'
+    )
+    return {
+        "nginx": Server(
+            "nginx",
+            [tools["nginx"], "-p", str(work / "nginx"), "-c", str(conf), "-e", "stderr"],
+            ports["nginx"],
+            "/big/big.bin",
+            logs / "nginx.log",
+            work,
+        ),
+        "upstream": Server(
+            "upstream",
+            [
+                *(str(BIN / "python"), "-m", "upstreams.demo.server"),
+                *("--data", str(work / "data"), "--port", str(ports["upstream"])),
+            ],
+            ports["upstream"],
+            "/data/big/big.bin",
+            logs / "upstream.log",
+            work,
+        ),
+        "proxy": Server(
+            "proxy",
+            [
+                *(str(BIN / "fdp"), "serve", "--config", str(work / "fdp.yaml")),
+                *("--port", str(ports["proxy"])),
+            ],
+            ports["proxy"],
+            "/assets/bench/big.bin",
+            logs / "proxy.log",
+            work,
+            env={"FDP_LOG_LEVEL": "WARNING"},  # nginx runs with access_log off too
+        ),
+    }
+
+
+def probe(server: Server, big: Path, size: int) -> None:
+    """Check a full GET (200, Content-Length, first bytes) and a Range GET (206, bytes)."""
+    status, hdrs, body = http_get(server.port, server.url)
+    if status != 200 or hdrs.get("content-length") != str(size):
+        raise BenchError(
+            f"{server.name} probe GET {server.url}: expected 200 with Content-Length {size}, "
+            f"got {status} with Content-Length {hdrs.get('content-length')} "
+            f"(a fast 403 from nginx means its worker cannot read the work dir)\n"
+            f"body: {body[:300]!r}"
+        )
+    if body != read_at(big, 0, len(body)):
+        raise BenchError(f"{server.name} probe GET: the body differs from the file")
+    start = min(4 * MIB, size) - 5000 if size > 4 * MIB else 0  # crosses a 4 MiB block edge
+    end = min(start + RANGE_LEN, size) - 1
+    status, hdrs, body = http_get(
+        server.port, server.url, {"Range": f"bytes={start}-{end}"}, read=RANGE_LEN + 1
+    )
+    want = read_at(big, start, end + 1 - start)
+    if status != 206 or hdrs.get("content-range") != f"bytes {start}-{end}/{size}":
+        raise BenchError(
+            f"{server.name} probe Range bytes={start}-{end}: expected 206 with Content-Range "
+            f"bytes {start}-{end}/{size}, got {status} {hdrs.get('content-range')}"
+        )
+    if body != want:
+        raise BenchError(f"{server.name} probe Range: the bytes differ from the file")
+
+
+# --- measurements -------------------------------------------------------------------------
+
+
+@dataclass
+class Curl:
+    """One curl download."""
+
+    status: int
+    size: int
+    seconds: float
+
+    @property
+    def gbps(self) -> float:
+        """Throughput in GB/s (10^9 bytes)."""
+        return self.size / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def curl_get(curl: str, url: str, timeout: float = 120.0) -> Curl:
+    """Download `url` to /dev/null with curl."""
+    r = subprocess.run(
+        [
+            *(curl, "-s", "-o", "/dev/null", "--max-time", str(int(timeout))),
+            *("-w", "%{http_code} %{size_download} %{time_total}", url),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 10,
+    )
+    try:
+        code, size, secs = r.stdout.split()
+        return Curl(int(code), int(size), float(secs))
+    except ValueError:
+        raise BenchError(f"curl {url} failed (exit {r.returncode}): {r.stderr.strip()}") from None
+
+
+def stream_best(curl: str, url: str, size: int) -> tuple[float, list[float]]:
+    """Best and all GB/s of STREAM_TRIES whole-file downloads; each must be a full 200."""
+    runs = []
+    for _ in range(STREAM_TRIES):
+        c = curl_get(curl, url)
+        if c.status != 200 or c.size != size:
+            raise BenchError(f"stream {url}: got {c.status} with {c.size} of {size} bytes")
+        runs.append(c.gbps)
+    return max(runs), runs
+
+
+@dataclass
+class Wrk:
+    """What we keep from one wrk run."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    bytes_read: float
+    non_2xx: int
+    socket_errors: int
+    raw: str
+
+    @property
+    def bytes_per_request(self) -> float:
+        """Average bytes read per response (headers included): ~16.3 KiB when ranges work."""
+        return self.bytes_read / self.requests if self.requests else 0.0
+
+
+UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+UNITS_B = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if not m:
+        raise ValueError(f"unknown wrk duration {text!r}")
+    return float(m.group(1)) * UNITS_S[m.group(2)] * 1e3
+
+
+def parse_wrk(out: str) -> Wrk:
+    """Requests/s, p50, p99, totals and error counts from `wrk --latency` output."""
+
+    def find(pattern: str) -> re.Match[str]:
+        m = re.search(pattern, out, re.M)
+        if not m:
+            raise BenchError(f"unexpected wrk output (no {pattern!r}):\n{out}")
+        return m
+
+    total = find(r"(\d+) requests in [\d.]+\w+, ([\d.]+)([KMGT]?B) read")
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return Wrk(
+        rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
+        p50_ms=_ms(find(r"^\s+50%\s+(\S+)").group(1)),
+        p99_ms=_ms(find(r"^\s+99%\s+(\S+)").group(1)),
+        requests=int(total.group(1)),
+        bytes_read=float(total.group(2)) * UNITS_B[total.group(3)],
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=sum(int(x) for x in sock.groups()) if sock else 0,
+        raw=out,
+    )
+
+
+def ranges_script(work: Path, size: int, aligned: bool) -> Path:
+    """A wrk Lua script sending `Range: bytes=a-b` for a random 16 KiB span per request.
+
+    The seed is fixed, so every server gets the same sequence of ranges.
+    """
+    script = work / "ranges.lua"
+    pick = "math.random(0, math.floor(span / len)) * len" if aligned else "math.random(0, span)"
+    script.write_text(
+        f"""-- generated by bench/run.py
+local len = {RANGE_LEN}
+local span = {size} - len
+math.randomseed(42)
+request = function()
+  local a = {pick}
+  local h = {{["Range"] = string.format("bytes=%.0f-%.0f", a, a + len - 1)}}
+  return wrk.format(nil, nil, h)
+end
+"""
+    )
+    return script
+
+
+def run_wrk(wrk: str, url: str, script: Path, duration: int) -> Wrk:
+    """wrk -t1 -c32 for `duration` seconds with the ranges script."""
+    argv = [wrk, "-t1", f"-c{CONCURRENCY}", f"-d{duration}s", "--timeout", "5s", "--latency"]
+    r = subprocess.run(
+        [*argv, "-s", str(script), url], capture_output=True, text=True, timeout=duration + 60
+    )
+    if r.returncode != 0:
+        raise BenchError(f"wrk {url} failed (exit {r.returncode}):\n{r.stdout}{r.stderr}")
+    return parse_wrk(r.stdout)
+
+
+@dataclass
+class MemPass:
+    """The proxy's RSS over one download of the 1 GiB file."""
+
+    label: str
+    start_kib: int
+    max_kib: int
+    end_kib: int
+    gbps: float
+
+    @property
+    def growth_mib(self) -> float:
+        """Max minus start, MiB."""
+        return (self.max_kib - self.start_kib) / 1024
+
+
+def memory_pass(curl: str, proxy: Server, url: str, size: int, label: str) -> MemPass:
+    """Download `url` through the proxy while sampling its VmRSS every 0.1 s."""
+    assert proxy.proc is not None
+    pid = proxy.proc.pid
+    start = rss_kib(pid)
+    if start is None:
+        raise BenchError("proxy process is gone")
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            if (v := rss_kib(pid)) is not None:
+                peak[0] = max(peak[0], v)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        c = curl_get(curl, url, timeout=300)
+    finally:
+        done.set()
+        sampler.join(5)
+    end = rss_kib(pid) or 0
+    peak[0] = max(peak[0], end)
+    if c.status != 200 or c.size != size:
+        raise BenchError(f"memory pass {label}: got {c.status} with {c.size} of {size} bytes")
+    return MemPass(label, start, peak[0], end, c.gbps)
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def cmd_out(argv: list[str]) -> str:
+    """First line of a command's stdout+stderr (version strings), '?' if it fails."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+def machine_info(tools: dict[str, str]) -> dict[str, str]:
+    """Machine, versions and date for the report header."""
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else platform.processor() or "?"
+    mem = "?"
+    with contextlib.suppress(OSError, AttributeError):
+        kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f"{kib / MIB:.1f} GiB"
+    rev = cmd_out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = cmd_out(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} CPUs ({cpu}), {mem} RAM, Linux {platform.release()}",
+        "nginx": cmd_out([tools["nginx"], "-v"]).removeprefix("nginx version: "),
+        "wrk": cmd_out([tools["wrk"], "-v"]).split(" Copyright")[0],
+        "curl": " ".join(cmd_out([tools["curl"], "--version"]).split()[:2]),
+        "python": platform.python_version(),
+        "fdp": rev + (" + uncommitted changes" if dirty not in ("", "?") else ""),
+    }
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def dir_size(path: Path) -> tuple[int, int]:
+    """(files, bytes) under a folder."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+@dataclass
+class Results:
+    """Everything measured in one run."""
+
+    size: int
+    duration: int
+    aligned: bool
+    stream: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
+    ranges: dict[str, Wrk] = field(default_factory=dict)
+    memory: list[MemPass] = field(default_factory=list)
+    warm_gbps: float = 0.0
+    cache_after_warm: tuple[int, int] = (0, 0)
+    flags: list[str] = field(default_factory=list)
+
+
+def check_flags(res: Results) -> None:
+    """Note every figure that should not be trusted."""
+    for name, w in res.ranges.items():
+        if w.non_2xx:
+            res.flags.append(f"{name}: {w.non_2xx} of {w.requests} range responses were non-2xx")
+        if w.socket_errors:
+            res.flags.append(f"{name}: {w.socket_errors} socket errors during the range run")
+        if w.requests and not RANGE_LEN <= w.bytes_per_request <= 2 * RANGE_LEN:
+            res.flags.append(
+                f"{name}: {w.bytes_per_request:.0f} bytes per range response on average "
+                f"(expected ~{RANGE_LEN} + headers): ranges not honoured?"
+            )
+
+
+def render(res: Results, info: dict[str, str], wall: float) -> str:
+    """The markdown report."""
+    s, r, m = res.stream, res.ranges, res.memory
+    ng, px, up = "nginx", "proxy", "upstream"
+    lines = [
+        "# fdp benchmark",
+        "",
+        f"- date: {info['date']}; wall time {wall:.0f} s",
+        f"- machine: {info['machine']}",
+        f"- versions: nginx {info['nginx']}, {info['wrk']}, {info['curl']}, "
+        f"Python {info['python']}, fdp {info['fdp']}",
+        f"- file: {res.size / MIB:.0f} MiB of random bytes in the page cache; proxy dataset "
+        "`http` upstream → demo upstream, `cache.block_size` 4MiB, `FDP_LOG_LEVEL=WARNING` "
+        "(nginx: 1 process, sendfile, access_log off)",
+        f"- proxy warm-up GET of the whole file: {res.warm_gbps:.2f} GB/s; cache store after "
+        f"it: {res.cache_after_warm[0]} files, {res.cache_after_warm[1] / MIB:.0f} MiB"
+        + ("" if res.cache_after_warm[0] else " (no cache yet: the proxy streams pass-through)"),
+        f"- ranges: {RANGE_LEN // 1024} KiB at random {'aligned' if res.aligned else 'unaligned'} "
+        f"offsets, `wrk -t1 -c{CONCURRENCY} -d{res.duration}s --latency`, same seed for all",
+        "",
+        "## Figures",
+        "",
+        "| figure | nginx | proxy | upstream direct | proxy / nginx | proxy / upstream |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    if s:
+        lines.append(
+            f"| whole-file stream, GB/s (best of {STREAM_TRIES}) | {s[ng][0]:.2f} | "
+            f"{s[px][0]:.2f} | {s[up][0]:.2f} | {_ratio(s[px][0], s[ng][0])} | "
+            f"{_ratio(s[px][0], s[up][0])} |"
+        )
+    if r:
+        for label, attr, fmt in (
+            ("16 KiB ranges, req/s", "rps", "{:.0f}"),
+            ("16 KiB ranges, p50 ms", "p50_ms", "{:.2f}"),
+            ("16 KiB ranges, p99 ms", "p99_ms", "{:.2f}"),
+        ):
+            v = {k: getattr(w, attr) for k, w in r.items()}
+            lines.append(
+                f"| {label} | {fmt.format(v[ng])} | {fmt.format(v[px])} | {fmt.format(v[up])} "
+                f"| {_ratio(v[px], v[ng])} | {_ratio(v[px], v[up])} |"
+            )
+        lines.append(
+            "| 16 KiB ranges, non-2xx / socket errors | "
+            + " | ".join(f"{r[k].non_2xx} / {r[k].socket_errors}" for k in (ng, px, up))
+            + " | | |"
+        )
+    if s:
+        lines += [
+            "",
+            "Stream runs, GB/s: "
+            + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in s[k][1])}" for k in (ng, px, up)),
+        ]
+    if m:
+        lines += [
+            "",
+            f"## Proxy memory while streaming a {MEM_FILE_MIB} MiB file (VmRSS every 0.1 s)",
+            "",
+            "| pass | GB/s | start RSS MiB | max RSS MiB | growth MiB | end RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {p.label} | {p.gbps:.2f} | {p.start_kib / 1024:.0f} | {p.max_kib / 1024:.0f} "
+            f"| {p.growth_mib:.0f} | {p.end_kib / 1024:.0f} |"
+            for p in m
+        ]
+    lines += ["", "## Targets (from the online-cache issue)", ""]
+    lines += ["| target | measured | |", "|---|---|---|"]
+    if s:
+        q = s[px][0] / s[ng][0]
+        lines.append(f"| whole-file stream ≥ 1.0x nginx | {q:.2f}x | {_met(q >= 1.0)} |")
+    if r:
+        q = r[px].rps / r[ng].rps
+        lines.append(f"| 16 KiB ranges ≥ 0.5x nginx req/s | {q:.2f}x | {_met(q >= 0.5)} |")
+        p99 = r[px].p99_ms
+        lines.append(f"| 16 KiB ranges p99 ≤ 5 ms | {p99:.2f} ms | {_met(p99 <= 5.0)} |")
+    if m:
+        g = max(p.growth_mib for p in m)
+        lines.append(
+            f"| memory flat (RSS growth < {FLAT_RSS_MIB} MiB over a {MEM_FILE_MIB} MiB stream, "
+            f"every pass) | max {g:.0f} MiB | {_met(g < FLAT_RSS_MIB)} |"
+        )
+    lines += ["", "## Flags", ""]
+    lines += [f"- WARNING: {f}" for f in res.flags] or ["- none: every probe and run answered 2xx"]
+    return "\n".join(lines) + "\n"
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole benchmark; returns the exit status."""
+    t0 = time.monotonic()
+    tools = ensure_tools()
+    size = args.size_mib * MIB
+    if size < 2 * RANGE_LEN:
+        raise BenchError("--size-mib must be at least 1")
+    work = Path(tempfile.mkdtemp(prefix="fdp-bench-", dir=args.workdir))
+    servers: dict[str, Server] = {}
+    res = Results(size=size, duration=args.duration, aligned=args.aligned)
+    try:
+        # nginx's worker may run as another user: every folder on the way must be readable.
+        work.chmod(0o755)
+        (work / "logs").mkdir()
+        data = work / "data"
+        big, mem = data / "big" / "big.bin", data / "big" / "mem.bin"
+        log(f"work dir {work}; writing {args.size_mib} MiB + {MEM_FILE_MIB} MiB of random data")
+        write_random(big, size)
+        write_random(mem, MEM_FILE_MIB * MIB)
+        (data / "catalog.json").write_text('{"collections": {}}\n')  # no demo COGs, please
+        for p in (data, data / "big"):
+            p.chmod(0o755)
+        for p in (big, mem):
+            p.chmod(0o644)
+
+        servers = make_servers(work, tools)
+        for name in ("nginx", "upstream", "proxy"):
+            ready = "/healthz" if name == "proxy" else "/"
+            servers[name].start(ready)
+            log(f"{name} on 127.0.0.1:{servers[name].port} (pid {servers[name].proc.pid})")
+        for name in SERVERS:
+            probe(servers[name], big, size)
+        log("probes ok: 200 + Content-Length + bytes, 206 + Content-Range + bytes, everywhere")
+
+        def url(name: str, path: str | None = None) -> str:
+            return f"http://127.0.0.1:{servers[name].port}{path or servers[name].url}"
+
+        log("warm-up: the whole file through the proxy")
+        warm = curl_get(tools["curl"], url("proxy"), timeout=300)
+        if warm.status != 200 or warm.size != size:
+            raise BenchError(f"warm-up GET: got {warm.status} with {warm.size} of {size} bytes")
+        res.warm_gbps = warm.gbps
+        res.cache_after_warm = dir_size(work / "cache")
+
+        for name in SERVERS:
+            log(f"stream {name}: {STREAM_TRIES} whole-file GETs")
+            res.stream[name] = stream_best(tools["curl"], url(name), size)
+
+        script = ranges_script(work, size, args.aligned)
+        for name in SERVERS:
+            log(f"ranges {name}: wrk for {args.duration}s")
+            res.ranges[name] = run_wrk(tools["wrk"], url(name), script, args.duration)
+            (work / "logs" / f"wrk-{name}.txt").write_text(res.ranges[name].raw)
+
+        mem_url = url("proxy", "/assets/bench/mem.bin")
+        for label in ("1st (cache miss: from upstream)", "2nd (cache hit when cached)"):
+            log(f"memory: {MEM_FILE_MIB} MiB through the proxy, {label}")
+            res.memory.append(
+                memory_pass(tools["curl"], servers["proxy"], mem_url, MEM_FILE_MIB * MIB, label)
+            )
+        check_flags(res)
+    except BenchError:
+        for s in servers.values():
+            if s.proc is not None:
+                log(f"--- {s.name} log tail ---\n{s.tail()}")
+        raise
+    finally:
+        for s in reversed(list(servers.values())):
+            s.stop()
+        if args.keep:
+            log(f"kept the work dir {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    report = render(res, machine_info(tools), time.monotonic() - t0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(report)
+    log(f"report written to {out}")
+    if res.flags:
+        log("some figures are flagged as untrustworthy: see the Flags section")
+        return 3
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run, map failures to exit statuses."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-mib", type=int, default=512, help="size of the test file (512)")
+    p.add_argument("--duration", type=int, default=10, help="seconds per wrk run (10)")
+    p.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"), help="report file")
+    p.add_argument("--aligned", action="store_true", help="16 KiB-aligned range offsets")
+    p.add_argument("--workdir", default=None, help="parent of the work dir (default: $TMPDIR)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, wrk output)")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return run(args)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; servers stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

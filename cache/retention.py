@@ -1,0 +1,72 @@
+"""Which cached objects must go: per-dataset retention plus the global size cap.
+
+A pure function of the records, the rules and the time, so tests give it a clock instead
+of sleeping; `sweep` applies it to a store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from cache.store import ObjectRecord, Store
+
+log = logging.getLogger("fdp.cache")
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    mode: str  # permanent | rolling | lru
+    days: float | None = None
+    max_bytes: int | None = None
+
+
+def plan(
+    records: Iterable[ObjectRecord],
+    rules: Mapping[str, Rule],
+    max_bytes: int | None,
+    now: float,
+) -> list[ObjectRecord]:
+    """The records to evict, in order. Datasets no longer configured lose their entries."""
+    keep: list[ObjectRecord] = []
+    out: list[ObjectRecord] = []
+    by_dataset: dict[str, list[ObjectRecord]] = {}
+    for r in records:
+        rule = rules.get(r.dataset)
+        if rule is None:
+            out.append(r)
+        elif rule.mode == "rolling" and rule.days is not None and r.created < now - rule.days * DAY:
+            out.append(r)
+        else:
+            by_dataset.setdefault(r.dataset, []).append(r)
+    for dataset, entries in by_dataset.items():
+        rule = rules[dataset]
+        entries.sort(key=lambda r: r.accessed)  # least recently used first
+        if rule.mode != "permanent" and rule.max_bytes is not None:
+            total = sum(r.stored_bytes for r in entries)
+            while entries and total > rule.max_bytes:
+                victim = entries.pop(0)
+                total -= victim.stored_bytes
+                out.append(victim)
+        keep.extend(entries)
+    if max_bytes is not None:
+        total = sum(r.stored_bytes for r in keep)
+        # the global cap takes least recently used entries, permanent ones last
+        keep.sort(key=lambda r: (rules[r.dataset].mode == "permanent", r.accessed))
+        while keep and total > max_bytes:
+            victim = keep.pop(0)
+            total -= victim.stored_bytes
+            out.append(victim)
+    return out
+
+
+def sweep(store: Store, rules: Mapping[str, Rule], max_bytes: int | None, now: float) -> int:
+    """Evict what `plan` says; returns the bytes freed. Blocking: run it in a thread."""
+    store.flush()
+    freed = 0
+    for record in plan(store.records(), rules, max_bytes, now):
+        freed += store.evict(record.key)
+        log.info("evicted %s/%s (%d bytes)", record.dataset, record.path, record.stored_bytes)
+    return freed

@@ -1,0 +1,241 @@
+"""The online cache's storage: object records and fixed-size blocks, both in diskcache.
+
+diskcache gives transactions and safe sharing between processes on one host; block values
+are files in its folder. Reads do not go through diskcache each time: a block's file is
+opened once and held (`os.pread` on the held descriptor), and records are kept in memory
+for a few seconds, so a cache hit costs no SQLite query, no stat and no thread hop. A held
+file stays readable after another process evicts it (POSIX unlink), so eviction never breaks
+a response that is being served.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+log = logging.getLogger("fdp.cache")
+
+#: How long an in-memory record is trusted before the index is asked again (another
+#: process may have evicted the object meanwhile).
+RECHECK_SECONDS = 5.0
+#: Held block files; dropping one closes it once no response still uses it.
+MAX_OPEN_BLOCKS = 4096
+#: Errors that mean "the cache cannot write/read right now" (disk full, unwritable...).
+STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+
+
+class CacheUnavailable(Exception):
+    """The cache folder cannot be used; requests go straight to the upstream meanwhile."""
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    key: str
+    dataset: str
+    path: str  # the request path within the dataset, for `fdp cache ls`
+    size: int
+    block_size: int
+    etag: str | None = None
+    last_modified: str | None = None
+    media_type: str | None = None
+    checksum: str | None = None  # expected multihash from the catalogue
+    sha256: str | None = None  # recorded when the whole object passed through
+    created: float = 0.0
+    accessed: float = 0.0
+    hits: int = 0
+    blocks: tuple[int, ...] = ()
+    verified: bool = False
+
+    @property
+    def nblocks(self) -> int:
+        return max(1, -(-self.size // self.block_size))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.blocks) == self.nblocks
+
+    @property
+    def stored_bytes(self) -> int:
+        last = self.nblocks - 1
+        tail = self.size - last * self.block_size
+        return sum(tail if i == last else self.block_size for i in self.blocks)
+
+    def block_range(self, index: int) -> tuple[int, int]:
+        start = index * self.block_size
+        return start, min(self.size, start + self.block_size)
+
+
+@dataclass
+class _Held:
+    record: ObjectRecord
+    checked: float
+    files: dict[int, io.BufferedReader] = field(default_factory=dict)
+
+
+class Store:
+    """Records under `objects/`, blocks under `blocks/`, fills in progress under `tmp/`."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], clock: Callable[[], float] = time.time
+    ) -> None:
+        self.root = Path(root)
+        self.clock = clock
+        self.tmp = self.root / "tmp"
+        self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._open_blocks = 0
+        self._touched: dict[str, tuple[float, int]] = {}
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            opts: dict[str, Any] = {
+                "eviction_policy": "none",
+                "size_limit": 2**62,
+                "statistics": False,
+                "timeout": 10,
+            }
+            self.objects = diskcache.Cache(str(self.root / "objects"), **opts)
+            self.blocks = diskcache.Cache(str(self.root / "blocks"), disk_min_file_size=0, **opts)
+            self.blocks.create_tag_index()  # evict(object key) removes its blocks
+        except STORE_ERRORS as e:
+            raise CacheUnavailable(f"cache folder {self.root}: {e}") from e
+
+    # -- records -------------------------------------------------------------------------
+
+    def record(self, key: str) -> ObjectRecord | None:
+        """The object's record; memory first, the index every RECHECK_SECONDS."""
+        held = self._held.get(key)
+        now = time.monotonic()
+        if held is not None and now - held.checked < RECHECK_SECONDS:
+            return held.record
+        raw = self.objects.get(key)
+        if raw is None:
+            self._forget(key)
+            return None
+        record = ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])})
+        if held is None or held.record.blocks != record.blocks or held.record.etag != record.etag:
+            self._forget(key)
+            held = self._held[key] = _Held(record, now)
+        held.record, held.checked = record, now
+        self._held.move_to_end(key)
+        return record
+
+    def put_record(self, record: ObjectRecord) -> None:
+        self.objects.set(record.key, asdict(record))
+        self._forget(record.key)
+
+    def update(self, key: str, **changes: Any) -> ObjectRecord | None:
+        """Read-modify-write one record in a transaction (other processes may write too)."""
+        with self.objects.transact():
+            raw = self.objects.get(key)
+            if raw is None:
+                return None
+            record = replace(ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])}), **changes)
+            self.objects.set(key, asdict(record))
+        held = self._held.get(key)
+        if held is not None:
+            held.record = record
+        return record
+
+    def records(self) -> Iterator[ObjectRecord]:
+        for key in list(self.objects.iterkeys()):
+            raw = self.objects.get(key)
+            if raw is not None:
+                yield ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])})
+
+    # -- blocks --------------------------------------------------------------------------
+
+    def block_file(self, key: str, index: int) -> io.BufferedReader | None:
+        """An open file holding block `index`, or None when it is not cached."""
+        held = self._held.get(key)
+        if held is not None:
+            f = held.files.get(index)
+            if f is not None:
+                return f
+        elif self.record(key) is None:
+            return None
+        else:
+            held = self._held[key]
+        if index not in held.record.blocks:
+            return None
+        value = self.blocks.get((key, index), read=True)
+        if value is None:
+            return None
+        if not isinstance(value, io.BufferedReader):  # never: blocks are stored as files
+            return None
+        f = value  # read with os.pread(f.fileno(), ...): its buffer and position are unused
+        held.files[index] = f
+        self._open_blocks += 1
+        if self._open_blocks > MAX_OPEN_BLOCKS:
+            self._shed()
+        return f
+
+    def commit_block(self, key: str, index: int, tmp: Path) -> ObjectRecord | None:
+        """Copy a finished, verified block into the store and mark it present."""
+        with tmp.open("rb") as f:
+            self.blocks.set((key, index), f, read=True, tag=key)
+        with self.objects.transact():
+            raw = self.objects.get(key)
+            if raw is None:  # evicted while we filled: do not resurrect it
+                self.blocks.delete((key, index))
+                return None
+            blocks = tuple(sorted(set(raw["blocks"]) | {index}))
+            record = ObjectRecord(**{**raw, "blocks": blocks})
+            self.objects.set(key, asdict(record))
+        held = self._held.get(key)
+        if held is not None:
+            held.record, held.checked = record, time.monotonic()
+        return record
+
+    def evict(self, key: str) -> int:
+        """Remove an object and its blocks; returns the bytes freed."""
+        with self.objects.transact():
+            raw = self.objects.pop(key, default=None)
+        self.blocks.evict(key)
+        self._forget(key)
+        if raw is None:
+            return 0
+        return ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])}).stored_bytes
+
+    # -- access statistics, written in batches --------------------------------------------
+
+    def touch(self, key: str) -> None:
+        """Count a hit in memory; `flush()` writes them (never a write on the hot path)."""
+        _, hits = self._touched.get(key, (0.0, 0))
+        self._touched[key] = (self.clock(), hits + 1)
+
+    def flush(self) -> None:
+        touched, self._touched = self._touched, {}
+        for key, (when, hits) in touched.items():
+            with self.objects.transact():
+                raw = self.objects.get(key)
+                if raw is not None:
+                    raw["accessed"] = max(raw["accessed"], when)
+                    raw["hits"] += hits
+                    self.objects.set(key, raw)
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def _forget(self, key: str) -> None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            self._open_blocks -= len(held.files)
+
+    def _shed(self) -> None:
+        while self._open_blocks > MAX_OPEN_BLOCKS // 2 and self._held:
+            key = next(iter(self._held))
+            self._forget(key)
+
+    def close(self) -> None:
+        self.flush()
+        self._held.clear()
+        self.objects.close()
+        self.blocks.close()
