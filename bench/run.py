@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ RANGE_LEN = 16 * 1024
 MEM_FILE_MIB = 1024
 CONCURRENCY = 32
 STREAM_TRIES = 3
+BUSY_CPUS = 0.15  # flag the run when others used more CPU than this before it started
 FLAT_RSS_MIB = 64  # "memory flat": RSS growth below this while streaming the 1 GiB file
 SERVERS = ("nginx", "proxy", "upstream")
 
@@ -117,6 +119,68 @@ def read_at(path: Path, offset: int, length: int) -> bytes:
     """Bytes [offset, offset + length) of a file."""
     with path.open("rb") as f:
         return os.pread(f.fileno(), length, offset)
+
+
+def _cpu_ticks() -> tuple[int, int, dict[int, tuple[str, int]]]:
+    """(all ticks, idle ticks, {pid: (name, ticks)}) from /proc, right now."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    procs: dict[int, tuple[str, int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (d / "stat").read_text()
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                rest = stat[stat.rindex(")") + 2 :].split()
+                procs[int(d.name)] = (name, int(rest[11]) + int(rest[12]))  # utime + stime
+    return sum(fields), fields[3] + fields[4], procs
+
+
+def background_load(seconds: float = 2.0) -> tuple[float, list[str]]:
+    """CPUs kept busy by others over `seconds` (1.0 = one full CPU) and the top consumers."""
+    total1, idle1, procs1 = _cpu_ticks()
+    time.sleep(seconds)
+    total2, idle2, procs2 = _cpu_ticks()
+    busy = (1 - (idle2 - idle1) / max(1, total2 - total1)) * (os.cpu_count() or 1)
+    hz = os.sysconf("SC_CLK_TCK")
+    top = sorted(
+        (
+            (ticks - procs1[pid][1], pid, name)
+            for pid, (name, ticks) in procs2.items()
+            if pid in procs1 and pid != os.getpid()
+        ),
+        reverse=True,
+    )[:3]
+    return busy, [f"{name} (pid {pid}) {d / hz / seconds:.0%}" for d, pid, name in top if d]
+
+
+def _busy_seconds() -> float:
+    """Seconds all CPUs spent busy since boot (steal included: time the VM did not get)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds(pids: list[int]) -> float:
+    """CPU seconds used by this process, its reaped children (curl, wrk) and `pids`."""
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            rest = stat[stat.rindex(")") + 2 :].split()
+            own += (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+    return own
+
+
+@contextlib.contextmanager
+def others_cpu(pids: list[int]) -> Iterator[list[float]]:
+    """Yield a one-item list that gets, at exit, the CPUs others kept busy meanwhile."""
+    out = [0.0]
+    busy0, own0, t0 = _busy_seconds(), _own_seconds(pids), time.monotonic()
+    try:
+        yield out
+    finally:
+        busy, own = _busy_seconds() - busy0, _own_seconds(pids) - own0
+        out[0] = max(0.0, busy - own) / max(1e-3, time.monotonic() - t0)
 
 
 def rss_kib(pid: int) -> int | None:
@@ -523,7 +587,7 @@ def machine_info(tools: dict[str, str]) -> dict[str, str]:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs ({cpu}), {mem} RAM, Linux {platform.release()}",
         "nginx": cmd_out([tools["nginx"], "-v"]).removeprefix("nginx version: "),
-        "wrk": cmd_out([tools["wrk"], "-v"]).split(" Copyright")[0],
+        "wrk": "wrk " + cmd_out([tools["wrk"], "-v"]).split()[1].removeprefix("debian/"),
         "curl": " ".join(cmd_out([tools["curl"], "--version"]).split()[:2]),
         "python": platform.python_version(),
         "fdp": rev + (" + uncommitted changes" if dirty not in ("", "?") else ""),
@@ -556,11 +620,16 @@ class Results:
     memory: list[MemPass] = field(default_factory=list)
     warm_gbps: float = 0.0
     cache_after_warm: tuple[int, int] = (0, 0)
+    background: tuple[float, list[str]] = (0.0, [])
+    others: dict[str, float] = field(default_factory=dict)  # phase -> CPUs used by others
     flags: list[str] = field(default_factory=list)
 
 
 def check_flags(res: Results) -> None:
     """Note every figure that should not be trusted."""
+    for phase, cpus in res.others.items():
+        if cpus > BUSY_CPUS:
+            res.flags.append(f"{phase}: other processes kept {cpus:.2f} CPUs busy meanwhile")
     for name, w in res.ranges.items():
         if w.non_2xx:
             res.flags.append(f"{name}: {w.non_2xx} of {w.requests} range responses were non-2xx")
@@ -581,8 +650,10 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
         "# fdp benchmark",
         "",
         f"- date: {info['date']}; wall time {wall:.0f} s",
-        f"- machine: {info['machine']}",
-        f"- versions: nginx {info['nginx']}, {info['wrk']}, {info['curl']}, "
+        f"- machine: {info['machine']}; others' CPU use before the run: "
+        f"{res.background[0]:.2f} CPUs"
+        + (f" (top: {', '.join(res.background[1])})" if res.background[1] else ""),
+        f"- versions: {info['nginx']}, {info['wrk']}, {info['curl']}, "
         f"Python {info['python']}, fdp {info['fdp']}",
         f"- file: {res.size / MIB:.0f} MiB of random bytes in the page cache; proxy dataset "
         "`http` upstream → demo upstream, `cache.block_size` 4MiB, `FDP_LOG_LEVEL=WARNING` "
@@ -625,6 +696,12 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
             "",
             "Stream runs, GB/s: "
             + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in s[k][1])}" for k in (ng, px, up)),
+        ]
+    if res.others:
+        lines += [
+            "",
+            f"CPUs kept busy by other processes during each run (flagged above {BUSY_CPUS}): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in res.others.items()),
         ]
     if m:
         lines += [
@@ -671,12 +748,21 @@ def run(args: argparse.Namespace) -> int:
     """The whole benchmark; returns the exit status."""
     t0 = time.monotonic()
     tools = ensure_tools()
+    log("checking that nothing else keeps the CPUs busy (2 s)")
+    res_background = background_load()
     size = args.size_mib * MIB
     if size < 2 * RANGE_LEN:
         raise BenchError("--size-mib must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="fdp-bench-", dir=args.workdir))
     servers: dict[str, Server] = {}
     res = Results(size=size, duration=args.duration, aligned=args.aligned)
+    res.background = res_background
+    if res_background[0] > BUSY_CPUS:
+        res.flags.append(
+            f"other processes kept {res_background[0]:.2f} CPUs busy before the run "
+            f"({', '.join(res_background[1])}): on a {os.cpu_count()}-CPU machine every figure "
+            "is lower than it should be"
+        )
     try:
         # nginx's worker may run as another user: every folder on the way must be readable.
         work.chmod(0o755)
@@ -711,14 +797,19 @@ def run(args: argparse.Namespace) -> int:
         res.warm_gbps = warm.gbps
         res.cache_after_warm = dir_size(work / "cache")
 
+        pids = [s.proc.pid for s in servers.values() if s.proc is not None]
         for name in SERVERS:
             log(f"stream {name}: {STREAM_TRIES} whole-file GETs")
-            res.stream[name] = stream_best(tools["curl"], url(name), size)
+            with others_cpu(pids) as others:
+                res.stream[name] = stream_best(tools["curl"], url(name), size)
+            res.others[f"stream {name}"] = others[0]
 
         script = ranges_script(work, size, args.aligned)
         for name in SERVERS:
             log(f"ranges {name}: wrk for {args.duration}s")
-            res.ranges[name] = run_wrk(tools["wrk"], url(name), script, args.duration)
+            with others_cpu(pids) as others:
+                res.ranges[name] = run_wrk(tools["wrk"], url(name), script, args.duration)
+            res.others[f"ranges {name}"] = others[0]
             (work / "logs" / f"wrk-{name}.txt").write_text(res.ranges[name].raw)
 
         mem_url = url("proxy", "/assets/bench/mem.bin")

@@ -10,6 +10,7 @@ a response that is being served.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -32,6 +33,11 @@ RECHECK_SECONDS = 5.0
 MAX_OPEN_BLOCKS = 4096
 #: Errors that mean "the cache cannot write/read right now" (disk full, unwritable...).
 STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+
+
+def object_key(dataset: str, path: str) -> str:
+    """The cache key: the dataset and the object's path in it (stable across re-resolution)."""
+    return hashlib.sha256(f"{dataset}\0{path}".encode()).hexdigest()[:40]
 
 
 class CacheUnavailable(Exception):
@@ -194,6 +200,43 @@ class Store:
         if held is not None:
             held.record, held.checked = record, time.monotonic()
         return record
+
+    def ingest(
+        self,
+        dataset: str,
+        path: str,
+        source: Path,
+        block_size: int,
+        media_type: str | None = None,
+    ) -> ObjectRecord:
+        """Put a local file in the cache as if it had been fetched (harvested data)."""
+        key = object_key(dataset, path)
+        self.evict(key)
+        size = source.stat().st_size
+        now = self.clock()
+        record = ObjectRecord(
+            key=key,
+            dataset=dataset,
+            path=path,
+            size=size,
+            block_size=block_size,
+            media_type=media_type,
+            created=now,
+            accessed=now,
+        )
+        self.put_record(record)
+        sha = hashlib.sha256()
+        with source.open("rb") as f:
+            for index in range(record.nblocks):
+                tmp = self.tmp / f"{key}.{index}.{os.getpid()}.put"
+                data = f.read(block_size)
+                sha.update(data)
+                tmp.write_bytes(data)
+                try:
+                    self.commit_block(key, index, tmp)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        return self.update(key, sha256=sha.hexdigest()) or record
 
     def evict(self, key: str) -> int:
         """Remove an object and its blocks; returns the bytes freed."""

@@ -42,7 +42,7 @@ async def readyz(request: Request) -> Response:
     cache = {
         "ok": delivery.store is not None and health.error is None,
         "store": str(request.app.state.settings.cache.store),
-        "error": health.error if delivery.store is not None else "cache folder unusable",
+        "error": health.error,
         "integrity_failures": health.integrity_failures,
         **health.counters,
     }
@@ -94,7 +94,7 @@ def create_app(
         assert store is not None
         last_sweep = 0.0
         while True:
-            await anyio.sleep(FLUSH_SECONDS)
+            await anyio.sleep(min(FLUSH_SECONDS, settings.cache.sweep_seconds))
             try:
                 if time.monotonic() - last_sweep >= settings.cache.sweep_seconds:
                     last_sweep = time.monotonic()

@@ -7,12 +7,16 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import uvicorn
 
+from cache.retention import sweep
+from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import ConfigError, load_settings
+from proxy.app import retention_rules
 
 log = logging.getLogger("fdp")
 
@@ -89,6 +93,69 @@ def cmd_serve(args: argparse.Namespace, demo: bool = False) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> tuple[Settings, Store]:
+    settings = load_settings(getattr(args, "config", None))
+    try:
+        return settings, Store(settings.cache.store)
+    except CacheUnavailable as e:
+        raise SystemExit(f"fdp: {e}") from None
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    settings, store = _store(args)
+    try:
+        if args.cache_command == "ls":
+            now = time.time()
+            rows = [r for r in store.records() if args.dataset in (None, r.dataset)]
+            print(
+                f"{'DATASET':<20} {'PATH':<40} {'BYTES':>12} {'SIZE':>12} {'AGE':>7} "
+                f"{'IDLE':>7} {'HITS':>6} SHA256"
+            )
+            for r in sorted(rows, key=lambda r: (r.dataset, r.path)):
+                print(
+                    f"{r.dataset:<20} {r.path:<40} {r.stored_bytes:>12} {r.size:>12} "
+                    f"{_age(now - r.created):>7} {_age(now - r.accessed):>7} {r.hits:>6} "
+                    f"{(r.sha256 or '-')[:16]}"
+                )
+            total = sum(r.stored_bytes for r in rows)
+            print(f"{len(rows)} objects, {total} bytes")
+            return 0
+        if args.dataset not in settings.datasets:
+            raise SystemExit(f"fdp: no dataset named {args.dataset!r} in the config")
+        if args.cache_command == "put":
+            source = Path(args.file)
+            if not source.is_file():
+                raise SystemExit(f"fdp: {source} is not a file")
+            record = store.ingest(
+                args.dataset, args.path, source, int(settings.cache.block_size), args.media_type
+            )
+            freed = sweep(
+                store, retention_rules(settings), int(settings.cache.max_bytes), time.time()
+            )
+            kept = store.record(record.key) is not None
+            print(
+                f"put {args.dataset}/{args.path}: {record.size} bytes, sha256 {record.sha256}"
+                + ("" if kept else " (evicted at once by the dataset's retention)")
+                + (f"; retention freed {freed} bytes" if freed else "")
+            )
+            return 0
+        victims = [
+            r for r in store.records() if r.dataset == args.dataset and args.path in (None, r.path)
+        ]
+        freed = sum(store.evict(r.key) for r in victims)
+        print(f"evicted {len(victims)} objects, {freed} bytes")
+        return 0 if victims or args.path is None else 1
+    finally:
+        store.close()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     print(f"ok: {len(settings.datasets)} datasets")
@@ -117,6 +184,20 @@ def parser() -> argparse.ArgumentParser:
             help="demo upstream port (embedded default only; 0 = any free port)",
         )
         s.add_argument("--var", default="./var", help="state folder for the embedded default")
+    cache = sub.add_parser("cache", help="look into and manage the online cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    ls = cache_sub.add_parser("ls", help="cached objects: sizes, ages, hits")
+    ls.add_argument("dataset", nargs="?")
+    put = cache_sub.add_parser("put", help="inject a local file (subject to retention)")
+    put.add_argument("dataset")
+    put.add_argument("path", help="the object's path in the dataset, as in /assets/DATASET/PATH")
+    put.add_argument("file")
+    put.add_argument("--media-type", default=None)
+    ev = cache_sub.add_parser("evict", help="remove a dataset's objects, or one of them")
+    ev.add_argument("dataset")
+    ev.add_argument("path", nargs="?")
+    for p_ in (ls, put, ev):
+        p_.add_argument("--config", default=argparse.SUPPRESS, help="config file (YAML)")
     pol = sub.add_parser("policies", help="policy documents")
     pol_sub = pol.add_subparsers(dest="policies_command", required=True)
     v = pol_sub.add_parser("validate", help="validate the config file and exit")
@@ -132,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_serve(args)
         elif args.command == "demo":
             code = cmd_serve(args, demo=True)
+        elif args.command == "cache":
+            code = cmd_cache(args)
         else:
             code = cmd_validate(args)
     except ConfigError as e:

@@ -22,7 +22,7 @@ from werkzeug.http import parse_range_header
 
 from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
 from cache.integrity import ChecksumMismatch, hasher_for
-from cache.store import STORE_ERRORS, ObjectRecord, Store
+from cache.store import STORE_ERRORS, ObjectRecord, Store, object_key
 from proxy.problems import MalformedRange
 from upstreams.base import RangeNotSatisfiable, UpstreamObject, UpstreamUnavailable
 from upstreams.http import head, open_body
@@ -31,11 +31,6 @@ log = logging.getLogger("fdp.cache")
 
 CHUNK = 1 << 20
 ERROR_LOG_INTERVAL = 60.0
-
-
-def object_key(dataset: str, path: str) -> str:
-    """The cache key: the dataset and the object's path in it (stable across re-resolution)."""
-    return hashlib.sha256(f"{dataset}\0{path}".encode()).hexdigest()[:40]
 
 
 @dataclass
@@ -130,7 +125,9 @@ class CacheDelivery:
     async def record(self, dataset: str, key: str, path: str, obj: UpstreamObject) -> ObjectRecord:
         assert self.store is not None
         record = self.store.record(key)
-        if record is not None and (obj.checksum is None or record.checksum == obj.checksum):
+        if record is not None and not (
+            record.checksum and obj.checksum and record.checksum != obj.checksum
+        ):
             return record
         if record is not None:  # the catalogue now promises other bytes: start over
             log.info("cached %s/%s has an outdated checksum: evicted", dataset, path)

@@ -55,6 +55,8 @@ class Fault:
     status: int | None = None
     delay: float = 0.0
     cut_after: int | None = None
+    corrupt: bool = False  # flip the first byte of every chunk sent
+    chunk_delay: float = 0.0  # pause after every chunk (a slow link)
     times: int | None = None
 
     def applies(self, method: str, path: str) -> bool:
@@ -370,6 +372,7 @@ class DataFiles:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state: State = scope["app"].state.demo
+        entry = scope.get("fdp.log", {})  # the request log's entry: bytes sent go there
         method = scope["method"]
         rel = scope["path"][len("/data/") :]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -427,7 +430,12 @@ class DataFiles:
                 n = min(CHUNK, end - pos, limit - pos)
                 chunk = os.pread(f.fileno(), n, pos)
                 pos += len(chunk)
+                entry["bytes"] = pos - start
+                if fault is not None and fault.corrupt and chunk:
+                    chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if fault is not None and fault.chunk_delay:
+                    await asyncio.sleep(fault.chunk_delay)
         if pos < end:
             return  # cut off: the server closes the connection with the body incomplete
         await send({"type": "http.response.body", "body": b""})
@@ -454,16 +462,17 @@ class RequestLog:
             headers = {
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }
-            self.app.state.demo.log.append(
-                {
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "query": scope["query_string"].decode("latin-1"),
-                    "range": headers.get("range"),
-                    "authorization": "authorization" in headers,
-                    "time": time.time(),
-                }
-            )
+            entry = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "query": scope["query_string"].decode("latin-1"),
+                "range": headers.get("range"),
+                "authorization": "authorization" in headers,
+                "time": time.time(),
+                "bytes": 0,
+            }
+            self.app.state.demo.log.append(entry)
+            scope = {**scope, "fdp.log": entry}
         await self.app(scope, receive, send)
 
 
