@@ -135,12 +135,10 @@ def _cpu_ticks() -> tuple[int, int, dict[int, tuple[str, int]]]:
     return sum(fields), fields[3] + fields[4], procs
 
 
-def background_load(seconds: float = 2.0) -> tuple[float, list[str]]:
-    """CPUs kept busy by others over `seconds` (1.0 = one full CPU) and the top consumers."""
-    total1, idle1, procs1 = _cpu_ticks()
-    time.sleep(seconds)
-    total2, idle2, procs2 = _cpu_ticks()
-    busy = (1 - (idle2 - idle1) / max(1, total2 - total1)) * (os.cpu_count() or 1)
+def _top(
+    procs1: dict[int, tuple[str, int]], procs2: dict[int, tuple[str, int]], seconds: float
+) -> list[str]:
+    """The three processes (other than ours) that used the most CPU between two snapshots."""
     hz = os.sysconf("SC_CLK_TCK")
     top = sorted(
         (
@@ -150,7 +148,16 @@ def background_load(seconds: float = 2.0) -> tuple[float, list[str]]:
         ),
         reverse=True,
     )[:3]
-    return busy, [f"{name} (pid {pid}) {d / hz / seconds:.0%}" for d, pid, name in top if d]
+    return [f"{name} (pid {pid}) {d / hz / seconds:.0%}" for d, pid, name in top if d]
+
+
+def background_load(seconds: float = 2.0) -> tuple[float, list[str]]:
+    """CPUs kept busy by others over `seconds` (1.0 = one full CPU) and the top consumers."""
+    total1, idle1, procs1 = _cpu_ticks()
+    time.sleep(seconds)
+    total2, idle2, procs2 = _cpu_ticks()
+    busy = (1 - (idle2 - idle1) / max(1, total2 - total1)) * (os.cpu_count() or 1)
+    return busy, _top(procs1, procs2, seconds)
 
 
 def _busy_seconds() -> float:
@@ -171,16 +178,27 @@ def _own_seconds(pids: list[int]) -> float:
     return own
 
 
+@dataclass
+class Others:
+    """CPUs kept busy by processes outside the benchmark during a phase, and the top ones."""
+
+    cpus: float = 0.0
+    top: list[str] = field(default_factory=list)
+
+
 @contextlib.contextmanager
-def others_cpu(pids: list[int]) -> Iterator[list[float]]:
-    """Yield a one-item list that gets, at exit, the CPUs others kept busy meanwhile."""
-    out = [0.0]
+def others_cpu(pids: list[int]) -> Iterator[Others]:
+    """Yield an `Others` that is filled in when the block ends."""
+    out = Others()
+    procs0 = _cpu_ticks()[2]
     busy0, own0, t0 = _busy_seconds(), _own_seconds(pids), time.monotonic()
     try:
         yield out
     finally:
         busy, own = _busy_seconds() - busy0, _own_seconds(pids) - own0
-        out[0] = max(0.0, busy - own) / max(1e-3, time.monotonic() - t0)
+        seconds = max(1e-3, time.monotonic() - t0)
+        out.cpus = max(0.0, busy - own) / seconds
+        out.top = _top(procs0, _cpu_ticks()[2], seconds)
 
 
 def rss_kib(pid: int) -> int | None:
@@ -621,15 +639,18 @@ class Results:
     warm_gbps: float = 0.0
     cache_after_warm: tuple[int, int] = (0, 0)
     background: tuple[float, list[str]] = (0.0, [])
-    others: dict[str, float] = field(default_factory=dict)  # phase -> CPUs used by others
+    others: dict[str, Others] = field(default_factory=dict)  # phase -> CPU used by others
     flags: list[str] = field(default_factory=list)
 
 
 def check_flags(res: Results) -> None:
     """Note every figure that should not be trusted."""
-    for phase, cpus in res.others.items():
-        if cpus > BUSY_CPUS:
-            res.flags.append(f"{phase}: other processes kept {cpus:.2f} CPUs busy meanwhile")
+    for phase, o in res.others.items():
+        if o.cpus > BUSY_CPUS:
+            res.flags.append(
+                f"{phase}: other processes kept {o.cpus:.2f} CPUs busy meanwhile "
+                f"(top: {', '.join(o.top) or 'exited before the end'})"
+            )
     for name, w in res.ranges.items():
         if w.non_2xx:
             res.flags.append(f"{name}: {w.non_2xx} of {w.requests} range responses were non-2xx")
@@ -701,7 +722,7 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
         lines += [
             "",
             f"CPUs kept busy by other processes during each run (flagged above {BUSY_CPUS}): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in res.others.items()),
+            + ", ".join(f"{k} {v.cpus:.2f}" for k, v in res.others.items()),
         ]
     if m:
         lines += [
@@ -760,8 +781,8 @@ def run(args: argparse.Namespace) -> int:
     if res_background[0] > BUSY_CPUS:
         res.flags.append(
             f"other processes kept {res_background[0]:.2f} CPUs busy before the run "
-            f"({', '.join(res_background[1])}): on a {os.cpu_count()}-CPU machine every figure "
-            "is lower than it should be"
+            f"(top still running: {', '.join(res_background[1]) or 'none'}): on a "
+            f"{os.cpu_count()}-CPU machine every figure is lower than it should be"
         )
     try:
         # nginx's worker may run as another user: every folder on the way must be readable.
@@ -802,14 +823,14 @@ def run(args: argparse.Namespace) -> int:
             log(f"stream {name}: {STREAM_TRIES} whole-file GETs")
             with others_cpu(pids) as others:
                 res.stream[name] = stream_best(tools["curl"], url(name), size)
-            res.others[f"stream {name}"] = others[0]
+            res.others[f"stream {name}"] = others
 
         script = ranges_script(work, size, args.aligned)
         for name in SERVERS:
             log(f"ranges {name}: wrk for {args.duration}s")
             with others_cpu(pids) as others:
                 res.ranges[name] = run_wrk(tools["wrk"], url(name), script, args.duration)
-            res.others[f"ranges {name}"] = others[0]
+            res.others[f"ranges {name}"] = others
             (work / "logs" / f"wrk-{name}.txt").write_text(res.ranges[name].raw)
 
         mem_url = url("proxy", "/assets/bench/mem.bin")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -18,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from cache.retention import Rule, sweep
 from cache.store import CacheUnavailable, Store
 from policies.config import Settings
+from policies.loader import load_settings
 from proxy import stac
 from proxy.assets import Assets
 from proxy.delivery import CacheDelivery
@@ -27,6 +29,13 @@ from upstreams.http import make_client
 
 log = logging.getLogger("fdp.proxy")
 FLUSH_SECONDS = 5.0
+
+
+def configure_logging() -> None:
+    level = os.environ.get("FDP_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("eodag", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 async def healthz(request: Request) -> Response:
@@ -137,3 +146,10 @@ def create_app(
     starlette.state.store = store
     assets = Assets(registry)
     return App(starlette, assets)
+
+
+def from_environment() -> App:
+    """App factory for `fdp serve --workers N`: each worker reads $FDP_CONFIG itself."""
+    configure_logging()
+    settings = load_settings(None)
+    return create_app(settings, os.environ.get("FDP_CONFIG", "the config"))

@@ -16,16 +16,10 @@ from cache.retention import sweep
 from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import ConfigError, load_settings
-from proxy.app import retention_rules
+from proxy.app import configure_logging, create_app, retention_rules
+from proxy.registry import Registry
 
 log = logging.getLogger("fdp")
-
-
-def _setup_logging() -> None:
-    level = os.environ.get("FDP_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("eodag", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace, var_dir: Path) -> tuple[Settings, str, str | None]:
@@ -58,8 +52,6 @@ def _settings(args: argparse.Namespace, var_dir: Path) -> tuple[Settings, str, s
 
 
 async def _serve(settings: Settings, source: str, banner: str | None) -> None:
-    from proxy.app import create_app
-
     app = create_app(settings, source)
     config = uvicorn.Config(
         app,
@@ -89,6 +81,25 @@ def cmd_serve(args: argparse.Namespace, demo: bool = False) -> int:
         from proxy.demo import banner
 
         text = banner(str(settings.server.public_url).rstrip("/"), upstream_url)
+    workers = getattr(args, "workers", 1)
+    if workers > 1:
+        if upstream_url:
+            raise SystemExit("fdp: --workers needs a config file (--config or FDP_CONFIG)")
+        # each worker process builds its app from the same file and these overrides
+        os.environ["FDP_CONFIG"] = str(Path(source).resolve())
+        os.environ["FDP_SERVER__PUBLIC_URL"] = str(settings.server.public_url)
+        Registry(settings, source).close()  # config errors surface here, once
+        uvicorn.run(
+            "proxy.app:from_environment",
+            factory=True,
+            workers=workers,
+            host=settings.server.host,
+            port=settings.server.port,
+            log_config=None,
+            proxy_headers=False,
+            timeout_graceful_shutdown=10,
+        )
+        return 0
     asyncio.run(_serve(settings, source, text))
     return 0
 
@@ -184,6 +195,12 @@ def parser() -> argparse.ArgumentParser:
             help="demo upstream port (embedded default only; 0 = any free port)",
         )
         s.add_argument("--var", default="./var", help="state folder for the embedded default")
+        s.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="worker processes sharing the port and the cache (needs a config)",
+        )
     cache = sub.add_parser("cache", help="look into and manage the online cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     ls = cache_sub.add_parser("ls", help="cached objects: sizes, ages, hits")
@@ -207,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    _setup_logging()
+    configure_logging()
     try:
         if args.command == "serve":
             code = cmd_serve(args)

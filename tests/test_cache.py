@@ -302,3 +302,68 @@ def test_unusable_cache_folder_degrades_to_pass_through(start_proxy, upstream, t
     assert r.content == upstream.file("demo-cogs/scene-a/B04.tif")[:100]
     cache = httpx.get(f"{p.url}/readyz").json()["checks"]["cache"]
     assert cache["ok"] is False and "not-a-dir" in cache["error"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs: a real full disk (ENOSPC), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mnt], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def test_full_disk_keeps_serving_by_pass_through(start_proxy, upstream, tiny_disk, tmp_path):
+    config = cache_config(upstream.url, tmp_path, block_size="1MiB")
+    config["cache"]["store"] = str(tiny_disk / "cache")
+    p = start_proxy(config)
+    for scene in "abc":  # ~10 MiB through a 2 MiB disk
+        want = upstream.file(f"demo-cogs/scene-{scene}/visual.tif")
+        r = httpx.get(f"{p.url}/assets/cached/demo-cogs/scene-{scene}/visual.tif")
+        assert r.status_code == 200 and r.content == want
+    cache = httpx.get(f"{p.url}/readyz").json()["checks"]["cache"]
+    assert cache["ok"] is False and "No space left" in cache["error"]
+    log = p.proc.log_text()
+    assert log.count("cache unavailable, serving pass-through") == 1  # once per interval
+    assert "Traceback" not in log
+
+
+def test_worker_processes_share_the_cache(upstream, big, tmp_path):
+    from tests.harness.procs import ServerProcess, free_port, http_ok
+
+    config = cache_config(upstream.url, tmp_path)
+    path = tmp_path / "fdp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = ServerProcess(
+        "fdp-workers",
+        [BIN / "fdp", "serve", "--config", path, "--port", str(port), "--workers", "2"],
+        log_dir=tmp_path,
+        ready=http_ok(f"{url}/healthz"),
+    )
+    data = big.read_bytes()
+    blocks = (10, 11, 12, 13)
+
+    def read(n):
+        a = blocks[n % 4] * BLOCK + (n * 7919) % (BLOCK - 20000)
+        with httpx.Client(timeout=60) as c:  # a new connection each: both workers serve
+            r = c.get(f"{url}/assets/cached/{BIG}", headers={"Range": f"bytes={a}-{a + 16383}"})
+        return a, r
+
+    with proc:
+        with ThreadPoolExecutor(16) as pool:
+            for a, r in pool.map(read, range(64)):
+                assert r.status_code == 206 and r.content == data[a : a + 16384]
+        fetched = [e["range"] for e in data_gets(upstream)]
+        assert len(set(fetched)) == 4 and len(fetched) <= 8  # at most once per worker
+        upstream.reset()
+        time.sleep(0.2)
+        with ThreadPoolExecutor(16) as pool:
+            for a, r in pool.map(read, range(64, 128)):
+                assert r.status_code == 206 and r.content == data[a : a + 16384]
+        assert upstream.data_requests() == []  # every worker now serves every block
+    assert "Traceback" not in proc.log_text()
