@@ -10,6 +10,7 @@ a response that is being served.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -35,6 +36,7 @@ MAX_OPEN_BLOCKS = 4096
 STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
 
 
+@functools.lru_cache(maxsize=65536)
 def object_key(dataset: str, path: str) -> str:
     """The cache key: the dataset and the object's path in it (stable across re-resolution)."""
     return hashlib.sha256(f"{dataset}\0{path}".encode()).hexdigest()[:40]

@@ -8,9 +8,11 @@ so an upstream error is still a proper problem response, not a broken body.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from upstreams.http import head, open_body
 log = logging.getLogger("fdp.cache")
 
 CHUNK = 1 << 20
+SIMPLE_RANGE = re.compile(r"bytes=(\d{1,18})-(\d{1,18})\Z")
 ERROR_LOG_INTERVAL = 60.0
 
 
@@ -163,6 +166,8 @@ class CacheDelivery:
     ) -> None:
         assert self.store is not None
         key = object_key(dataset, path)
+        if await self._hit(asked, key, send):
+            return
         record = await self.record(dataset, key, path, obj)
         if asked.if_none_match and _etag_matches(asked.if_none_match, record.etag):
             await self._head(send, record, 304)
@@ -182,7 +187,7 @@ class CacheDelivery:
             missing = next(i for i, f in zip(range(first, last + 1), files, strict=True) if not f)
             await self._ensure_fill(record, obj, missing).started  # errors become problems
             record = self.store.record(key) or record  # the fill may have learnt the etag
-        headers = self._headers(record)
+        headers = list(self._headers(record))
         status = 200
         if partial:
             status = 206
@@ -208,6 +213,46 @@ class CacheDelivery:
             if not await self._stream_fill(record, obj, index, a, b, send):
                 return  # aborted
         await send({"type": "http.response.body", "body": b""})
+
+    async def _hit(self, asked: Asked, key: str, send: Send) -> bool:
+        """The common case, kept short: a plain GET of one range inside one cached block."""
+        assert self.store is not None
+        if asked.method != "GET" or asked.if_none_match or asked.if_range:
+            return False
+        record = self.store.record(key)
+        if record is None:
+            return False
+        spec = asked.range
+        if spec is None:
+            start, end, partial = 0, record.size, False
+        else:
+            m = SIMPLE_RANGE.match(spec)
+            if m is None:
+                return False  # suffix, open-ended, several ranges...: the general path
+            start, end, partial = int(m[1]), int(m[2]) + 1, True
+            if start >= end or end > record.size:
+                return False
+        index = start // record.block_size
+        if (end - 1) // record.block_size != index or end - start > CHUNK:
+            return False
+        f = self.store.block_file(key, index)
+        if f is None:
+            return False
+        offset = index * record.block_size
+        chunk = os.pread(f.fileno(), end - start, start - offset)
+        if len(chunk) != end - start:
+            return False  # the general path notices and evicts
+        headers = list(self._headers(record))
+        if partial:
+            headers.append((b"content-range", f"bytes {start}-{end - 1}/{record.size}".encode()))
+        headers.append((b"content-length", str(end - start).encode()))
+        self.store.touch(key)
+        self.health.counters["hit"] += 1
+        await send(
+            {"type": "http.response.start", "status": 206 if partial else 200, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": chunk})
+        return True
 
     async def _stream_fill(
         self, record: ObjectRecord, obj: UpstreamObject, index: int, a: int, b: int, send: Send
@@ -238,14 +283,16 @@ class CacheDelivery:
         return True
 
     async def _head(self, send: Send, record: ObjectRecord, status: int) -> None:
-        headers = self._headers(record)
+        headers = list(self._headers(record))
         if status == 200:
             headers.append((b"content-length", str(record.size).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
-    def _headers(record: ObjectRecord) -> list[tuple[bytes, bytes]]:
+    @functools.lru_cache(maxsize=4096)
+    def _headers(record: ObjectRecord) -> tuple[tuple[bytes, bytes], ...]:
+        """A record's fixed headers (records are immutable, so they can be memoised)."""
         headers = [(b"accept-ranges", b"bytes")]
         if record.media_type:
             headers.append((b"content-type", record.media_type.encode("latin-1")))
@@ -253,7 +300,7 @@ class CacheDelivery:
             headers.append((b"etag", record.etag.encode("latin-1")))
         if record.last_modified:
             headers.append((b"last-modified", record.last_modified.encode("latin-1")))
-        return headers
+        return tuple(headers)
 
     # -- filling ----------------------------------------------------------------------
 

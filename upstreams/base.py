@@ -55,13 +55,17 @@ class UpstreamTimeout(UpstreamUnavailable):
 
 def safe_key(path: str) -> str:
     """Check an object key (already percent-decoded once, by the server) cannot escape a prefix."""
-    key = path
-    if not key or key.startswith("/") or "\\" in key or any(ord(c) < 32 for c in key):
+    parts = path.split("/")
+    if (
+        not path
+        or "\\" in path
+        or not path.isprintable()
+        or "" in parts
+        or "." in parts
+        or ".." in parts
+    ):
         raise BadPath(f"invalid object path {path!r}")
-    parts = key.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise BadPath(f"invalid object path {path!r}")
-    return key
+    return path
 
 
 def quote_key(key: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -50,6 +51,10 @@ class HttpResolver:
         self.objects = set(objects) if objects is not None else None
 
     async def resolve(self, path: str) -> UpstreamObject:
+        return self._resolve(path)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one resolver per dataset, for good)
+    def _resolve(self, path: str) -> UpstreamObject:
         key = safe_key(path)
         if self.objects is not None and key not in self.objects:
             raise ObjectNotFound(f"no object {key!r}")
