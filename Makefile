@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format redis-server clean
+.PHONY: demo test bench lint format redis-server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test redis-server
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+## Benchmark the proxy against nginx and the upstream direct (writes bench/REPORT.md).
+bench: $(VENV)/.test
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { \

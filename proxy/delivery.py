@@ -8,6 +8,7 @@ so an upstream error is still a proper problem response, not a broken body.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -26,12 +27,19 @@ from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
 from cache.integrity import ChecksumMismatch, hasher_for
 from cache.store import STORE_ERRORS, ObjectRecord, Store, object_key
 from proxy.problems import MalformedRange
-from upstreams.base import RangeNotSatisfiable, UpstreamObject, UpstreamUnavailable
+from upstreams.base import (
+    ObjectNotFound,
+    RangeNotSatisfiable,
+    UpstreamObject,
+    UpstreamUnavailable,
+)
 from upstreams.http import head, open_body
 
 log = logging.getLogger("fdp.cache")
 
 CHUNK = 1 << 20
+#: Blocks fetched ahead of the one being sent, in a response that spans several.
+READ_AHEAD = 2
 SIMPLE_RANGE = re.compile(r"bytes=(\d{1,18})-(\d{1,18})\Z")
 ERROR_LOG_INTERVAL = 60.0
 
@@ -210,6 +218,7 @@ class CacheDelivery:
                     pos += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
+            self._read_ahead(record, obj, index + 1, min(last, index + READ_AHEAD))
             if not await self._stream_fill(record, obj, index, a, b, send):
                 return  # aborted
         await send({"type": "http.response.body", "body": b""})
@@ -253,6 +262,14 @@ class CacheDelivery:
         )
         await send({"type": "http.response.body", "body": chunk})
         return True
+
+    def _read_ahead(self, record: ObjectRecord, obj: UpstreamObject, first: int, last: int) -> None:
+        """Start the next missing blocks of a long response now, so their latency overlaps."""
+        assert self.store is not None
+        for index in range(first, last + 1):
+            if self.store.block_file(record.key, index) is None:
+                with contextlib.suppress(CacheWriteFailed):
+                    self._ensure_fill(record, obj, index)
 
     async def _stream_fill(
         self, record: ObjectRecord, obj: UpstreamObject, index: int, a: int, b: int, send: Send
@@ -332,6 +349,8 @@ class CacheDelivery:
         try:
             body = await open_body(self.client, obj, {"range": f"bytes={b0}-{b1 - 1}"})
         except Exception as e:
+            if isinstance(e, ObjectNotFound):
+                self.store.evict(record.key)  # no such object: keep no record of it
             fill.fail(e)
             return
         try:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,8 +46,10 @@ def http_ok(url: str) -> Callable[[], bool]:
 class ServerProcess:
     """One server subprocess: its own process group, a log file, a readiness probe.
 
-    `stop()` signals the pid we started (SIGTERM, then SIGKILL after `grace`), so a test
-    never kills anything it did not start.
+    `stop()` signals the process group of the pid we started (SIGTERM, then SIGKILL after
+    `grace`): the server and its own children (uvicorn workers), nothing else. Servers are
+    started through `setpriv --pdeathsig KILL` from the main thread, so they die with the
+    test process even when pytest itself is killed and no finaliser runs.
     """
 
     def __init__(
@@ -62,7 +66,10 @@ class ServerProcess:
         stop_signal: int = signal.SIGTERM,
     ) -> None:
         self.name = name
-        self.argv = list(argv)
+        self.argv = [str(a) for a in argv]
+        setpriv = shutil.which("setpriv")
+        if setpriv and threading.current_thread() is threading.main_thread():
+            self.argv = [setpriv, "--pdeathsig", "KILL", "--", *self.argv]
         self.log_path = Path(log_dir) / f"{name}.log"
         self.ready = ready
         self.env = {**os.environ, **(env or {})}
@@ -104,17 +111,22 @@ class ServerProcess:
             f"{self.name} not ready after {self.timeout}s:\n{self.log_text()[-4000:]}"
         )
 
+    def _signal(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)  # its own session: the group id is its pid
+
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(self.stop_signal)
+        self._signal(self.stop_signal)
         try:
-            return self.proc.wait(self.grace)
+            code = self.proc.wait(self.grace)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            return self.proc.wait(self.grace)
+            self._signal(signal.SIGKILL)
+            code = self.proc.wait(self.grace)
+        self._signal(signal.SIGKILL)  # children that outlived their parent
+        return code
 
     def log_text(self) -> str:
         try:

@@ -6,16 +6,13 @@ so the proxy's storage paths are tested against servers that check signatures.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,10 +74,6 @@ class GroupServerProcess(ServerProcess):
     `start_new_session=True` makes the started pid the group id, so signalling the group
     reaches the server's own children and nothing else. Paths in `cleanup` (sockets the
     server leaves behind) are removed once it is down.
-
-    With `pdeathsig` the server is started through `setpriv --pdeathsig KILL`, so it dies
-    with the test process even when pytest itself is killed and no finaliser runs. Only
-    from the main thread: the signal fires when the *thread* that started it ends.
     """
 
     def __init__(
@@ -89,20 +82,10 @@ class GroupServerProcess(ServerProcess):
         argv: Sequence[str],
         *,
         cleanup: Sequence[Path] = (),
-        pdeathsig: bool = True,
         **kwargs: Any,
     ) -> None:
-        argv = list(argv)
-        setpriv = shutil.which("setpriv")
-        if pdeathsig and setpriv and threading.current_thread() is threading.main_thread():
-            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         super().__init__(name, argv, **kwargs)
         self.cleanup = list(cleanup)
-
-    def _signal_group(self, sig: int) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
 
     def stop(self) -> int | None:
         proc = self.proc
@@ -110,14 +93,14 @@ class GroupServerProcess(ServerProcess):
             return None
         if proc.returncode is None:
             # Not reaped yet, so the pid (and the group id) cannot belong to anyone else.
-            self._signal_group(self.stop_signal)
+            self._signal(self.stop_signal)
             try:
                 proc.wait(self.grace)
             except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
+                self._signal(signal.SIGKILL)
                 proc.wait(self.grace)
         # Group members left behind keep the group id reserved, so this still hits only ours.
-        self._signal_group(signal.SIGKILL)
+        self._signal(signal.SIGKILL)
         # SIGKILL is asynchronous: return only once the group is really gone.
         deadline = time.monotonic() + self.grace
         while group_members(proc.pid) and time.monotonic() < deadline:
