@@ -339,7 +339,7 @@ http {{
 def make_servers(work: Path, tools: dict[str, str]) -> dict[str, Server]:
     """nginx, the demo upstream and the proxy, configured but not started."""
     logs = work / "logs"
-    ports = {name: free_port() for name in SERVERS}
+    ports = {name: free_port() for name in (*SERVERS, "lean")}
     conf = nginx_conf(work, ports["nginx"])
     (work / "fdp.yaml").write_text(
         f"cache: {{store: {work}/cache, block_size: 4MiB}}\n"
@@ -378,6 +378,21 @@ def make_servers(work: Path, tools: dict[str, str]) -> dict[str, Server]:
             logs / "proxy.log",
             work,
             env={"FDP_LOG_LEVEL": "WARNING"},  # nginx runs with access_log off too
+        ),
+        "lean": Server(
+            "lean",
+            [
+                *(str(BIN / "uvicorn"), "bench.lean_asgi:app", "--no-access-log"),
+                *("--log-level", "warning", "--port", str(ports["lean"])),
+            ],
+            ports["lean"],
+            "/big/big.bin",
+            logs / "lean.log",
+            work,
+            env={
+                "FDP_LEAN_FILE": str(work / "data" / "big" / "big.bin"),
+                "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            },
         ),
     }
 
@@ -632,9 +647,16 @@ def _met(ok: bool) -> str:
 
 
 def dir_size(path: Path) -> tuple[int, int]:
-    """(files, bytes) under a folder."""
-    files = [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
-    return len(files), sum(p.stat().st_size for p in files)
+    """(files, bytes) under a folder; fills in progress may vanish while we count."""
+    count = size = 0
+    for p in path.rglob("*") if path.exists() else []:
+        try:
+            if p.is_file():
+                size += p.stat().st_size
+                count += 1
+        except FileNotFoundError:
+            continue
+    return count, size
 
 
 @dataclass
@@ -723,6 +745,16 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
             + " | ".join(f"{r[k].non_2xx} / {r[k].socket_errors}" for k in (ng, px, up))
             + " | | |"
         )
+        if "lean" in r:
+            lean = r["lean"]
+            lines += [
+                "",
+                f"Ceiling for Python here: a minimal ASGI file server on the same uvicorn "
+                f"(`bench/lean_asgi.py`: held fd, `os.pread`, no framework) did "
+                f"{lean.rps:.0f} req/s, p99 {lean.p99_ms:.2f} ms = "
+                f"{_ratio(lean.rps, r[ng].rps)} nginx; the proxy reached "
+                f"{_ratio(r[px].rps, lean.rps)} of it.",
+            ]
     if s:
         lines += [
             "",
@@ -811,11 +843,11 @@ def run(args: argparse.Namespace) -> int:
             p.chmod(0o644)
 
         servers = make_servers(work, tools)
-        for name in ("nginx", "upstream", "proxy"):
+        for name in ("nginx", "upstream", "proxy", "lean"):
             ready = "/healthz" if name == "proxy" else "/"
             servers[name].start(ready)
             log(f"{name} on 127.0.0.1:{servers[name].port} (pid {servers[name].proc.pid})")
-        for name in SERVERS:
+        for name in (*SERVERS, "lean"):
             probe(servers[name], big, size)
         log("probes ok: 200 + Content-Length + bytes, 206 + Content-Range + bytes, everywhere")
 
@@ -827,6 +859,7 @@ def run(args: argparse.Namespace) -> int:
         if warm.status != 200 or warm.size != size:
             raise BenchError(f"warm-up GET: got {warm.status} with {warm.size} of {size} bytes")
         res.warm_gbps = warm.gbps
+        time.sleep(2)  # let the last blocks' commits land before measuring
         res.cache_after_warm = dir_size(work / "cache")
 
         pids = [s.proc.pid for s in servers.values() if s.proc is not None]
@@ -837,7 +870,7 @@ def run(args: argparse.Namespace) -> int:
             res.others[f"stream {name}"] = others
 
         script = ranges_script(work, size, args.aligned)
-        for name in SERVERS:
+        for name in (*SERVERS, "lean"):
             log(f"ranges {name}: wrk for {args.duration}s")
             with others_cpu(pids) as others:
                 res.ranges[name] = run_wrk(tools["wrk"], url(name), script, args.duration)

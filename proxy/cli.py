@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -51,25 +52,35 @@ def _settings(args: argparse.Namespace, var_dir: Path) -> tuple[Settings, str, s
     return settings, source, upstream_url
 
 
-async def _serve(settings: Settings, source: str, banner: str | None) -> None:
-    app = create_app(settings, source)
-    config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
-    )
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "log_config": None,
+        # an access line per request costs as much as a cache hit: only when asked for
+        "access_log": logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO),
+        "proxy_headers": False,
+        "timeout_graceful_shutdown": 10,
+    }
+
+
+def _serve(settings: Settings, source: str, banner: str | None) -> None:
+    """Run uvicorn on its preferred loop (uvloop when installed), then print the banner."""
+    config = uvicorn.Config(create_app(settings, source), **uvicorn_options(settings))
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn has only a flag)
-        await asyncio.sleep(0.05)
-    if server.started:
-        log.info("fdp listening on %s", settings.server.public_url)
-        if banner:
-            print(banner, flush=True)
-    await task
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn: only a flag)
+            await asyncio.sleep(0.05)
+        if server.started:
+            log.info("fdp listening on %s", settings.server.public_url)
+            if banner:
+                print(banner, flush=True)
+        await task
+
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(main())
     if not server.started:
         raise SystemExit(f"fdp: could not start on {settings.server.host}:{settings.server.port}")
 
@@ -100,7 +111,7 @@ def cmd_serve(args: argparse.Namespace, demo: bool = False) -> int:
             timeout_graceful_shutdown=10,
         )
         return 0
-    asyncio.run(_serve(settings, source, text))
+    _serve(settings, source, text)
     return 0
 
 

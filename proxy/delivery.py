@@ -9,7 +9,6 @@ so an upstream error is still a proper problem response, not a broken body.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -126,6 +125,7 @@ class CacheDelivery:
         self.clock = clock
         self.fills = Fills()
         self.health = Health()
+        self._header_memo: dict[str, tuple[ObjectRecord, tuple[tuple[bytes, bytes], ...]]] = {}
 
     @property
     def usable(self) -> bool:
@@ -306,10 +306,19 @@ class CacheDelivery:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
+    def _headers(self, record: ObjectRecord) -> tuple[tuple[bytes, bytes], ...]:
+        """A record's fixed headers, memoised per object until its record changes."""
+        memo = self._header_memo.get(record.key)
+        if memo is not None and memo[0] is record:
+            return memo[1]
+        headers = self._build_headers(record)
+        if len(self._header_memo) > 65536:
+            self._header_memo.clear()
+        self._header_memo[record.key] = (record, headers)
+        return headers
+
     @staticmethod
-    @functools.lru_cache(maxsize=4096)
-    def _headers(record: ObjectRecord) -> tuple[tuple[bytes, bytes], ...]:
-        """A record's fixed headers (records are immutable, so they can be memoised)."""
+    def _build_headers(record: ObjectRecord) -> tuple[tuple[bytes, bytes], ...]:
         headers = [(b"accept-ranges", b"bytes")]
         if record.media_type:
             headers.append((b"content-type", record.media_type.encode("latin-1")))
