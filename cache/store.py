@@ -136,6 +136,11 @@ class Store:
         self._held.move_to_end(key)
         return record
 
+    def refresh(self, key: str) -> ObjectRecord | None:
+        """The record as the index has it now (another process may just have written it)."""
+        self._forget(key)
+        return self.record(key)
+
     def put_record(self, record: ObjectRecord) -> None:
         self.objects.set(record.key, asdict(record))
         self._forget(record.key)
@@ -210,11 +215,25 @@ class Store:
         source: Path,
         block_size: int,
         media_type: str | None = None,
+        etag: str | None = None,
+        last_modified: str | None = None,
+        checksum: str | None = None,
     ) -> ObjectRecord:
-        """Put a local file in the cache as if it had been fetched (harvested data)."""
+        """Put a whole local file in the cache (a retrieval, or harvested data).
+
+        Blocks go in first and the record last, so the object appears at once and whole; an
+        interruption leaves only blocks that no record points to.
+        """
         key = object_key(dataset, path)
         self.evict(key)
         size = source.stat().st_size
+        sha = hashlib.sha256()
+        nblocks = max(1, -(-size // block_size))
+        with source.open("rb") as f:
+            for index in range(nblocks):
+                data = f.read(block_size)
+                sha.update(data)
+                self.blocks.set((key, index), io.BytesIO(data), read=True, tag=key)
         now = self.clock()
         record = ObjectRecord(
             key=key,
@@ -222,23 +241,18 @@ class Store:
             path=path,
             size=size,
             block_size=block_size,
+            etag=etag or f'"{sha.hexdigest()[:32]}"',
+            last_modified=last_modified,
             media_type=media_type,
+            checksum=checksum,
+            sha256=sha.hexdigest(),
             created=now,
             accessed=now,
+            blocks=tuple(range(nblocks)),
+            verified=checksum is not None,
         )
         self.put_record(record)
-        sha = hashlib.sha256()
-        with source.open("rb") as f:
-            for index in range(record.nblocks):
-                tmp = self.tmp / f"{key}.{index}.{os.getpid()}.put"
-                data = f.read(block_size)
-                sha.update(data)
-                tmp.write_bytes(data)
-                try:
-                    self.commit_block(key, index, tmp)
-                finally:
-                    tmp.unlink(missing_ok=True)
-        return self.update(key, sha256=sha.hexdigest()) or record
+        return record
 
     def evict(self, key: str) -> int:
         """Remove an object and its blocks; returns the bytes freed."""

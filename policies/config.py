@@ -141,7 +141,9 @@ class Qos(Strict):
 class AsyncPolicy(Strict):
     hold_seconds: float = Field(25.0, ge=0, le=3600)
     not_ready_status: Literal[202, 503] = 202
-    retry_after: PositiveInt = 10
+    retry_after: PositiveInt = 10  # the first Retry-After estimate, before any job has run
+    max_attempts: int = Field(3, ge=1, le=20)  # tries of one retrieval before it fails
+    background_above: ByteSize | None = None  # objects larger than this are retrieved as jobs
 
 
 class Dataset(Strict):

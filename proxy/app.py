@@ -7,10 +7,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,11 +23,13 @@ from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import load_settings
 from proxy import stac
-from proxy.assets import Assets
+from proxy.assets import ANONYMOUS, Assets
 from proxy.delivery import CacheDelivery
 from proxy.problems import exception_handlers
-from proxy.registry import Registry
 from upstreams.http import make_client
+from upstreams.registry import Registry
+from workers.jobs import SUCCEEDED
+from workers.queue import make_queue
 
 log = logging.getLogger("fdp.proxy")
 FLUSH_SECONDS = 5.0
@@ -57,6 +61,20 @@ async def readyz(request: Request) -> Response:
     }
     checks = {"datasets": {"ok": True, "count": len(registry.entries)}, "cache": cache}
     return JSONResponse({"status": "ready", "checks": checks})
+
+
+async def job_status(request: Request) -> Response:
+    """A retrieval's state for its requester (others get 404); 303 to the data when done."""
+    queue = request.app.state.queue
+    info = queue.get(request.path_params["job_id"])
+    if info is None or ANONYMOUS not in info.owners:
+        raise HTTPException(404, "no such job")
+    if info.state == SUCCEEDED:
+        location = f"{request.app.state.public_url}/assets/{info.dataset}/{quote(info.path)}"
+        return Response(
+            status_code=303, headers={"location": location, "cache-control": "no-store"}
+        )
+    return JSONResponse(info.public(), headers={"cache-control": "no-store"})
 
 
 def retention_rules(settings: Settings) -> dict[str, Rule]:
@@ -121,12 +139,14 @@ def create_app(
                 delivery.health.failed("opening the cache", Exception(store_error))
             app.state.delivery = assets.delivery = delivery
             assets.client = client
+            await queue.start()
             if store is not None:
                 tg.start_soon(housekeeping, delivery)
             try:
                 yield
             finally:
                 tg.cancel_scope.cancel()
+                await queue.close()
                 await delivery.fills.drain()
                 if store is not None:
                     store.close()
@@ -136,6 +156,7 @@ def create_app(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/jobs/{job_id}", job_status),
             *stac.routes,
         ],
         exception_handlers=exception_handlers(),
@@ -144,7 +165,12 @@ def create_app(
     starlette.state.settings = settings
     starlette.state.registry = registry
     starlette.state.store = store
-    assets = Assets(registry)
+    public_url = str(settings.server.public_url).rstrip("/")
+    starlette.state.public_url = public_url
+    queue = make_queue(settings)
+    starlette.state.queue = queue
+    assets = Assets(registry, public_url)
+    assets.queue = queue
     return App(starlette, assets)
 
 

@@ -15,15 +15,21 @@ from starlette.types import Message, Receive, Scope, Send
 from werkzeug.http import parse_range_header
 
 from cache.fill import CacheWriteFailed
+from cache.store import object_key
 from proxy.delivery import Asked, CacheDelivery
 from proxy.problems import MalformedRange, ProxyError, error_response
-from proxy.registry import Entry, Registry
+from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
 from upstreams.base import UpstreamObject, UpstreamUnavailable
 from upstreams.http import FORWARD_HEADERS, Body, head, open_body
+from upstreams.registry import Entry, Registry
+from workers.jobs import SUCCEEDED
+from workers.queue import JobQueue
 
 log = logging.getLogger("fdp.proxy")
 
-_WANTED = {b"range", b"if-none-match", b"if-range", b"if-modified-since"}
+_WANTED = {b"range", b"if-none-match", b"if-range", b"if-modified-since", b"prefer"}
+#: Who asked, until authentication lands: everyone is the same anonymous user.
+ANONYMOUS = "anonymous"
 
 
 class MethodNotAllowed(ProxyError):
@@ -37,10 +43,14 @@ def caches(entry: Entry) -> bool:
 
 
 class Assets:
-    def __init__(self, registry: Registry, delivery: CacheDelivery | None = None) -> None:
+    def __init__(self, registry: Registry, public_url: str) -> None:
         self.registry = registry
-        self.delivery = delivery
-        self.client: httpx.AsyncClient | None = None  # set at startup
+        self.public_url = public_url.rstrip("/")
+        # set at startup
+        self.delivery: CacheDelivery | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.queue: JobQueue | None = None
+        self.durations = Durations()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -70,6 +80,14 @@ class Assets:
                 headers.get("if-range"),
             )
             delivery = self.delivery
+            if (
+                self.queue is not None
+                and delivery is not None
+                and delivery.usable
+                and is_slow(entry.policy, obj)
+            ):
+                await self.slow(asked, headers.get("prefer"), entry, rel, obj, tracked)
+                return
             if delivery is not None and delivery.usable and caches(entry):
                 try:
                     await delivery.serve(asked, dataset, rel, obj, tracked)
@@ -87,6 +105,45 @@ class Assets:
                 )
                 return
             await error_response(exc, path)(scope, receive, send)
+
+    async def slow(
+        self,
+        asked: Asked,
+        prefer: str | None,
+        entry: Entry,
+        rel: str,
+        obj: UpstreamObject,
+        send: Send,
+    ) -> None:
+        """Serve what is cached; otherwise queue the retrieval and hold, or say when to retry."""
+        delivery, queue = self.delivery, self.queue
+        assert delivery is not None and delivery.store is not None and queue is not None
+        policy = entry.policy
+        key = object_key(entry.name, rel)
+        record = delivery.store.record(key)
+        if record is not None and record.complete:
+            await delivery.serve(asked, entry.name, rel, obj, send)
+            return
+        if asked.method == "HEAD":  # at once, with the catalogue's size where there is one
+            assert self.client is not None
+            await head_response(self.client, obj, send)
+            return
+        info = queue.submit(entry.name, rel, ANONYMOUS, policy.async_.max_attempts)
+        respond_async, wait = parse_prefer(prefer)
+        if not respond_async:
+            seconds = (
+                policy.async_.hold_seconds
+                if wait is None
+                else min(wait, policy.async_.hold_seconds)
+            )
+            info = await hold(queue, self.durations, info, seconds)
+            if info.state == SUCCEEDED:
+                delivery.store.refresh(key)
+                await delivery.serve(asked, entry.name, rel, obj, send)
+                return
+        status = 202 if respond_async else policy.async_.not_ready_status
+        retry_after = self.durations.retry_after(info, policy)
+        await not_ready(send, status, info, retry_after, self.public_url, respond_async)
 
     async def passthrough(
         self,

@@ -18,7 +18,7 @@ from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import ConfigError, load_settings
 from proxy.app import configure_logging, create_app, retention_rules
-from proxy.registry import Registry
+from upstreams.registry import Registry
 
 log = logging.getLogger("fdp")
 
@@ -178,6 +178,28 @@ def cmd_cache(args: argparse.Namespace) -> int:
         store.close()
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """An RQ worker for the proxy's retrieval queue; run any number, on any host."""
+    from workers.queue import run_worker
+
+    path = getattr(args, "config", None) or os.environ.get("FDP_CONFIG")
+    settings = load_settings(path)
+    if not settings.queue.redis_url:
+        raise SystemExit(
+            "fdp: fdp worker needs queue.redis_url (the embedded default runs "
+            "retrievals inside fdp serve)"
+        )
+    if path:
+        os.environ["FDP_CONFIG"] = str(Path(path).resolve())  # for the job function
+    Registry(settings).close()  # config errors surface now, not in the first job
+    run_worker(
+        settings,
+        burst=args.burst,
+        on_start=lambda: log.info("fdp worker on %s", settings.queue.redis_url),
+    )
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     print(f"ok: {len(settings.datasets)} datasets")
@@ -212,6 +234,9 @@ def parser() -> argparse.ArgumentParser:
             default=1,
             help="worker processes sharing the port and the cache (needs a config)",
         )
+    w = sub.add_parser("worker", help="run retrieval jobs from the Redis queue")
+    w.add_argument("--config", default=argparse.SUPPRESS, help="config file (YAML)")
+    w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     cache = sub.add_parser("cache", help="look into and manage the online cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     ls = cache_sub.add_parser("ls", help="cached objects: sizes, ages, hits")
@@ -243,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_serve(args, demo=True)
         elif args.command == "cache":
             code = cmd_cache(args)
+        elif args.command == "worker":
+            code = cmd_worker(args)
         else:
             code = cmd_validate(args)
     except ConfigError as e:

@@ -10,8 +10,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy.retrieval import RetrievalError
 from upstreams.base import (
     BadPath,
+    DatasetNotFound,
     ObjectNotFound,
     RangeNotSatisfiable,
     UpstreamError,
@@ -48,10 +50,6 @@ class ProxyError(Exception):
         self.headers = headers or {}
 
 
-class DatasetNotFound(ProxyError):
-    status, slug = 404, "unknown-dataset"
-
-
 class MalformedRange(ProxyError):
     status, slug = 400, "malformed-range"
 
@@ -85,6 +83,10 @@ def error_response(exc: Exception, path: str) -> Response:
     """Map one exception to its response; anything unknown is a 500 with no internals shown."""
     if isinstance(exc, ProxyError):
         return problem(exc.status, exc.detail, slug=exc.slug, instance=path, headers=exc.headers)
+    if isinstance(exc, RetrievalError):
+        return problem(502, str(exc), slug="retrieval-failed", instance=path)
+    if isinstance(exc, DatasetNotFound):
+        return problem(404, str(exc), slug="unknown-dataset", instance=path)
     if isinstance(exc, ObjectNotFound):
         return problem(404, str(exc), slug="not-found", instance=path)
     if isinstance(exc, BadPath):

@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.problems import ProxyError
-from proxy.registry import Entry, Registry
 from upstreams.base import ObjectNotFound, UpstreamUnavailable
 from upstreams.eodag import EodagResolver
+from upstreams.registry import Entry, Registry
 
 STAC_VERSION = "1.0.0"
 MAX_LIMIT = 1000

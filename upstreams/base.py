@@ -27,6 +27,10 @@ class UpstreamError(Exception):
     """Base of what an upstream can go wrong with; the proxy maps each kind to one status."""
 
 
+class DatasetNotFound(UpstreamError):
+    """No dataset of that name is configured."""
+
+
 class ObjectNotFound(UpstreamError):
     """The dataset has no such item, asset or object."""
 

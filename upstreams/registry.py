@@ -8,8 +8,7 @@ from typing import Any
 
 from policies.config import Dataset, Settings
 from policies.loader import ConfigError
-from proxy.problems import DatasetNotFound
-from upstreams.base import Resolver
+from upstreams.base import DatasetNotFound, Resolver
 from upstreams.eodag import EodagResolver, EodagWorkdir, make_gateway
 from upstreams.http import HttpResolver
 

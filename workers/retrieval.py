@@ -1,0 +1,100 @@
+"""One retrieval: bring an object from a slow upstream into the cache, whole and verified.
+
+Runs in a worker (an RQ worker process or the embedded runner's thread). The object lands in
+a temporary file first and enters the cache only once complete and verified, so a worker
+killed half-way leaves no cache entry behind, only a temporary file the janitor removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from cache.integrity import hasher_for
+from cache.store import ObjectRecord, Store
+from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
+
+log = logging.getLogger("fdp.workers")
+
+Progress = Callable[[int, int | None], None]
+
+
+class RetrievalFailed(Exception):
+    """A retrieval that cannot succeed as things stand; the text is safe to show users."""
+
+
+@dataclass(frozen=True)
+class Target:
+    dataset: str
+    path: str
+    block_size: int
+
+
+def fetch_into_cache(
+    store: Store,
+    target: Target,
+    obj: UpstreamObject,
+    progress: Progress,
+    client: httpx.Client,
+) -> ObjectRecord:
+    """Download the whole object to a temporary file, verify it, then ingest it."""
+    tmp = store.tmp / f"job-{os.getpid()}-{time.monotonic_ns()}.part"
+    sha = hashlib.sha256()
+    check = hasher_for(obj.checksum)
+    done = 0
+    try:
+        with client.stream("GET", obj.href, headers=obj.headers) as r:
+            if r.status_code in (404, 410):
+                raise ObjectNotFound(f"upstream answered {r.status_code}")
+            if r.status_code >= 400:
+                raise UpstreamUnavailable(f"upstream answered {r.status_code}", r.status_code)
+            total = obj.size or int(r.headers.get("content-length") or 0) or None
+            progress(0, total)
+            with tmp.open("wb") as f:
+                for chunk in r.iter_raw(1 << 20):
+                    f.write(chunk)
+                    sha.update(chunk)
+                    if check is not None:
+                        check[0].update(chunk)
+                    done += len(chunk)
+                    progress(done, total)
+            etag, last_modified = r.headers.get("etag"), r.headers.get("last-modified")
+            media_type = obj.media_type or r.headers.get("content-type")
+        if total is not None and done != total:
+            raise RetrievalFailed(f"upstream sent {done} of {total} bytes")
+        if check is not None and check[0].hexdigest() != check[1]:
+            raise RetrievalFailed("the retrieved bytes do not match the catalogue checksum")
+        record = store.ingest(
+            target.dataset,
+            target.path,
+            tmp,
+            target.block_size,
+            media_type,
+            etag=etag,
+            last_modified=last_modified,
+            checksum=obj.checksum,
+        )
+        log.info("retrieved %s/%s: %d bytes", target.dataset, target.path, done)
+        return record
+    except httpx.HTTPError as e:
+        raise UpstreamUnavailable(f"upstream failed ({type(e).__name__})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def clean_stale(store: Store, older_than: float = 3600.0) -> None:
+    """Remove temporary files left by killed workers or fills."""
+    cutoff = time.time() - older_than
+    for path in Path(store.tmp).glob("*.part"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except FileNotFoundError:
+            continue
