@@ -55,7 +55,7 @@ def backend(request, redis_url, tmp_path):
 
 
 def start(start_proxy, upstream, tmp_path, backend, **async_policy):
-    name, redis, worker = backend
+    _, redis, worker = backend
     if redis:
         # a fresh Redis db per test: the job ids repeat across tests
         redis = f"{redis.rsplit('/', 1)[0]}/{int(time.time() * 1000) % 15 + 1}"

@@ -227,9 +227,11 @@ class RQQueue:
         jid = job_id(dataset, path)
         with contextlib.suppress(NoSuchJobError):
             job = Job.fetch(jid, connection=self.redis)
-            if job.get_status() in ("finished", "failed", "stopped", "canceled"):
+            status = job.get_status()
+            if getattr(status, "value", status) in ("finished", "failed", "stopped", "canceled"):
                 job.delete()  # a new attempt for an object the cache does not hold
-        retry = Retry(max=max_attempts - 1, interval=list(BACKOFF)) if max_attempts > 1 else None
+        retries = max_attempts - 1  # RQ counts intervals from the end of the list
+        retry = Retry(max=retries, interval=list(BACKOFF[:retries])) if retries else None
         try:
             self.queue.enqueue(
                 run_job,
@@ -261,7 +263,8 @@ class RQQueue:
             job = Job.fetch(jid, connection=self.redis)
         except NoSuchJobError:
             return None
-        status = str(job.get_status())
+        status = job.get_status()
+        status = getattr(status, "value", status)
         state = {
             "queued": QUEUED,
             "scheduled": QUEUED,
