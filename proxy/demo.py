@@ -27,9 +27,30 @@ def providers_yaml(upstream_url: str) -> str:
                 "asset_key_from_href": False,
                 "discover_collections": {"fetch_url": None},
                 "discover_queryables": {"fetch_url": None, "collection_fetch_url": None},
+                # keep the provider's order state (EODAG's STAC mapping says "succeeded")
+                "metadata_mapping": {
+                    "order:status": '{$.properties."order:status"#replace_str('
+                    '"Not Available","succeeded")}',
+                    "eodag:order_link": '$.properties."eodag:order_link"',
+                    "eodag:status_link": '$.properties."eodag:status_link"',
+                },
             },
             "products": {"GENERIC_COLLECTION": {"_collection": "{collection}"}},
-            "download": {"type": "HTTPDownload"},
+            "download": {
+                "type": "HTTPDownload",
+                "order_enabled": True,
+                "order_method": "POST",
+                "order_status": {
+                    "request": {"method": "GET"},
+                    "metadata_mapping": {
+                        "eodag:order_status": "$.json.status",
+                        "eodag:order_id": "$.json.id",
+                        "eodag:retry_after": '$.headers."Retry-After"',
+                    },
+                    "success": {"eodag:order_status": "succeeded"},
+                    "error": {"eodag:order_status": "failed"},
+                },
+            },
         }
     }
     return yaml.safe_dump(conf, sort_keys=False)

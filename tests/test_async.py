@@ -29,6 +29,10 @@ def archive_config(upstream_url, work, redis_url=None, **async_policy):
                 "archive": True,
                 "async": async_policy,
             },
+            "orderable": {
+                "upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-orderable"}},
+                "async": async_policy,
+            },
         },
     }
 
@@ -197,3 +201,74 @@ def test_many_requests_on_two_replicas_make_one_retrieval(
     for n, r in enumerate(results):
         assert r.status_code == 206 and r.content == data[n : n + 100]
     assert len([e for e in upstream.data_requests() if e["method"] == "GET"]) == 1
+
+
+def test_a_worker_killed_mid_job_leaves_nothing_and_another_takes_over(
+    start_proxy, upstream, redis_url, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+
+    redis = f"{redis_url.rsplit('/', 1)[0]}/14"
+    import redis as redis_lib
+
+    redis_lib.Redis.from_url(redis).flushdb()
+    config = archive_config(upstream.url, tmp_path, redis)
+    proxy = start_proxy(config)
+    first = ServerProcess(
+        "worker-a",
+        [BIN / "fdp", "worker", "--config", proxy.config],
+        log_dir=tmp_path,
+        ready=lambda: True,
+    ).start()
+    url = f"{proxy.url}/assets/archive/archived-b/visual"
+    job = httpx.get(url, headers={"Prefer": "respond-async"}).headers["location"]
+    deadline = time.monotonic() + 20
+    while not [e for e in upstream.data_requests() if e["method"] == "GET"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert httpx.get(job).json()["state"] == "running"
+    os.killpg(first.pid, signal.SIGKILL)  # mid-download: the archive takes 5 s to answer
+    first.proc.wait(5)
+    ls = subprocess.run(
+        [BIN / "fdp", "cache", "ls", "--config", proxy.config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "archived-b/visual" not in ls.stdout  # no partial entry
+    with ServerProcess(
+        "worker-b",
+        [BIN / "fdp", "worker", "--config", proxy.config],
+        log_dir=tmp_path,
+        ready=lambda: True,
+    ):
+        deadline = time.monotonic() + 40
+        while (status := httpx.get(job)).status_code != 303:
+            assert status.json()["state"] in ("queued", "running"), status.text
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    r = httpx.get(url)
+    assert r.status_code == 200 and r.content == source(upstream, "archived-b/visual.tif")
+    assert len([e for e in upstream.data_requests() if e["method"] == "GET"]) == 2
+
+
+def test_eodag_orderable_item_full_cycle(start_proxy, upstream, tmp_path, backend):
+    """order -> poll (honouring Retry-After) -> download, through EODAG's downloader."""
+    proxy = start(start_proxy, upstream, tmp_path, backend)
+    url = f"{proxy.url}/assets/orderable/offline-a/visual"
+    head = httpx.head(url)  # at once, from the catalogue
+    assert head.status_code == 200
+    want = upstream.file("demo-orderable/offline-a/visual.tif")
+    assert int(head.headers["content-length"]) == len(want)
+    r = httpx.get(url, headers={"Range": "bytes=0-1023"}, timeout=60)  # held ~3 s
+    assert r.status_code == 206 and r.content == want[:1024]
+    log = upstream.log("/orders/")
+    assert [e["method"] for e in log][0] == "POST"
+    assert [e["method"] for e in log].count("POST") == 1
+    assert [e["method"] for e in log].count("GET") >= 1
+    gets = [e for e in upstream.data_requests() if e["method"] == "GET"]
+    assert len(gets) == 1  # downloaded once the order succeeded, never before
+    order_post = next(e["time"] for e in log if e["method"] == "POST")
+    assert gets[0]["time"] - order_post >= 2.5  # waited for the order's 3 s

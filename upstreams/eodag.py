@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable, 
 #: How long a resolved item (or a miss) is trusted before EODAG is asked again.
 ITEM_TTL = 300.0
 MISS_TTL = 30.0
+#: How long an order may take before the retrieval counts as failed.
+ORDER_TIMEOUT = 6 * 3600.0
 
 
 def make_gateway(providers_file: Path | None, workdir: Path) -> Any:
@@ -119,22 +122,74 @@ class EodagResolver:
         except Exception as e:  # EODAG raises many kinds; all mean "provider failed"
             raise UpstreamUnavailable(f"EODAG search failed ({type(e).__name__})") from None
         product = next((p for p in results if p.properties.get("id") == item_id), None)
-        if product is None:
-            return None
-        online = product.properties.get("order:status") in (None, "succeeded")
-        out = {}
-        for key, asset in product.assets.items():
-            href = asset.get("href")
-            if not href:
-                continue
-            options = product.get_storage_options(key)
-            headers = options.get("headers") or {}
-            out[key] = UpstreamObject(
-                href=options.get("path") or href,
-                size=asset.get("file:size"),
-                media_type=asset.get("type"),
-                checksum=asset.get("file:checksum"),
-                headers={str(k): str(v) for k, v in headers.items()},
-                online=online,
+        return None if product is None else _objects(product)
+
+    def order(self, path: str, progress: Callable[[int, int | None], None]) -> UpstreamObject:
+        """Order an offline product with EODAG's downloader; poll until online. Blocking.
+
+        One `order()` call places the order (once) and checks its status; we poll with
+        backoff, honouring the provider's Retry-After, and give up after ORDER_TIMEOUT.
+        """
+        from eodag.utils.exceptions import EodagError
+        from requests import RequestException
+
+        item_id, asset_key = _split(path)
+        try:
+            results = self.gateway.search(
+                id=item_id, collection=self.collection, provider=self.provider, raise_errors=True
             )
-        return out
+        except Exception as e:  # EODAG raises many kinds; all mean "provider failed"
+            raise UpstreamUnavailable(f"EODAG search failed ({type(e).__name__})") from None
+        product = next((p for p in results if p.properties.get("id") == item_id), None)
+        if product is None:
+            raise ObjectNotFound(f"no item {item_id!r} in {self.collection}")
+        props = product.properties
+        auth = product.downloader_auth.authenticate() if product.downloader_auth else None
+        deadline, delay = time.monotonic() + ORDER_TIMEOUT, 1.0
+        while props.get("order:status") != "succeeded":
+            props.pop("eodag:retry_after", None)
+            try:
+                product.downloader.order(product, auth=auth, wait=0, timeout=0)
+            except (EodagError, RequestException) as e:
+                # EODAG marks the product ordered before it POSTs: undo, so a retry orders
+                props["order:status"] = "orderable"
+                props.pop("eodag:order_status", None)
+                raise UpstreamUnavailable(f"ordering failed ({type(e).__name__})") from None
+            if props.get("order:status") == "succeeded":
+                break
+            if props.get("eodag:order_status") == "orderable":  # the order did not take
+                props["order:status"] = "orderable"
+                props.pop("eodag:order_status", None)
+            if time.monotonic() > deadline:
+                raise UpstreamUnavailable(f"order not ready after {ORDER_TIMEOUT:.0f} s")
+            hint = props.get("eodag:retry_after")
+            pause = float(hint) if str(hint or "").isdigit() else delay
+            time.sleep(min(max(pause, 0.5), 300.0))
+            delay = min(delay * 2, 60.0)
+        self._items.pop(item_id, None)  # its order status changed
+        objects = _objects(product)
+        if asset_key not in objects:
+            raise ObjectNotFound(f"item {item_id!r} has no asset {asset_key!r}")
+        return objects[asset_key]
+
+
+def _objects(product: Any) -> dict[str, UpstreamObject]:
+    """An EOProduct's assets as upstream objects (with the provider's auth headers)."""
+    online = product.properties.get("order:status") in (None, "succeeded")
+    out = {}
+    for key, asset in product.assets.items():
+        href = asset.get("href")
+        if not href:
+            continue
+        # for an offline product EODAG's storage options would place the order (and wait)
+        options = product.get_storage_options(key) if online else {}
+        headers = options.get("headers") or {}
+        out[key] = UpstreamObject(
+            href=options.get("path") or href,
+            size=asset.get("file:size"),
+            media_type=asset.get("type"),
+            checksum=asset.get("file:checksum"),
+            headers={str(k): str(v) for k, v in headers.items()},
+            online=online,
+        )
+    return out

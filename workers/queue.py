@@ -34,6 +34,9 @@ log = logging.getLogger("fdp.workers")
 
 CHANNEL = "fdp:jobs:done"
 QUEUE_NAME = "fdp-retrieval"
+#: A running job's lease: its worker renews it; a job whose lease lapsed lost its worker.
+LEASE_KEY = "fdp:lease:{}"
+LEASE_SECONDS = 10
 BACKOFF = (2.0, 5.0, 15.0, 30.0, 60.0)
 
 
@@ -183,6 +186,18 @@ def run_job(dataset: str, path: str) -> None:
     job.meta["attempts"] = job.meta.get("attempts", 0) + 1
     job.save_meta()
     last = 0.0
+    stop = threading.Event()
+
+    def renew() -> None:
+        key = LEASE_KEY.format(job.id)
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # Redis blips: the next renewal may work
+                job.connection.set(key, "1", ex=LEASE_SECONDS)
+            stop.wait(LEASE_SECONDS / 3)
+        with contextlib.suppress(Exception):
+            job.connection.delete(key)
+
+    threading.Thread(target=renew, name=f"lease-{job.id}", daemon=True).start()
 
     def progress(done: int, total: int | None) -> None:
         nonlocal last
@@ -195,12 +210,14 @@ def run_job(dataset: str, path: str) -> None:
     try:
         retrieve(_worker_context, dataset, path, progress)
     except Exception as e:
+        stop.set()
         job.meta["error"] = describe(e)
         job.save_meta()
         retries_left = job.retries_left or 0
         if retries_left == 0:
             job.connection.publish(CHANNEL, job.id)  # final failure: wake the waiters
         raise RuntimeError(job.meta["error"]) from None
+    stop.set()
     job.meta["error"] = None
     job.save_meta()
     job.connection.publish(CHANNEL, job.id)
@@ -265,6 +282,8 @@ class RQQueue:
             return None
         status = job.get_status()
         status = getattr(status, "value", status)
+        if status == "started" and self._abandoned(job):
+            return self._restart(job)
         state = {
             "queued": QUEUED,
             "scheduled": QUEUED,
@@ -291,6 +310,36 @@ class RQQueue:
             finished=job.ended_at.timestamp() if job.ended_at else None,
             position=job.get_position() if state == QUEUED else None,
         )
+
+    def _abandoned(self, job: Any) -> bool:
+        """Started, but its worker stopped renewing the lease (killed, host lost)."""
+        started = job.started_at.timestamp() if job.started_at else time.time()
+        return time.time() - started > LEASE_SECONDS and not self.redis.exists(
+            LEASE_KEY.format(job.id)
+        )
+
+    def _restart(self, job: Any) -> JobInfo | None:
+        """Give an abandoned job to another worker: same id, attempts counted on."""
+        from rq.exceptions import DuplicateJobError
+
+        meta = job.get_meta()
+        log.warning("job %s lost its worker; queueing it again", job.id)
+        with self.redis.lock(f"fdp:restart:{job.id}", timeout=10):
+            if self.redis.exists(LEASE_KEY.format(job.id)):
+                return self.get(job.id)
+            job.delete()
+            with contextlib.suppress(DuplicateJobError):  # another replica was quicker
+                self.queue.enqueue(
+                    run_job,
+                    *job.args,
+                    job_id=job.id,
+                    unique=True,
+                    result_ttl=FINISHED_TTL,
+                    failure_ttl=FINISHED_TTL,
+                    job_timeout=3600,
+                    meta=meta,
+                )
+        return self.get(job.id)
 
     async def wait(self, jid: str, seconds: float) -> JobInfo | None:
         info = self.get(jid)
