@@ -271,3 +271,25 @@ def test_eodag_orderable_item_full_cycle(start_proxy, upstream, tmp_path, backen
     assert len(gets) == 1  # downloaded once the order succeeded, never before
     order_post = next(e["time"] for e in log if e["method"] == "POST")
     assert gets[0]["time"] - order_post >= 2.5  # waited for the order's 3 s
+
+
+def test_large_objects_go_to_a_job_when_the_policy_says_so(start_proxy, upstream, tmp_path):
+    (tmp_path / "providers.yml").write_text(providers_yaml(upstream.url))
+    config = {
+        "cache": {"store": str(tmp_path / "cache")},
+        "eodag": {"providers_file": str(tmp_path / "providers.yml")},
+        "datasets": {
+            "scenes": {
+                "upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}},
+                "async": {"background_above": "1MiB"},  # visual ~3.5 MiB, B04 ~0.6 MiB
+            },
+        },
+    }
+    proxy = start_proxy(config)
+    big = httpx.get(
+        f"{proxy.url}/assets/scenes/scene-a/visual", headers={"Prefer": "respond-async"}
+    )
+    assert big.status_code == 202 and "/jobs/" in big.headers["location"]
+    small = httpx.get(f"{proxy.url}/assets/scenes/scene-a/B04", headers={"Prefer": "respond-async"})
+    assert small.status_code == 200  # under the threshold: served on the request
+    assert small.content == upstream.file("demo-cogs/scene-a/B04.tif")
