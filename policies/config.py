@@ -48,6 +48,7 @@ class AuthConfig(Strict):
     audience: str = "fdp"
     groups_claim: str = "groups"
     admin_group: str = "fdp-admins"
+    jwks_refetch_seconds: float = Field(10.0, ge=0)  # at most one key refetch per interval
 
 
 class EodagConfig(Strict):
@@ -166,6 +167,16 @@ class Settings(Strict):
     auth: AuthConfig = AuthConfig()
     eodag: EodagConfig = EodagConfig()
     datasets: dict[Annotated[str, Field(pattern=DATASET_NAME)], Dataset] = {}
+
+    @model_validator(mode="after")
+    def _auth_for_protected(self) -> Settings:
+        if self.auth.oidc_issuer is None:
+            closed = [n for n, d in self.datasets.items() if not d.access.public]
+            if closed:
+                raise ValueError(
+                    f"datasets.{closed[0]}.access is not public: it needs auth.oidc_issuer"
+                )
+        return self
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)

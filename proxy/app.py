@@ -23,9 +23,10 @@ from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import load_settings
 from proxy import stac
-from proxy.assets import ANONYMOUS, Assets
+from proxy.assets import Assets
+from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.delivery import CacheDelivery
-from proxy.problems import exception_handlers
+from proxy.problems import ProxyError, error_response, exception_handlers
 from upstreams.http import make_client
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
@@ -66,8 +67,9 @@ async def readyz(request: Request) -> Response:
 async def job_status(request: Request) -> Response:
     """A retrieval's state for its requester (others get 404); 303 to the data when done."""
     queue = request.app.state.queue
+    who = await identity(request)
     info = queue.get(request.path_params["job_id"])
-    if info is None or ANONYMOUS not in info.owners:
+    if info is None or not (who.admin or who.owner in info.owners):
         raise HTTPException(404, "no such job")
     if info.state == SUCCEEDED:
         location = f"{request.app.state.public_url}/assets/{info.dataset}/{quote(info.path)}"
@@ -103,8 +105,24 @@ class App:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/assets/"):
             await self.assets(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"].startswith("/admin"):
+            await self.admin_gate(scope, receive, send)
         else:
             await self.starlette(scope, receive, send)
+
+    async def admin_gate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Everything under /admin needs a token of the admin group."""
+        auth = dict(scope["headers"]).get(b"authorization")
+        try:
+            who = await self.assets.identify(auth.decode("latin-1") if auth else None)
+            if who.subject is None:
+                raise Unauthorized("the admin API needs a bearer token", invalid=False)
+            if not who.admin:
+                raise Forbidden("the admin API is for the admin group only")
+        except ProxyError as e:
+            await error_response(e, scope["path"])(scope, receive, send)
+            return
+        await self.starlette(scope, receive, send)
 
 
 def create_app(
@@ -139,6 +157,8 @@ def create_app(
                 delivery.health.failed("opening the cache", Exception(store_error))
             app.state.delivery = assets.delivery = delivery
             assets.client = client
+            if settings.auth.oidc_issuer is not None:
+                assets.auth = Authenticator(settings.auth, client)
             await queue.start()
             if store is not None:
                 tg.start_soon(housekeeping, delivery)
@@ -171,6 +191,7 @@ def create_app(
     starlette.state.queue = queue
     assets = Assets(registry, public_url)
     assets.queue = queue
+    starlette.state.identify = assets.identify
     return App(starlette, assets)
 
 

@@ -8,6 +8,7 @@ pipeline's stages are plain awaits, so authentication and QoS slot in before del
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import anyio
 import httpx
@@ -16,6 +17,7 @@ from werkzeug.http import parse_range_header
 
 from cache.fill import CacheWriteFailed
 from cache.store import object_key
+from proxy.auth import ANONYMOUS, Authenticator, Identity, Unauthorized, check
 from proxy.delivery import Asked, CacheDelivery
 from proxy.problems import MalformedRange, ProxyError, error_response
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
@@ -27,9 +29,14 @@ from workers.queue import JobQueue
 
 log = logging.getLogger("fdp.proxy")
 
-_WANTED = {b"range", b"if-none-match", b"if-range", b"if-modified-since", b"prefer"}
-#: Who asked, until authentication lands: everyone is the same anonymous user.
-ANONYMOUS = "anonymous"
+_WANTED = {
+    b"range",
+    b"if-none-match",
+    b"if-range",
+    b"if-modified-since",
+    b"prefer",
+    b"authorization",
+}
 
 
 class MethodNotAllowed(ProxyError):
@@ -50,7 +57,15 @@ class Assets:
         self.delivery: CacheDelivery | None = None
         self.client: httpx.AsyncClient | None = None
         self.queue: JobQueue | None = None
+        self.auth: Authenticator | None = None
         self.durations = Durations()
+
+    async def identify(self, authorization: str | None) -> Identity:
+        if self.auth is None:
+            if authorization is not None:
+                raise Unauthorized("this server accepts no tokens (no OIDC issuer configured)")
+            return ANONYMOUS
+        return await self.auth.identify(authorization)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -66,12 +81,17 @@ class Assets:
                 raise MethodNotAllowed("use GET or HEAD", headers={"allow": "GET, HEAD"})
             dataset, _, rel = path[len("/assets/") :].partition("/")
             entry = self.registry.get(dataset)
-            obj = await entry.resolver.resolve(rel)
             headers = {
                 k.decode("latin-1"): v.decode("latin-1")
                 for k, v in scope["headers"]
                 if k in _WANTED
             }
+            authorization = headers.pop("authorization", None)
+            who = await self.identify(authorization)
+            check(entry.policy.access, who)
+            obj = await entry.resolver.resolve(rel)
+            if entry.policy.forward_token and authorization:  # the provider trusts our IdP
+                obj = replace(obj, headers={**obj.headers, "authorization": authorization})
             asked = Asked(
                 scope["method"],
                 path,
@@ -86,7 +106,7 @@ class Assets:
                 and delivery.usable
                 and is_slow(entry.policy, obj)
             ):
-                await self.slow(asked, headers.get("prefer"), entry, rel, obj, tracked)
+                await self.slow(asked, headers.get("prefer"), entry, rel, obj, who, tracked)
                 return
             if delivery is not None and delivery.usable and caches(entry):
                 try:
@@ -113,6 +133,7 @@ class Assets:
         entry: Entry,
         rel: str,
         obj: UpstreamObject,
+        who: Identity,
         send: Send,
     ) -> None:
         """Serve what is cached; otherwise queue the retrieval and hold, or say when to retry."""
@@ -128,7 +149,7 @@ class Assets:
             assert self.client is not None
             await head_response(self.client, obj, send)
             return
-        info = queue.submit(entry.name, rel, ANONYMOUS, policy.async_.max_attempts)
+        info = queue.submit(entry.name, rel, who.owner, policy.async_.max_attempts)
         respond_async, wait = parse_prefer(prefer)
         if not respond_async:
             seconds = (

@@ -16,8 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.auth import allowed
 from proxy.problems import ProxyError
-from upstreams.base import ObjectNotFound, UpstreamUnavailable
+from upstreams.base import DatasetNotFound, ObjectNotFound, UpstreamUnavailable
 from upstreams.eodag import EodagResolver
 from upstreams.registry import Entry, Registry
 
@@ -36,6 +37,22 @@ GEOJSON = "application/geo+json"
 
 class BadQuery(ProxyError):
     status, slug = 400, "bad-stac-query"
+
+
+async def _visible(request: Request) -> dict[str, Entry]:
+    """The datasets this caller may read: the others do not exist for them."""
+    from proxy.app import identity  # the app module owns request identity
+
+    who = await identity(request)
+    registry: Registry = request.app.state.registry
+    return {n: e for n, e in registry.entries.items() if allowed(e.policy.access, who)}
+
+
+async def _entry(request: Request, name: str) -> Entry:
+    visible = await _visible(request)
+    if name not in visible:
+        raise DatasetNotFound(f"no collection named {name!r}")
+    return visible[name]
 
 
 def _root(request: Request) -> str:
@@ -280,8 +297,7 @@ async def conformance(request: Request) -> Response:
 
 
 async def collections(request: Request) -> Response:
-    registry: Registry = request.app.state.registry
-    cols = [_collection(request, e) for e in registry.entries.values()]
+    cols = [_collection(request, e) for e in (await _visible(request)).values()]
     root = _root(request)
     return JSONResponse(
         {
@@ -295,12 +311,12 @@ async def collections(request: Request) -> Response:
 
 
 async def collection(request: Request) -> Response:
-    entry = request.app.state.registry.get(request.path_params["cid"])
+    entry = await _entry(request, request.path_params["cid"])
     return JSONResponse(_collection(request, entry))
 
 
 async def items(request: Request) -> Response:
-    entry = request.app.state.registry.get(request.path_params["cid"])
+    entry = await _entry(request, request.path_params["cid"])
     values = dict(request.query_params)
     _, cursor, limit = _page_params(values)
     features, nxt = await _page(request, entry, limit, _query(values), cursor)
@@ -309,7 +325,7 @@ async def items(request: Request) -> Response:
 
 
 async def item(request: Request) -> Response:
-    entry = request.app.state.registry.get(request.path_params["cid"])
+    entry = await _entry(request, request.path_params["cid"])
     iid = request.path_params["iid"]
     found = [f for f in (await _page(request, entry, 1, {"id": iid}, None))[0] if f["id"] == iid]
     if not found:
@@ -318,7 +334,7 @@ async def item(request: Request) -> Response:
 
 
 async def search(request: Request) -> Response:
-    registry: Registry = request.app.state.registry
+    visible = await _visible(request)
     if request.method == "POST":
         try:
             values = await request.json()
@@ -333,7 +349,11 @@ async def search(request: Request) -> Response:
                 values[key] = [v for v in values[key].split(",") if v]
     index, cursor, limit = _page_params(values)
     query = _query(values)
-    entries = [registry.get(n) for n in values.get("collections") or registry.entries]
+    names = values.get("collections") or list(visible)
+    unknown = [n for n in names if n not in visible]
+    if unknown:
+        raise DatasetNotFound(f"no collection named {unknown[0]!r}")
+    entries = [visible[n] for n in names]
     if ids := values.get("ids"):
         found = [
             f
