@@ -14,7 +14,9 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    FilePath,
     PositiveInt,
+    SecretStr,
     field_validator,
     model_validator,
 )
@@ -75,6 +77,27 @@ class S3Upstream(Strict):
     prefix: str = ""
     endpoint_url: AnyHttpUrl | None = None
     region: str | None = None
+    #: where clients reach the store, for presigned URLs (default: endpoint_url)
+    public_endpoint_url: AnyHttpUrl | None = None
+    # credentials: inline (e.g. from FDP_DATASETS__X__UPSTREAM__S3__SECRET_ACCESS_KEY), from
+    # files (*_file, e.g. Kubernetes secrets), else boto3's default chain (AWS_* variables...)
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    access_key_id_file: FilePath | None = None
+    secret_access_key_file: FilePath | None = None
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """(access key id, secret key), read from the files when given that way."""
+
+        def pick(inline: SecretStr | None, file: FilePath | None) -> str | None:
+            if file is not None:
+                return file.read_text().strip()
+            return inline.get_secret_value() if inline is not None else None
+
+        return (
+            pick(self.access_key_id, self.access_key_id_file),
+            pick(self.secret_access_key, self.secret_access_key_file),
+        )
 
 
 class FdpUpstream(Strict):
@@ -158,6 +181,13 @@ class Dataset(Strict):
     qos: Qos = Qos()
     async_: Annotated[AsyncPolicy, Field(alias="async")] = AsyncPolicy()
     forward_token: bool = False
+    presign_expires: int = Field(900, ge=1, le=7 * 86400)  # seconds a presigned URL lives
+
+    @model_validator(mode="after")
+    def _presign_needs_s3(self) -> Dataset:
+        if self.delivery == "presign" and self.upstream.s3 is None:
+            raise ValueError("delivery 'presign' needs an s3 upstream")
+        return self
 
 
 class Settings(Strict):

@@ -24,6 +24,7 @@ from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
 from upstreams.base import UpstreamObject, UpstreamUnavailable
 from upstreams.http import FORWARD_HEADERS, Body, head, open_body
 from upstreams.registry import Entry, Registry
+from upstreams.s3 import S3Resolver
 from workers.jobs import SUCCEEDED
 from workers.queue import JobQueue
 
@@ -89,8 +90,23 @@ class Assets:
             authorization = headers.pop("authorization", None)
             who = await self.identify(authorization)
             check(entry.policy.access, who)
+            policy = entry.policy
+            if (
+                isinstance(entry.resolver, S3Resolver)
+                and policy.delivery != "cache"
+                and scope["method"] == "GET"
+            ):
+                # straight to the store with a URL signed for this object. HEAD is answered
+                # here instead: a GET signature refuses HEAD, and GDAL would keep a
+                # HEAD-signed target for its range GETs (then return here without its token)
+                url = entry.resolver.presign(rel, "GET", policy.presign_expires)
+                await redirect(tracked, url)
+                return
             obj = await entry.resolver.resolve(rel)
-            if entry.policy.forward_token and authorization:  # the provider trusts our IdP
+            if policy.delivery == "redirect" and scope["method"] == "GET":
+                await redirect(tracked, obj.href)
+                return
+            if policy.forward_token and authorization:  # the provider trusts our IdP
                 obj = replace(obj, headers={**obj.headers, "authorization": authorization})
             asked = Asked(
                 scope["method"],
@@ -183,6 +199,17 @@ class Assets:
         check_range(forward)
         body = await open_body(self.client, obj, forward)
         await relay(body, path, receive, send)
+
+
+async def redirect(send: Send, location: str) -> None:
+    """307 (method and Range kept); never cached, as the target may expire."""
+    headers = [
+        (b"location", location.encode("latin-1")),
+        (b"cache-control", b"no-store"),
+        (b"content-length", b"0"),
+    ]
+    await send({"type": "http.response.start", "status": 307, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def check_range(forward: dict[str, str]) -> None:

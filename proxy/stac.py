@@ -21,6 +21,7 @@ from proxy.problems import ProxyError
 from upstreams.base import DatasetNotFound, ObjectNotFound, UpstreamUnavailable
 from upstreams.eodag import EodagResolver
 from upstreams.registry import Entry, Registry
+from upstreams.s3 import S3Resolver
 
 STAC_VERSION = "1.0.0"
 MAX_LIMIT = 1000
@@ -173,7 +174,10 @@ async def _page(
         found, nxt = await anyio.to_thread.run_sync(_eodag_search, entry, limit, query, cursor)
         items = [_rewrite(request, entry, json.loads(json.dumps(f, default=str))) for f in found]
         return items, nxt
-    objects = sorted(getattr(entry.resolver, "objects", None) or [])
+    if isinstance(entry.resolver, S3Resolver):
+        objects = sorted(await anyio.to_thread.run_sync(entry.resolver.keys))
+    else:
+        objects = sorted(getattr(entry.resolver, "objects", None) or [])
     if query.get("geom") or query.get("start") or query.get("end"):
         return [], None  # objects carry no footprint or time
     if "id" in query:

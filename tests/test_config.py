@@ -170,7 +170,7 @@ def test_unknown_eodag_provider_stops_serve_with_the_key(tmp_path, upstream_serv
         eodag: {providers_file: providers.yml}
         datasets:
           s: {upstream: {eodag: {provider: nosuch, collection: c}}}
-          t: {upstream: {s3: {bucket: b}}}
+          t: {upstream: {mirrors: [{http: {base_url: "http://x"}}]}}
         """,
     )
     r = subprocess.run(
@@ -182,4 +182,4 @@ def test_unknown_eodag_provider_stops_serve_with_the_key(tmp_path, upstream_serv
     assert r.returncode == 2
     assert "datasets.s.upstream.eodag.provider: unknown EODAG provider 'nosuch'" in r.stderr
     assert "fdp_demo" in r.stderr
-    assert "datasets.t.upstream: 's3' upstreams are not supported" in r.stderr
+    assert "datasets.t.upstream: 'mirrors' upstreams are not supported" in r.stderr

@@ -11,6 +11,7 @@ from policies.loader import ConfigError
 from upstreams.base import DatasetNotFound, Resolver
 from upstreams.eodag import EodagResolver, EodagWorkdir, make_gateway
 from upstreams.http import HttpResolver
+from upstreams.s3 import S3Resolver
 
 
 @dataclass
@@ -35,6 +36,17 @@ class Registry:
             elif up.fdp is not None:
                 base = str(up.fdp.base_url).rstrip("/")
                 resolver = HttpResolver(f"{base}/assets/{up.fdp.dataset or name}/")
+            elif up.s3 is not None:
+                key_id, secret = up.s3.credentials()
+                resolver = S3Resolver(
+                    up.s3.bucket,
+                    up.s3.prefix,
+                    str(up.s3.endpoint_url) if up.s3.endpoint_url else None,
+                    str(up.s3.public_endpoint_url) if up.s3.public_endpoint_url else None,
+                    up.s3.region,
+                    key_id,
+                    secret,
+                )
             elif up.eodag is not None:
                 gateway = self._gateway(settings)
                 if up.eodag.provider not in gateway.providers:
@@ -48,7 +60,7 @@ class Registry:
             else:
                 problems.append(
                     f"datasets.{name}.upstream: '{up.kind}' upstreams are not "
-                    "supported by this version (http, fdp and eodag are)"
+                    "supported by this version (http, fdp, s3 and eodag are)"
                 )
                 continue
             self.entries[name] = Entry(name, ds, resolver)
