@@ -41,6 +41,12 @@ def aproxy(start_proxy, upstream_server, oidc, tmp_path_factory):
                 "access": {"groups": ["eo-users", "eo-staff"]},
                 "retention": NO_CACHE,
             },
+            "trusted": {
+                "upstream": files,
+                "access": {"authenticated": True},
+                "forward_token": True,
+                "retention": NO_CACHE,
+            },
             "scoped": {
                 "upstream": files,
                 "access": {"scopes": ["read:data"]},
@@ -67,6 +73,14 @@ def test_valid_token_reads_protected_data(aproxy, oidc, upstream):
     r = get(aproxy, "members", oidc.token())
     assert r.status_code == 206 and r.content == upstream.file(B04)[:100]
     assert upstream.data_requests()[0]["authorization"] is False  # never sent upstream
+
+
+def test_token_goes_upstream_only_where_the_dataset_opts_in(aproxy, oidc, upstream):
+    token = oidc.token()
+    assert get(aproxy, "trusted", token).status_code == 206
+    assert get(aproxy, "members", token).status_code == 206
+    sent = [e["authorization"] for e in upstream.data_requests()]
+    assert sent == [True, False]
 
 
 def test_no_token_where_needed_is_401_with_a_bearer_challenge(aproxy):
@@ -138,8 +152,9 @@ def test_stac_shows_only_what_the_caller_may_read(aproxy, oidc):
         return {c["id"] for c in r.json()["collections"]}
 
     assert collections() == {"open"}
-    assert collections(oidc.token()) == {"open", "members", "vault"}
-    assert collections(oidc.token(groups=["eo-users"])) == {"open", "members", "vault", "eo"}
+    members = {"open", "members", "vault", "trusted"}
+    assert collections(oidc.token()) == members
+    assert collections(oidc.token(groups=["eo-users"])) == members | {"eo"}
     assert httpx.get(f"{aproxy.url}/stac/collections/eo").status_code == 404
     r = httpx.get(f"{aproxy.url}/stac/search", params={"collections": "eo"})
     assert r.status_code == 404
