@@ -17,7 +17,7 @@ from werkzeug.http import parse_range_header
 
 from cache.fill import CacheWriteFailed
 from cache.store import object_key
-from proxy.auth import ANONYMOUS, Authenticator, Identity, Unauthorized, check
+from proxy.auth import ANONYMOUS, Authenticator, Identity, check
 from proxy.delivery import Asked, CacheDelivery
 from proxy.problems import MalformedRange, ProxyError, error_response
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
@@ -62,9 +62,7 @@ class Assets:
         self.durations = Durations()
 
     async def identify(self, authorization: str | None) -> Identity:
-        if self.auth is None:
-            if authorization is not None:
-                raise Unauthorized("this server accepts no tokens (no OIDC issuer configured)")
+        if self.auth is None:  # no issuer: every dataset is public, tokens are ignored
             return ANONYMOUS
         return await self.auth.identify(authorization)
 
