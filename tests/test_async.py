@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,12 +10,23 @@ import httpx
 import numpy as np
 import pytest
 import rasterio
+import redis as redis_lib
 from rasterio.windows import Window
 
 from proxy.demo import providers_yaml
 from tests.harness.procs import BIN, ServerProcess
 
 ARCHIVE_DELAY = 5.0  # the demo upstream stages an archived file for this long
+
+
+_dbs = itertools.count(1)
+
+
+def fresh_redis(redis_url: str) -> str:
+    """An empty Redis database of its own (job ids repeat across tests)."""
+    url = f"{redis_url.rsplit('/', 1)[0]}/{next(_dbs) % 16}"
+    redis_lib.Redis.from_url(url).flushdb()
+    return url
 
 
 def archive_config(upstream_url, work, redis_url=None, **async_policy):
@@ -61,11 +73,7 @@ def backend(request, redis_url, tmp_path):
 def start(start_proxy, upstream, tmp_path, backend, **async_policy):
     _, redis, worker = backend
     if redis:
-        # a fresh Redis db per test: the job ids repeat across tests
-        redis = f"{redis.rsplit('/', 1)[0]}/{int(time.time() * 1000) % 15 + 1}"
-        import redis as redis_lib
-
-        redis_lib.Redis.from_url(redis).flushdb()
+        redis = fresh_redis(redis)
     config = archive_config(upstream.url, tmp_path, redis, **async_policy)
     proxy = start_proxy(config)
     if redis:
@@ -172,10 +180,7 @@ def test_a_failed_retrieval_is_a_502_and_a_later_request_tries_again(
 def test_many_requests_on_two_replicas_make_one_retrieval(
     start_proxy, upstream, redis_url, tmp_path
 ):
-    redis = f"{redis_url.rsplit('/', 1)[0]}/15"
-    import redis as redis_lib
-
-    redis_lib.Redis.from_url(redis).flushdb()
+    redis = fresh_redis(redis_url)
     config = archive_config(upstream.url, tmp_path, redis)
     first = start_proxy(config)
     second = start_proxy(dict(config))
@@ -210,10 +215,7 @@ def test_a_worker_killed_mid_job_leaves_nothing_and_another_takes_over(
     import signal
     import subprocess
 
-    redis = f"{redis_url.rsplit('/', 1)[0]}/14"
-    import redis as redis_lib
-
-    redis_lib.Redis.from_url(redis).flushdb()
+    redis = fresh_redis(redis_url)
     config = archive_config(upstream.url, tmp_path, redis)
     proxy = start_proxy(config)
     first = ServerProcess(
