@@ -49,18 +49,32 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness with details. A cache that cannot write degrades to pass-through: still ready."""
+    """Readiness with details. A cache that cannot write degrades to pass-through: still ready.
+
+    A queue that cannot be reached only affects slow datasets: also still ready.
+    """
     registry: Registry = request.app.state.registry
+    settings: Settings = request.app.state.settings
     delivery: CacheDelivery = request.app.state.delivery
     health = delivery.health
     cache = {
         "ok": delivery.store is not None and health.error is None,
-        "store": str(request.app.state.settings.cache.store),
+        "store": str(settings.cache.store),
         "error": health.error,
         "integrity_failures": health.integrity_failures,
         **health.counters,
     }
-    checks = {"datasets": {"ok": True, "count": len(registry.entries)}, "cache": cache}
+    queue_problem = await anyio.to_thread.run_sync(request.app.state.queue.problem)
+    queue = {
+        "ok": queue_problem is None,
+        "error": queue_problem,
+        "backend": "redis" if settings.queue.redis_url else "embedded",
+    }
+    checks = {
+        "datasets": {"ok": True, "count": len(registry.entries)},
+        "cache": cache,
+        "queue": queue,
+    }
     return JSONResponse({"status": "ready", "checks": checks})
 
 

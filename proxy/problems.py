@@ -20,6 +20,7 @@ from upstreams.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from workers.queue import QueueUnavailable
 
 log = logging.getLogger("fdp.proxy")
 
@@ -83,6 +84,11 @@ def error_response(exc: Exception, path: str) -> Response:
     """Map one exception to its response; anything unknown is a 500 with no internals shown."""
     if isinstance(exc, ProxyError):
         return problem(exc.status, exc.detail, slug=exc.slug, instance=path, headers=exc.headers)
+    if isinstance(exc, QueueUnavailable):
+        log.error("%s", exc)
+        return problem(
+            503, str(exc), slug="queue-unavailable", instance=path, headers={"retry-after": "30"}
+        )
     if isinstance(exc, RetrievalError):
         return problem(502, str(exc), slug="retrieval-failed", instance=path)
     if isinstance(exc, DatasetNotFound):

@@ -295,3 +295,19 @@ def test_large_objects_go_to_a_job_when_the_policy_says_so(start_proxy, upstream
     small = httpx.get(f"{proxy.url}/assets/scenes/scene-a/B04", headers={"Prefer": "respond-async"})
     assert small.status_code == 200  # under the threshold: served on the request
     assert small.content == upstream.file("demo-cogs/scene-a/B04.tif")
+
+
+def test_redis_down_is_a_503_for_slow_data_only(start_proxy, upstream, tmp_path):
+    from tests.harness.procs import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = start_proxy(archive_config(upstream.url, tmp_path, dead))
+    url = f"{proxy.url}/assets/archive/archived-a/B04"
+    assert httpx.head(url).status_code == 200  # HEAD needs no queue
+    r = httpx.get(url)
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.headers["content-type"] == "application/problem+json"
+    assert "queue is unavailable" in r.json()["detail"]
+    ready = httpx.get(f"{proxy.url}/readyz").json()["checks"]["queue"]
+    assert ready["ok"] is False and ready["backend"] == "redis"
+    assert "Traceback" not in proxy.proc.log_text()

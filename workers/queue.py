@@ -12,9 +12,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
+
+from redis.exceptions import RedisError
 
 from policies.config import Settings
 from workers.jobs import (
@@ -40,6 +42,10 @@ LEASE_SECONDS = 10
 BACKOFF = (2.0, 5.0, 15.0, 30.0, 60.0)
 
 
+class QueueUnavailable(Exception):
+    """The job queue (Redis) cannot be reached; asking again later may work."""
+
+
 def backoff(attempt: int) -> float:
     return BACKOFF[min(attempt - 1, len(BACKOFF) - 1)]
 
@@ -48,6 +54,7 @@ class JobQueue(Protocol):
     def submit(self, dataset: str, path: str, owner: str, max_attempts: int) -> JobInfo: ...
     def get(self, job_id: str) -> JobInfo | None: ...
     async def wait(self, job_id: str, seconds: float) -> JobInfo | None: ...
+    def problem(self) -> str | None: ...
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -158,6 +165,9 @@ class EmbeddedQueue:
             await asyncio.wait_for(event.wait(), seconds)
         return self.jobs.get(jid)
 
+    def problem(self) -> str | None:
+        return None
+
     async def start(self) -> None:
         self.waiters.loop = asyncio.get_running_loop()
 
@@ -230,13 +240,36 @@ class RQQueue:
         from redis import Redis
         from rq import Queue
 
-        self.redis = Redis.from_url(redis_url)
+        self.redis = Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
         self.queue = Queue(QUEUE_NAME, connection=self.redis)
         self.redis_url = redis_url
         self.waiters = Waiters()
         self._listener: asyncio.Task[None] | None = None
 
     def submit(self, dataset: str, path: str, owner: str, max_attempts: int) -> JobInfo:
+        with self._reachable():
+            return self._submit(dataset, path, owner, max_attempts)
+
+    def get(self, jid: str) -> JobInfo | None:
+        with self._reachable():
+            return self._get(jid)
+
+    def problem(self) -> str | None:
+        """Why the queue cannot be used right now, for /readyz (None: it can)."""
+        try:
+            self.redis.ping()
+        except RedisError as e:
+            return f"redis: {type(e).__name__}"
+        return None
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except RedisError as e:
+            raise QueueUnavailable(f"the job queue is unavailable ({type(e).__name__})") from None
+
+    def _submit(self, dataset: str, path: str, owner: str, max_attempts: int) -> JobInfo:
         from rq import Retry
         from rq.exceptions import DuplicateJobError, NoSuchJobError
         from rq.job import Job
@@ -268,11 +301,11 @@ class RQQueue:
             if owner not in owners:
                 job.meta["owners"] = [*owners, owner]
                 job.save_meta()
-        info = self.get(jid)
+        info = self._get(jid)
         assert info is not None
         return info
 
-    def get(self, jid: str) -> JobInfo | None:
+    def _get(self, jid: str) -> JobInfo | None:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
@@ -354,6 +387,7 @@ class RQQueue:
     async def _listen(self) -> None:
         from redis.asyncio import Redis
 
+        warned = 0.0
         while True:
             try:
                 client = Redis.from_url(self.redis_url)
@@ -365,7 +399,9 @@ class RQQueue:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis down: waiters fall back to polling; retry later
-                log.warning("job events unavailable (%s); retrying", type(e).__name__)
+                if time.monotonic() - warned > 60:
+                    warned = time.monotonic()
+                    log.warning("job events unavailable (%s); retrying", type(e).__name__)
                 await asyncio.sleep(2.0)
 
     async def start(self) -> None:
