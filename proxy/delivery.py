@@ -41,6 +41,7 @@ CHUNK = 1 << 20
 READ_AHEAD = 2
 SIMPLE_RANGE = re.compile(r"bytes=(\d{1,18})-(\d{1,18})\Z")
 ERROR_LOG_INTERVAL = 60.0
+RETRY_CACHE_AFTER = 10.0  # seconds of pass-through after a cache failure before trying again
 
 
 @dataclass
@@ -60,12 +61,13 @@ class Health:
 
     error: str | None = None
     since: float | None = None
+    last_failure: float = 0.0
     logged: float = 0.0
     integrity_failures: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"hit": 0, "miss": 0})
 
     def failed(self, what: str, exc: BaseException) -> None:
-        now = time.monotonic()
+        now = self.last_failure = time.monotonic()
         self.error = f"{what}: {exc}"
         self.since = self.since or time.time()
         if now - self.logged > ERROR_LOG_INTERVAL:
@@ -80,7 +82,7 @@ class Health:
     @property
     def degraded(self) -> bool:
         """Recently failed: skip the cache for a while rather than fail every request."""
-        return self.error is not None and time.monotonic() - self.logged < 10.0
+        return self.error is not None and time.monotonic() - self.last_failure < RETRY_CACHE_AFTER
 
 
 def byte_range(asked: Asked, record: ObjectRecord) -> tuple[int, int, bool]:
