@@ -61,6 +61,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "access_log": logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO),
         "proxy_headers": False,
         "timeout_graceful_shutdown": 10,
+        "server_header": False,  # no "server: uvicorn" on every response
     }
 
 
