@@ -65,6 +65,7 @@ def plan(
 def sweep(store: Store, rules: Mapping[str, Rule], max_bytes: int | None, now: float) -> int:
     """Evict what `plan` says; returns the bytes freed. Blocking: run it in a thread."""
     store.flush()
+    store.clean_tmp()
     freed = 0
     for record in plan(store.records(), rules, max_bytes, now):
         freed += store.evict(record.key)

@@ -283,6 +283,19 @@ class Store:
 
     # -- housekeeping ---------------------------------------------------------------------
 
+    def clean_tmp(self, older_than: float = 3600.0) -> int:
+        """Remove temporary files left by killed fills and workers; returns how many."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in self.tmp.glob("*.part"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
     def _forget(self, key: str) -> None:
         held = self._held.pop(key, None)
         if held is not None:

@@ -109,3 +109,12 @@ def test_a_second_process_view_shares_the_store(tmp_path, clock):
     assert os.pread(f.fileno(), 10, 0) == os.pread(a.block_file(record.key, 0).fileno(), 10, 0)
     a.close()
     b.close()
+
+
+def test_sweep_removes_stale_temporary_files(store, clock):
+    old, fresh = store.tmp / "job-1-1.part", store.tmp / "job-2-2.part"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (0, 0))  # long ago: left by a killed worker
+    sweep(store, {}, None, clock())
+    assert not old.exists() and fresh.exists()

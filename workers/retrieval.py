@@ -2,7 +2,7 @@
 
 Runs in a worker (an RQ worker process or the embedded runner's thread). The object lands in
 a temporary file first and enters the cache only once complete and verified, so a worker
-killed half-way leaves no cache entry behind, only a temporary file the janitor removes.
+killed half-way leaves no cache entry behind, only a temporary file that retention removes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
@@ -87,14 +86,3 @@ def fetch_into_cache(
         raise UpstreamUnavailable(f"upstream failed ({type(e).__name__})") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def clean_stale(store: Store, older_than: float = 3600.0) -> None:
-    """Remove temporary files left by killed workers or fills."""
-    cutoff = time.time() - older_than
-    for path in Path(store.tmp).glob("*.part"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-        except FileNotFoundError:
-            continue
