@@ -73,9 +73,10 @@ class Waiters:
     def wake(self, jid: str) -> None:
         """Callable from any thread."""
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._set, jid)
+            self.loop.call_soon_threadsafe(self.release, jid)
 
-    def _set(self, jid: str) -> None:
+    def release(self, jid: str) -> None:
+        """Wake the waiters of `jid` (on the loop's thread)."""
         event = self.events.pop(jid, None)
         if event is not None:
             event.set()
@@ -395,7 +396,7 @@ class RQQueue:
                     await pubsub.subscribe(CHANNEL)
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            self.waiters._set(message["data"].decode())
+                            self.waiters.release(message["data"].decode())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis down: waiters fall back to polling; retry later
