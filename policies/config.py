@@ -43,6 +43,8 @@ class CacheConfig(Strict):
 
 class QueueConfig(Strict):
     redis_url: str | None = None
+    #: how often a held request re-reads its job if no completion event arrives
+    poll_seconds: float = Field(2.0, gt=0)
 
 
 class AuthConfig(Strict):

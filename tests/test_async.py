@@ -311,3 +311,21 @@ def test_redis_down_is_a_503_for_slow_data_only(start_proxy, upstream, tmp_path)
     ready = httpx.get(f"{proxy.url}/readyz").json()["checks"]["queue"]
     assert ready["ok"] is False and ready["backend"] == "redis"
     assert "Traceback" not in proxy.proc.log_text()
+
+
+def test_a_finished_job_wakes_held_requests_at_once(start_proxy, upstream, redis_url, tmp_path):
+    """Completion travels by Redis pub/sub: with polling every 60 s, the hold still ends."""
+    config = archive_config(upstream.url, tmp_path, fresh_redis(redis_url))
+    config["queue"]["poll_seconds"] = 60
+    proxy = start_proxy(config)
+    with ServerProcess(
+        "worker",
+        [BIN / "fdp", "worker", "--config", proxy.config],
+        log_dir=tmp_path,
+        ready=lambda: True,
+    ):
+        t = time.monotonic()
+        r = httpx.get(f"{proxy.url}/assets/archive/archived-b/B04", timeout=60)
+        took = time.monotonic() - t
+    assert r.status_code == 200 and r.content == source(upstream, "archived-b/B04.tif")
+    assert ARCHIVE_DELAY - 1 < took < ARCHIVE_DELAY + 5  # far from the 60 s poll

@@ -237,10 +237,11 @@ def run_job(dataset: str, path: str) -> None:
 class RQQueue:
     """Jobs on an RQ queue in Redis; `fdp worker` processes (any host) run them."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, poll_seconds: float = 2.0) -> None:
         from redis import Redis
         from rq import Queue
 
+        self.poll_seconds = poll_seconds
         self.redis = Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
         self.queue = Queue(QUEUE_NAME, connection=self.redis)
         self.redis_url = redis_url
@@ -381,8 +382,15 @@ class RQQueue:
         while info is not None and not info.done and (left := deadline - time.monotonic()) > 0:
             event = self.waiters.event(jid)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(left, 2.0))  # poll as a fallback
+                await asyncio.wait_for(event.wait(), min(left, self.poll_seconds))  # fallback
             info = self.get(jid)
+            # the worker announces before RQ records the job as finished: let it settle
+            settle = time.monotonic() + 2.0
+            while (
+                event.is_set() and info is not None and not info.done and time.monotonic() < settle
+            ):
+                await asyncio.sleep(0.05)
+                info = self.get(jid)
         return info
 
     async def _listen(self) -> None:
@@ -419,7 +427,7 @@ class RQQueue:
 
 def make_queue(settings: Settings) -> JobQueue:
     if settings.queue.redis_url:
-        return RQQueue(settings.queue.redis_url)
+        return RQQueue(settings.queue.redis_url, settings.queue.poll_seconds)
     return EmbeddedQueue(settings)
 
 
