@@ -114,27 +114,41 @@ def standard_config(upstream_url: str, work: Path) -> dict[str, Any]:
     }
 
 
+def fdp_serve(
+    config: dict[str, Any],
+    work: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    name: str = "fdp",
+    set_public_url: bool = True,
+) -> Proxy:
+    """`fdp serve --config FILE --port P [args]` on a free port, not started yet."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    if set_public_url:  # otherwise the CLI derives it from --port
+        config.setdefault("server", {})["public_url"] = url
+    path = work / "fdp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = ServerProcess(
+        name,
+        [str(BIN / "fdp"), "serve", "--config", str(path), "--port", str(port), *args],
+        log_dir=work,
+        cwd=work,
+        env={"FDP_LOG_LEVEL": "INFO", **(env or {})},
+        ready=http_ok(f"{url}/healthz"),
+    )
+    return Proxy(url, proc, path)
+
+
 @pytest.fixture(scope="session")
 def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proxy]]:
     """Start `fdp serve --config FILE --port P` (as a user would); all are stopped at the end."""
     started: list[ServerProcess] = []
 
     def start(config: dict[str, Any], env: dict[str, str] | None = None) -> Proxy:
-        work = tmp_path_factory.mktemp("proxy")
-        port = free_port()
-        config.setdefault("server", {})["public_url"] = f"http://127.0.0.1:{port}"
-        path = work / "fdp.yaml"
-        path.write_text(yaml.safe_dump(config))
-        proc = ServerProcess(
-            "fdp",
-            [str(BIN / "fdp"), "serve", "--config", str(path), "--port", str(port)],
-            log_dir=work,
-            cwd=work,
-            env={"FDP_LOG_LEVEL": "INFO", **(env or {})},
-            ready=http_ok(f"http://127.0.0.1:{port}/healthz"),
-        )
-        started.append(proc.start())
-        return Proxy(f"http://127.0.0.1:{port}", proc, path)
+        proxy = fdp_serve(config, tmp_path_factory.mktemp("proxy"), env=env)
+        started.append(proxy.proc.start())
+        return proxy
 
     yield start
     for proc in started:

@@ -15,6 +15,7 @@ import yaml
 from rasterio.windows import Window
 
 from proxy.demo import providers_yaml
+from tests.conftest import fdp_serve
 from tests.harness.procs import BIN
 
 MiB = 1 << 20
@@ -332,19 +333,8 @@ def test_full_disk_keeps_serving_by_pass_through(start_proxy, upstream, tiny_dis
 
 
 def test_worker_processes_share_the_cache(upstream, big, tmp_path):
-    from tests.harness.procs import ServerProcess, free_port, http_ok
-
-    config = cache_config(upstream.url, tmp_path)
-    path = tmp_path / "fdp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = ServerProcess(
-        "fdp-workers",
-        [BIN / "fdp", "serve", "--config", path, "--port", str(port), "--workers", "2"],
-        log_dir=tmp_path,
-        ready=http_ok(f"{url}/healthz"),
-    )
+    served = fdp_serve(cache_config(upstream.url, tmp_path), tmp_path, "--workers", "2")
+    proc, url = served.proc, served.url
     data = big.read_bytes()
     blocks = (10, 11, 12, 13)
 

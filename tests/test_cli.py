@@ -11,25 +11,14 @@ import rasterio
 from pystac_client import Client
 from rasterio.windows import Window
 
-from tests.conftest import standard_config
+from tests.conftest import fdp_serve, standard_config
 from tests.harness.procs import BIN, ServerProcess, free_port, http_ok
 
 
 def test_serve_with_config_then_stop_cleanly(tmp_path, upstream):
-    import yaml
-
     config = standard_config(upstream.url, tmp_path)
-    path = tmp_path / "fdp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = ServerProcess(
-        "fdp-serve",
-        [BIN / "fdp", "serve", "--config", path, "--port", str(port)],
-        log_dir=tmp_path,
-        cwd=tmp_path,
-        ready=http_ok(f"{url}/healthz"),
-    )
+    served = fdp_serve(config, tmp_path, name="fdp-serve", set_public_url=False)
+    proc, url = served.proc, served.url
     with proc:
         assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
         r = httpx.get(f"{url}/assets/scenes/scene-a/B04", headers={"Range": "bytes=0-1023"})
