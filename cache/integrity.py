@@ -27,3 +27,24 @@ def hasher_for(multihash: str | None) -> tuple[Any, str] | None:
     if name not in hashlib.algorithms_available:
         return None
     return hashlib.new(name), raw[2:].hex()
+
+
+class Digest:
+    """The sha256 we record, plus the catalogue's multihash when it names one we can check."""
+
+    def __init__(self, multihash: str | None) -> None:
+        self.sha256 = hashlib.sha256()
+        self._check = hasher_for(multihash)
+
+    @property
+    def checkable(self) -> bool:
+        return self._check is not None
+
+    def update(self, chunk: bytes) -> None:
+        self.sha256.update(chunk)
+        if self._check is not None:
+            self._check[0].update(chunk)
+
+    def matches(self) -> bool:
+        """True when the bytes match the catalogue (or there is nothing to match)."""
+        return self._check is None or self._check[0].hexdigest() == self._check[1]

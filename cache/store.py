@@ -83,6 +83,11 @@ class ObjectRecord:
         return start, min(self.size, start + self.block_size)
 
 
+def _decode(raw: dict[str, Any]) -> ObjectRecord:
+    """A record as stored in the index (blocks come back as a list)."""
+    return ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])})
+
+
 @dataclass
 class _Held:
     record: ObjectRecord
@@ -128,7 +133,7 @@ class Store:
         if raw is None:
             self._forget(key)
             return None
-        record = ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])})
+        record = _decode(raw)
         if held is None or held.record.blocks != record.blocks or held.record.etag != record.etag:
             self._forget(key)
             held = self._held[key] = _Held(record, now)
@@ -151,7 +156,7 @@ class Store:
             raw = self.objects.get(key)
             if raw is None:
                 return None
-            record = replace(ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])}), **changes)
+            record = replace(_decode(raw), **changes)
             self.objects.set(key, asdict(record))
         held = self._held.get(key)
         if held is not None:
@@ -162,7 +167,7 @@ class Store:
         for key in list(self.objects.iterkeys()):
             raw = self.objects.get(key)
             if raw is not None:
-                yield ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])})
+                yield _decode(raw)
 
     # -- blocks --------------------------------------------------------------------------
 
@@ -262,7 +267,7 @@ class Store:
         self._forget(key)
         if raw is None:
             return 0
-        return ObjectRecord(**{**raw, "blocks": tuple(raw["blocks"])}).stored_bytes
+        return _decode(raw).stored_bytes
 
     # -- access statistics, written in batches --------------------------------------------
 

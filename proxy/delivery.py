@@ -9,7 +9,6 @@ so an upstream error is still a proper problem response, not a broken body.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from starlette.types import Send
 from werkzeug.http import parse_range_header
 
 from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
-from cache.integrity import ChecksumMismatch, hasher_for
+from cache.integrity import ChecksumMismatch, Digest
 from cache.store import STORE_ERRORS, ObjectRecord, Store, object_key
 from proxy.problems import MalformedRange
 from upstreams.base import (
@@ -339,7 +338,7 @@ class CacheDelivery:
         assert self.store is not None
         b0, b1 = record.block_range(index)
         whole = record.nblocks == 1
-        verify = whole and hasher_for(record.checksum) is not None
+        verify = whole and Digest(record.checksum).checkable
         tmp = self.store.tmp / f"{record.key}.{index}.{os.getpid()}.part"
         try:
             fill = Fill(tmp, b1 - b0, holdback=1 if verify else 0)
@@ -355,8 +354,7 @@ class CacheDelivery:
     ) -> None:
         assert self.store is not None
         b0, b1 = record.block_range(index)
-        sha = hashlib.sha256() if whole else None
-        check = hasher_for(record.checksum) if whole else None
+        digest = Digest(record.checksum) if whole else None
         try:
             body = await open_body(self.client, obj, {"range": f"bytes={b0}-{b1 - 1}"})
         except Exception as e:
@@ -371,13 +369,11 @@ class CacheDelivery:
                 if fill.written + len(chunk) > b1 - b0:
                     raise FillFailed("upstream sent more bytes than the block holds")
                 fill.append(chunk)
-                if sha is not None:
-                    sha.update(chunk)
-                if check is not None:
-                    check[0].update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
             if fill.written != b1 - b0:
                 raise FillFailed(f"upstream sent {fill.written} of {b1 - b0} bytes")
-            if check is not None and check[0].hexdigest() != check[1]:
+            if digest is not None and not digest.matches():
                 raise ChecksumMismatch(f"{record.dataset}/{record.path}: checksum mismatch")
         except CacheWriteFailed as e:
             self.health.failed("cannot write a fill", e)
@@ -399,8 +395,10 @@ class CacheDelivery:
             updated = await anyio.to_thread.run_sync(
                 self.store.commit_block, record.key, index, fill.path
             )
-            if updated is not None and sha is not None:
-                self.store.update(record.key, sha256=sha.hexdigest(), verified=check is not None)
+            if updated is not None and digest is not None:
+                self.store.update(
+                    record.key, sha256=digest.sha256.hexdigest(), verified=digest.checkable
+                )
             elif updated is not None and updated.complete and not whole:
                 await anyio.to_thread.run_sync(self.verify_object, updated)
             self.health.recovered()
@@ -429,8 +427,7 @@ class CacheDelivery:
     def verify_object(self, record: ObjectRecord) -> None:
         """Hash a multi-block object once all its blocks are in; a mismatch evicts it."""
         assert self.store is not None
-        check = hasher_for(record.checksum)
-        sha = hashlib.sha256()
+        digest = Digest(record.checksum)
         for index in range(record.nblocks):
             f = self.store.block_file(record.key, index)
             if f is None:
@@ -441,10 +438,8 @@ class CacheDelivery:
                 if not chunk:
                     break
                 pos += len(chunk)
-                sha.update(chunk)
-                if check is not None:
-                    check[0].update(chunk)
-        if check is not None and check[0].hexdigest() != check[1]:
+                digest.update(chunk)
+        if not digest.matches():
             self.health.integrity_failures += 1
             log.error(
                 "%s/%s: checksum mismatch after the last block; evicted",
@@ -453,4 +448,4 @@ class CacheDelivery:
             )
             self.store.evict(record.key)
             return
-        self.store.update(record.key, sha256=sha.hexdigest(), verified=check is not None)
+        self.store.update(record.key, sha256=digest.sha256.hexdigest(), verified=digest.checkable)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
 
 import httpx
 import numpy as np
@@ -52,7 +53,10 @@ def test_demo_runs_the_embedded_default_end_to_end(tmp_path, demo_data):
         ready = httpx.get(f"{url}/readyz").json()
         assert ready["checks"]["datasets"]["count"] == 3
         assert (tmp_path / "var" / "cache").is_dir()  # the embedded default's local cache
-        banner = proc.log_text()
+        deadline = time.monotonic() + 10  # the banner follows readiness by a moment
+        while "Press Ctrl+C" not in (banner := proc.log_text()):
+            assert time.monotonic() < deadline, banner
+            time.sleep(0.05)
         assert f"gdalinfo /vsicurl/{url}/assets/demo-cogs/scene-a/visual" in banner
         assert f'Client.open("{url}/stac")' in banner
 

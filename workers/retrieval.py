@@ -7,7 +7,6 @@ killed half-way leaves no cache entry behind, only a temporary file that retenti
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from cache.integrity import hasher_for
+from cache.integrity import Digest
 from cache.store import ObjectRecord, Store
 from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
 
@@ -45,8 +44,7 @@ def fetch_into_cache(
 ) -> ObjectRecord:
     """Download the whole object to a temporary file, verify it, then ingest it."""
     tmp = store.tmp / f"job-{os.getpid()}-{time.monotonic_ns()}.part"
-    sha = hashlib.sha256()
-    check = hasher_for(obj.checksum)
+    digest = Digest(obj.checksum)  # the sha256 itself is recorded by ingest()
     done = 0
     try:
         with client.stream("GET", obj.href, headers=obj.headers) as r:
@@ -59,16 +57,14 @@ def fetch_into_cache(
             with tmp.open("wb") as f:
                 for chunk in r.iter_raw(1 << 20):
                     f.write(chunk)
-                    sha.update(chunk)
-                    if check is not None:
-                        check[0].update(chunk)
+                    digest.update(chunk)
                     done += len(chunk)
                     progress(done, total)
             etag, last_modified = r.headers.get("etag"), r.headers.get("last-modified")
             media_type = obj.media_type or r.headers.get("content-type")
         if total is not None and done != total:
             raise RetrievalFailed(f"upstream sent {done} of {total} bytes")
-        if check is not None and check[0].hexdigest() != check[1]:
+        if not digest.matches():
             raise RetrievalFailed("the retrieved bytes do not match the catalogue checksum")
         record = store.ingest(
             target.dataset,
