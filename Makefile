@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+PORT   ?=
 
 .PHONY: demo test bench lint format redis-server clean
 
@@ -19,12 +20,16 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.demo
 
 ## Run the proxy on the embedded default config with demo data (Ctrl+C stops it).
+## `make demo PORT=8099` picks the port (default 8080).
 demo: $(VENV)/.demo
-	$(BIN)/fdp demo
+	$(BIN)/fdp demo$(if $(PORT), --port $(PORT))
 
-## Install everything the tests need (redis-server via apt-get when missing), then run them.
+## Install everything the tests need (redis-server via apt-get when missing), check the style
+## (ruff check, ruff format --check), then run the tests.
 ## pytest's exit code 5 (no tests collected) fails the target like any other failure.
 test: $(VENV)/.test redis-server
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 CHUNK = 1 << 20
+log = logging.getLogger("fdp.cache")
 
 
 class FillFailed(Exception):
@@ -129,6 +131,11 @@ class Fills:
         async def runner() -> None:
             try:
                 await run(fill)
+            except BaseException as e:  # whatever killed it, its readers must not wait on
+                fill.fail(e if isinstance(e, Exception) else FillFailed("fill cancelled"))
+                if not isinstance(e, Exception):
+                    raise
+                log.error("fill of %s/%d failed", key, index, exc_info=e)
             finally:
                 self._active.pop((key, index), None)
                 fill.close()
@@ -137,6 +144,16 @@ class Fills:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fill
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run background work (a re-read of the index) that `drain()` also stops."""
+
+        async def runner() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(runner())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
         for task in list(self._tasks):

@@ -141,6 +141,22 @@ class Store:
         self._held.move_to_end(key)
         return record
 
+    def peek(self, key: str) -> tuple[ObjectRecord | None, bool]:
+        """(the record held in memory, whether it is still fresh): never touches the index.
+
+        The proxy serves a stale held record and re-reads the index off its event loop, so
+        a locked or slow index never stalls a cache hit.
+        """
+        held = self._held.get(key)
+        if held is None:
+            return None, False
+        return held.record, time.monotonic() - held.checked < RECHECK_SECONDS
+
+    def held_block(self, key: str, index: int) -> io.BufferedReader | None:
+        """Block `index` if its file is already held open (no index read)."""
+        held = self._held.get(key)
+        return None if held is None else held.files.get(index)
+
     def refresh(self, key: str) -> ObjectRecord | None:
         """The record as the index has it now (another process may just have written it)."""
         self._forget(key)

@@ -6,9 +6,12 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     ByteSize,
@@ -24,6 +27,25 @@ from pydantic import (
 DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
+class SecretFileError(ValueError):
+    """A credentials file that cannot be used; the message names the file, never its text."""
+
+
+def read_secret_file(path: Path) -> str:
+    """The one line of a credentials file (e.g. a Kubernetes secret), stripped."""
+    try:
+        text = path.read_bytes().decode().strip()
+    except OSError as e:
+        raise SecretFileError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise SecretFileError(f"{path} is not UTF-8 text") from None
+    if not text:
+        raise SecretFileError(f"{path} is empty")
+    if len(text.splitlines()) > 1:
+        raise SecretFileError(f"{path} holds more than one line")
+    return text
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -32,6 +54,10 @@ class ServerConfig(Strict):
     public_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8080")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    #: a request whose line and headers exceed this is refused with 431 and closed
+    max_header_bytes: ByteSize = Field(ByteSize(64 * 2**10), ge=1024)
+    #: seconds a client may take to send its headers (and may pause within a body)
+    request_timeout: float = Field(10.0, gt=0)
 
 
 class CacheConfig(Strict):
@@ -45,6 +71,12 @@ class QueueConfig(Strict):
     redis_url: str | None = None
     #: how often a held request re-reads its job if no completion event arrives
     poll_seconds: float = Field(2.0, gt=0)
+    #: how long one Redis call may wait for an answer before the queue counts as unavailable
+    timeout_seconds: float = Field(2.0, gt=0, le=60)
+    #: how long connecting to Redis may take
+    connect_timeout_seconds: float = Field(1.0, gt=0, le=60)
+    #: retrievals the embedded runner (no redis_url) runs at once
+    workers: int = Field(2, ge=1, le=64)
 
 
 class AuthConfig(Strict):
@@ -57,6 +89,42 @@ class AuthConfig(Strict):
 
 class EodagConfig(Strict):
     providers_file: str | None = None
+
+
+class UpstreamTimeouts(Strict):
+    """Seconds one upstream call may wait: to connect, then for each read (boto3 and EODAG too)."""
+
+    connect_timeout: float = Field(5.0, gt=0, le=600)
+    read_timeout: float = Field(30.0, gt=0, le=3600)
+
+
+class UpstreamDefaults(UpstreamTimeouts):
+    #: threads per upstream for blocking clients (boto3, EODAG), apart from the shared pool
+    max_threads: int = Field(8, ge=1, le=256)
+
+
+class TimeoutOverride(Strict):
+    """A dataset's own timeouts; what it leaves out comes from `upstream_defaults`."""
+
+    connect_timeout: float | None = Field(None, gt=0, le=600)
+    read_timeout: float | None = Field(None, gt=0, le=3600)
+
+
+def _check_allowed_host(entry: str) -> str:
+    """`host`, `host:port` or an http(s) URL (its origin counts; a path is ignored)."""
+    is_url = "://" in entry
+    parts = urlsplit(entry if is_url else f"//{entry}")
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise ValueError(f"{entry!r}: bad port") from None
+    if (
+        not parts.hostname
+        or (is_url and parts.scheme not in ("http", "https"))
+        or (not is_url and (parts.path or parts.query or parts.fragment or "@" in entry))
+    ):
+        raise ValueError(f"{entry!r} is not a host, host:port or http(s) URL")
+    return entry
 
 
 class HttpUpstream(Strict):
@@ -88,12 +156,22 @@ class S3Upstream(Strict):
     access_key_id_file: FilePath | None = None
     secret_access_key_file: FilePath | None = None
 
+    @field_validator("access_key_id_file", "secret_access_key_file")
+    @classmethod
+    def _readable(cls, v: FilePath | None) -> FilePath | None:
+        if v is not None:
+            read_secret_file(v)
+        return v
+
     def credentials(self) -> tuple[str | None, str | None]:
-        """(access key id, secret key), read from the files when given that way."""
+        """(access key id, secret key), read from the files (now, for rotation) when given so.
+
+        Raises SecretFileError when a file went bad after the config was loaded.
+        """
 
         def pick(inline: SecretStr | None, file: FilePath | None) -> str | None:
             if file is not None:
-                return file.read_text().strip()
+                return read_secret_file(file)
             return inline.get_secret_value() if inline is not None else None
 
         return (
@@ -183,7 +261,12 @@ class Dataset(Strict):
     qos: Qos = Qos()
     async_: Annotated[AsyncPolicy, Field(alias="async")] = AsyncPolicy()
     forward_token: bool = False
+    #: origins besides the upstream's own that hrefs and redirects may point at
+    allowed_hosts: list[Annotated[str, AfterValidator(_check_allowed_host)]] = []
+    timeouts: TimeoutOverride | None = None  # default: upstream_defaults
     presign_expires: int = Field(900, ge=1, le=7 * 86400)  # seconds a presigned URL lives
+    #: Cache-Control max-age of public data (private data is always `private`)
+    max_age: int = Field(3600, ge=0)
 
     @model_validator(mode="after")
     def _presign_needs_s3(self) -> Dataset:
@@ -192,12 +275,18 @@ class Dataset(Strict):
         return self
 
 
+class LogConfig(Strict):
+    format: Literal["text", "json"] = "text"  # json: one JSON object per line
+
+
 class Settings(Strict):
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
     queue: QueueConfig = QueueConfig()
     auth: AuthConfig = AuthConfig()
     eodag: EodagConfig = EodagConfig()
+    log: LogConfig = LogConfig()
+    upstream_defaults: UpstreamDefaults = UpstreamDefaults()
     datasets: dict[Annotated[str, Field(pattern=DATASET_NAME)], Dataset] = {}
 
     @model_validator(mode="after")

@@ -23,10 +23,11 @@ from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import load_settings
 from proxy import stac
+from proxy.accesslog import AccessLog, configure_logging
 from proxy.assets import Assets
 from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.delivery import CacheDelivery
-from proxy.problems import ProxyError, error_response, exception_handlers
+from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
 from upstreams.http import make_client
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
@@ -34,13 +35,6 @@ from workers.queue import make_queue
 
 log = logging.getLogger("fdp.proxy")
 FLUSH_SECONDS = 5.0
-
-
-def configure_logging() -> None:
-    level = os.environ.get("FDP_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("eodag", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 async def healthz(request: Request) -> Response:
@@ -64,7 +58,7 @@ async def readyz(request: Request) -> Response:
         "integrity_failures": health.integrity_failures,
         **health.counters,
     }
-    queue_problem = await anyio.to_thread.run_sync(request.app.state.queue.problem)
+    queue_problem = await request.app.state.queue.problem()
     queue = {
         "ok": queue_problem is None,
         "error": queue_problem,
@@ -82,7 +76,7 @@ async def job_status(request: Request) -> Response:
     """A retrieval's state for its requester (others get 404); 303 to the data when done."""
     queue = request.app.state.queue
     who = await identity(request)
-    info = queue.get(request.path_params["job_id"])
+    info = await queue.get(request.path_params["job_id"])
     if info is None or not (who.admin or who.owner in info.owners):
         raise HTTPException(404, "no such job")
     if info.state == SUCCEEDED:
@@ -117,9 +111,14 @@ class App:
         self.state = starlette.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/assets/"):
-            await self.assets(scope, receive, send)
-        elif scope["type"] == "http" and scope["path"].startswith("/admin"):
+        if scope["type"] != "http":
+            await self.starlette(scope, receive, send)
+        elif scope["path"].startswith("/assets/"):
+            await self.assets(scope, receive, send)  # checks its headers itself
+        elif sum(1 for name, _ in scope["headers"] if name == b"authorization") > 1:
+            refused = BadRequest("more than one Authorization header")
+            await error_response(refused, scope["path"])(scope, receive, send)
+        elif scope["path"].startswith("/admin"):
             await self.admin_gate(scope, receive, send)
         else:
             await self.starlette(scope, receive, send)
@@ -143,6 +142,7 @@ def create_app(
     settings: Settings, source: str = "the config", clock: Callable[[], float] = time.time
 ) -> App:
     """Build the app; raises ConfigError here (not at startup) when a dataset cannot be served."""
+    configure_logging(settings.log.format)
     registry = Registry(settings, source)
     store, store_error = open_store(settings, clock)
     rules = retention_rules(settings)
@@ -203,7 +203,7 @@ def create_app(
     starlette.state.public_url = public_url
     queue = make_queue(settings)
     starlette.state.queue = queue
-    assets = Assets(registry, public_url)
+    assets = Assets(registry, public_url, AccessLog())
     assets.queue = queue
     starlette.state.identify = assets.identify
     return App(starlette, assets)
@@ -211,6 +211,5 @@ def create_app(
 
 def from_environment() -> App:
     """App factory for `fdp serve --workers N`: each worker reads $FDP_CONFIG itself."""
-    configure_logging()
     settings = load_settings(None)
     return create_app(settings, os.environ.get("FDP_CONFIG", "the config"))

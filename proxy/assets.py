@@ -1,65 +1,81 @@
-"""`GET|HEAD /assets/{dataset}/{path}`: resolve, then deliver from the cache or pass-through.
+"""`GET|HEAD /assets/{dataset}/{path}`: the request pipeline, its stages in one readable place.
 
-A raw ASGI endpoint, not a Starlette route: a cache hit is a dict lookup, a range parse and
-`os.pread`, and the framework's per-request objects would cost more than all of that. The
-pipeline's stages are plain awaits, so authentication and QoS slot in before delivery.
+authenticate → authorize → resolve → plan → admit → deliver, then account (always). Each
+stage is a small method that reads and fills the request's `Exchange`. A raw ASGI endpoint,
+not a Starlette route: a cache hit is a few dict lookups, a range check and one `os.pread`,
+and the framework's per-request objects would cost more than all of that.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import anyio
 import httpx
-from starlette.types import Message, Receive, Scope, Send
-from werkzeug.http import parse_range_header
+from cachetools import TTLCache
+from starlette.types import Receive, Scope, Send
+from werkzeug.http import parse_content_range_header, parse_range_header
 
 from cache.fill import CacheWriteFailed
-from cache.store import object_key
+from policies.config import Dataset
+from proxy.accesslog import AccessLog
 from proxy.auth import ANONYMOUS, Authenticator, Identity, check
-from proxy.delivery import Asked, CacheDelivery
-from proxy.problems import MalformedRange, ProxyError, error_response
+from proxy.conditional import select
+from proxy.delivery import CacheDelivery
+from proxy.exchange import Exchange, Kind, Plan
+from proxy.problems import MalformedRange, MethodNotAllowed, error_response, slug_of
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
-from upstreams.base import UpstreamObject, UpstreamUnavailable
-from upstreams.http import FORWARD_HEADERS, Body, head, open_body
-from upstreams.registry import Entry, Registry
-from upstreams.s3 import S3Resolver
+from upstreams.base import (
+    ObjectNotFound,
+    Presigning,
+    UpstreamError,
+    UpstreamObject,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
+from upstreams.http import Body, Meta, head, stream
+from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
 from workers.queue import JobQueue
 
 log = logging.getLogger("fdp.proxy")
 
-_WANTED = {
-    b"range",
-    b"if-none-match",
-    b"if-range",
-    b"if-modified-since",
-    b"prefer",
-    b"authorization",
-}
+#: How long an upstream HEAD (validators for a pass-through HEAD) and a provider's "yes,
+#: this caller may read it" (forward_token) are reused; both memos are bounded.
+HEAD_TTL = 30.0
+RECHECK_TTL = 30.0
+MEMO_SIZE = 8192
 
 
-class MethodNotAllowed(ProxyError):
-    status, slug = 405, "method-not-allowed"
-
-
-def caches(entry: Entry) -> bool:
+def caches(policy: Dataset) -> bool:
     """`delivery: cache` keeps bytes unless its retention allows none (`lru`, `max_bytes: 0`)."""
-    policy = entry.policy
     return policy.delivery == "cache" and policy.retention.max_bytes != 0
 
 
+def cache_control(policy: Dataset) -> bytes:
+    """Public data may sit in shared caches for `max_age`; anything else only in the user's."""
+    if policy.access.public:
+        return b"public, max-age=%d" % policy.max_age
+    return b"private"
+
+
 class Assets:
-    def __init__(self, registry: Registry, public_url: str) -> None:
+    def __init__(self, registry: Registry, public_url: str, access_log: AccessLog) -> None:
         self.registry = registry
         self.public_url = public_url.rstrip("/")
+        self.access_log = access_log
         # set at startup
         self.delivery: CacheDelivery | None = None
         self.client: httpx.AsyncClient | None = None
         self.queue: JobQueue | None = None
         self.auth: Authenticator | None = None
         self.durations = Durations()
+        self._heads: TTLCache[str, Meta] = TTLCache(MEMO_SIZE, HEAD_TTL)
+        self._allowed: TTLCache[tuple[str, str], bool] = TTLCache(MEMO_SIZE, RECHECK_TTL)
 
     async def identify(self, authorization: str | None) -> Identity:
         if self.auth is None:  # no issuer: every dataset is public, tokens are ignored
@@ -67,136 +83,211 @@ class Assets:
         return await self.auth.identify(authorization)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
+        x = Exchange.start(scope)
+        send = x.tracking(send)
         try:
-            if scope["method"] not in ("GET", "HEAD"):
+            x.read_headers(scope)
+            if x.method not in ("GET", "HEAD"):
                 raise MethodNotAllowed("use GET or HEAD", headers={"allow": "GET, HEAD"})
-            dataset, _, rel = path[len("/assets/") :].partition("/")
-            entry = self.registry.get(dataset)
-            headers = {
-                k.decode("latin-1"): v.decode("latin-1")
-                for k, v in scope["headers"]
-                if k in _WANTED
-            }
-            authorization = headers.pop("authorization", None)
-            who = await self.identify(authorization)
-            check(entry.policy.access, who)
-            policy = entry.policy
-            if (
-                isinstance(entry.resolver, S3Resolver)
-                and policy.delivery != "cache"
-                and scope["method"] == "GET"
-            ):
-                # straight to the store with a URL signed for this object. HEAD is answered
-                # here instead: a GET signature refuses HEAD, and GDAL would keep a
-                # HEAD-signed target for its range GETs (then return here without its token)
-                url = entry.resolver.presign(rel, "GET", policy.presign_expires)
-                await redirect(tracked, url)
-                return
-            obj = await entry.resolver.resolve(rel)
-            if policy.delivery == "redirect" and scope["method"] == "GET":
-                await redirect(tracked, obj.href)
-                return
-            if policy.forward_token and authorization:  # the provider trusts our IdP
-                obj = replace(obj, headers={**obj.headers, "authorization": authorization})
-            asked = Asked(
-                scope["method"],
-                path,
-                headers.get("range"),
-                headers.get("if-none-match"),
-                headers.get("if-range"),
-            )
-            delivery = self.delivery
-            if (
-                self.queue is not None
-                and delivery is not None
-                and delivery.usable
-                and is_slow(entry.policy, obj)
-            ):
-                await self.slow(asked, headers.get("prefer"), entry, rel, obj, who, tracked)
-                return
-            if delivery is not None and delivery.usable and caches(entry):
-                try:
-                    await delivery.serve(asked, dataset, rel, obj, tracked)
-                    return
-                except CacheWriteFailed:
-                    pass  # nothing sent yet: pass-through below
-            await self.passthrough(asked, headers, obj, path, receive, tracked)
-        except Exception as exc:  # mapped in one place; unknown errors are logged there
-            if started:  # too late for a problem: leave the response incomplete
-                log.error(
-                    "%s: %s after the response started; aborted",
-                    path,
-                    exc,
-                    exc_info=not isinstance(exc, ProxyError | UpstreamUnavailable),
-                )
-                return
-            await error_response(exc, path)(scope, receive, send)
+            await self.authenticate(x)
+            self.authorize(x)
+            await self.resolve(x)
+            async with self.refusals(x):
+                await self.plan(x)
+                await self.admit(x)
+                await self.deliver(x, receive, send)
+        except Exception as exc:  # mapped in one table; unknown errors are logged there
+            x.error = slug_of(exc)
+            if x.status:  # too late for a problem: leave the response incomplete
+                log.warning("%s: %s after the response started; aborted", x.path, exc)
+            else:
+                await error_response(exc, x.path)(scope, receive, send)
+        finally:
+            self.access_log.write(x)
 
-    async def slow(
-        self,
-        asked: Asked,
-        prefer: str | None,
-        entry: Entry,
-        rel: str,
-        obj: UpstreamObject,
-        who: Identity,
-        send: Send,
-    ) -> None:
-        """Serve what is cached; otherwise queue the retrieval and hold, or say when to retry."""
-        delivery, queue = self.delivery, self.queue
-        assert delivery is not None and delivery.store is not None and queue is not None
+    # -- the stages, in order --------------------------------------------------------------
+
+    async def authenticate(self, x: Exchange) -> None:
+        x.who = await self.identify(x.authorization)
+
+    def authorize(self, x: Exchange) -> None:
+        x.dataset, _, x.rel = x.path[len("/assets/") :].partition("/")
+        x.entry = self.registry.get(x.dataset)
+        check(x.entry.policy.access, x.who)
+
+    async def resolve(self, x: Exchange) -> None:
+        """The upstream object; a path naming a folder (GDAL's probe) is a fast 404."""
+        assert x.entry is not None
+        if not x.rel or x.rel.endswith("/"):
+            raise ObjectNotFound("not an object (folders are not listed here)")
+        obj = await x.entry.resolver.resolve(x.rel)
+        if x.entry.policy.forward_token and x.authorization:  # the provider trusts our IdP
+            obj = replace(obj, headers={**obj.headers, "authorization": x.authorization})
+        x.obj = obj
+
+    async def plan(self, x: Exchange) -> None:
+        """Decide how to deliver, sending nothing: admission needs to know hit from miss."""
+        assert x.entry is not None and x.obj is not None
+        policy, resolver = x.entry.policy, x.entry.resolver
+        delivery = self.delivery
+        if x.method == "GET" and policy.delivery == "presign" and isinstance(resolver, Presigning):
+            url = resolver.presign(x.rel, "GET", policy.presign_expires)
+            x.plan = Plan(Kind.PRESIGN, location=url)
+        elif x.method == "GET" and policy.delivery == "redirect":
+            x.plan = Plan(Kind.REDIRECT, location=x.obj.href)
+        elif delivery is None or not delivery.usable:
+            x.plan = Plan(Kind.PASSTHROUGH)
+        elif self.queue is not None and is_slow(policy, x.obj):
+            x.plan = await delivery.plan(x, create=False) or Plan(Kind.SLOW)
+        elif caches(policy):
+            try:
+                x.plan = await delivery.plan(x)
+            except CacheWriteFailed:
+                x.plan = Plan(Kind.PASSTHROUGH)
+        else:
+            x.plan = Plan(Kind.PASSTHROUGH)
+        if policy.forward_token and x.plan.kind in (Kind.HIT, Kind.MISS):
+            await self.recheck(x)
+
+    async def admit(self, x: Exchange) -> None:
+        """QoS: may this plan go ahead? Everything is admitted until limits are configured."""
+
+    async def deliver(self, x: Exchange, receive: Receive, send: Send) -> None:
+        assert x.entry is not None and x.plan is not None and x.obj is not None
+        plan = x.plan
+        if plan.kind in (Kind.HIT, Kind.MISS):
+            assert self.delivery is not None
+            await self.delivery.send(x, plan, cache_control(x.entry.policy), send)
+        elif plan.kind in (Kind.PRESIGN, Kind.REDIRECT):
+            assert plan.location is not None
+            await redirect(send, plan.location)
+        elif plan.kind == Kind.SLOW:
+            await self.slow(x, send)
+        else:
+            await self.passthrough(x, receive, send)
+
+    # -- helpers of the stages ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def refusals(self, x: Exchange) -> AsyncIterator[None]:
+        """With `forward_token`, the provider's 401/403 is about the caller: a 403 for them."""
+        try:
+            yield
+        except UpstreamUnavailable as e:
+            assert x.entry is not None
+            if x.entry.policy.forward_token and e.status in (401, 403):
+                raise UpstreamRefused(
+                    "the provider refused your credentials for this object"
+                ) from None
+            raise
+
+    async def recheck(self, x: Exchange) -> None:
+        """Cached bytes go only to callers the provider itself would serve (a HEAD with
+        their token), so the cache never widens a `forward_token` dataset's access."""
+        assert self.client is not None and x.obj is not None
+        if x.authorization is None:
+            raise UpstreamRefused("this dataset's provider needs your own token")
+        memo = (hashlib.sha256(x.authorization.encode()).hexdigest(), x.obj.href)
+        if memo in self._allowed:
+            return
+        await head(self.client, x.obj)  # raises UpstreamUnavailable(401/403): refusals()
+        self._allowed[memo] = True
+
+    async def slow(self, x: Exchange, send: Send) -> None:
+        """Queue the retrieval and hold, or say when to come back; HEAD answers at once."""
+        delivery, queue, entry, obj = self.delivery, self.queue, x.entry, x.obj
+        assert delivery is not None and queue is not None and entry is not None and obj is not None
         policy = entry.policy
-        key = object_key(entry.name, rel)
-        record = delivery.store.record(key)
-        if record is not None and record.complete:
-            await delivery.serve(asked, entry.name, rel, obj, send)
+        if x.method == "HEAD":  # at once, with the catalogue's size where there is one
+            await self.head_response(x, send)
             return
-        if asked.method == "HEAD":  # at once, with the catalogue's size where there is one
-            assert self.client is not None
-            await head_response(self.client, obj, send)
-            return
-        info = queue.submit(entry.name, rel, who.owner, policy.async_.max_attempts)
-        respond_async, wait = parse_prefer(prefer)
+        if obj.size is None:  # enqueue only what exists: a 404 here costs no job
+            await self.upstream_head(obj)
+        info = await queue.submit(entry.name, x.rel, x.who.owner, policy.async_.max_attempts)
+        respond_async, wait = parse_prefer(x.prefer)
         if not respond_async:
-            seconds = (
-                policy.async_.hold_seconds
-                if wait is None
-                else min(wait, policy.async_.hold_seconds)
-            )
+            seconds = policy.async_.hold_seconds
+            seconds = seconds if wait is None else min(wait, seconds)
             info = await hold(queue, self.durations, info, seconds)
             if info.state == SUCCEEDED:
-                delivery.store.refresh(key)
-                await delivery.serve(asked, entry.name, rel, obj, send)
-                return
+                assert delivery.store is not None
+                await delivery.io(delivery.store.refresh, x.cache_key)
+                x.plan = await delivery.plan(x, create=False)
+                if x.plan is not None:
+                    if policy.forward_token:
+                        await self.recheck(x)
+                    await delivery.send(x, x.plan, cache_control(policy), send)
+                    return
         status = 202 if respond_async else policy.async_.not_ready_status
         retry_after = self.durations.retry_after(info, policy)
         await not_ready(send, status, info, retry_after, self.public_url, respond_async)
 
-    async def passthrough(
-        self,
-        asked: Asked,
-        headers: dict[str, str],
-        obj: UpstreamObject,
-        path: str,
-        receive: Receive,
-        send: Send,
-    ) -> None:
+    async def upstream_head(self, obj: UpstreamObject) -> Meta:
+        """The provider's HEAD, reused for a little while (validators for pass-through)."""
         assert self.client is not None
-        if asked.method == "HEAD":
-            await head_response(self.client, obj, send)
+        meta = self._heads.get(obj.href)
+        if meta is None:
+            meta = self._heads[obj.href] = await head(self.client, obj)
+        return meta
+
+    async def head_response(self, x: Exchange, send: Send) -> None:
+        """HEAD with the provider's validators, so HEAD and GET agree; the catalogue's size
+        wins, and if the provider cannot say, the catalogue's answer still goes out."""
+        assert x.obj is not None and x.entry is not None
+        obj = x.obj
+        try:
+            meta: Meta | None = await self.upstream_head(obj)
+        except UpstreamUnavailable:
+            if obj.size is None:
+                raise
+            meta = None  # GDAL remembers a failed HEAD for good: answer what we know
+        size = obj.size if obj.size is not None else meta.size if meta else 0
+        headers = {"accept-ranges": "bytes", "content-length": str(size)}
+        fields = {
+            "content-type": obj.media_type or (meta.media_type if meta else None),
+            "etag": meta.etag if meta else None,
+            "last-modified": meta.last_modified if meta else None,
+        }
+        headers |= {k: v for k, v in fields.items() if v}
+        selection = select(x.conditions, size, headers.get("etag"), headers.get("last-modified"))
+        raw = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
+        raw.append((b"cache-control", cache_control(x.entry.policy)))
+        status = 304 if selection.status == 304 else 200
+        if status == 304:
+            raw = [h for h in raw if h[0] != b"content-length"]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def passthrough(self, x: Exchange, receive: Receive, send: Send) -> None:
+        assert self.client is not None and x.obj is not None and x.entry is not None
+        if x.method == "HEAD":
+            await self.head_response(x, send)
             return
-        forward = {k: v for k in FORWARD_HEADERS if (v := headers.get(k)) is not None}
-        check_range(forward)
-        body = await open_body(self.client, obj, forward)
-        await relay(body, path, receive, send)
+        forward = forwarded(x)
+        async with stream(self.client, x.obj, forward) as body:
+            await relay(body, x, cache_control(x.entry.policy), receive, send)
+
+
+def forwarded(x: Exchange) -> dict[str, str]:
+    """The request headers a provider sees: ranges and conditions, never credentials.
+
+    A Range we cannot parse is refused here; one in a unit we do not know is dropped
+    (RFC 9110 14.2), and so is a Range whose If-Range is weak (it must not be honoured).
+    """
+    out = {
+        "if-match": x.if_match,
+        "if-none-match": x.if_none_match,
+        "if-modified-since": x.if_modified_since,
+        "if-unmodified-since": x.if_unmodified_since,
+    }
+    rng = x.range
+    if rng is not None and rng.partition("=")[0].strip().lower() == "bytes":
+        if parse_range_header(rng) is None:
+            raise MalformedRange(f"malformed Range header {rng!r}; expected e.g. bytes=0-1023")
+        if x.if_range is None or not x.if_range.startswith("W/"):
+            out["range"] = rng
+            out["if-range"] = x.if_range
+    return {k: v for k, v in out.items() if v is not None}
 
 
 async def redirect(send: Send, location: str) -> None:
@@ -210,66 +301,53 @@ async def redirect(send: Send, location: str) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def check_range(forward: dict[str, str]) -> None:
-    """Refuse a Range we cannot parse; drop one in a unit we do not know (RFC 9110 14.2)."""
-    rng = forward.get("range")
-    if rng is None:
-        return
-    if rng.partition("=")[0].strip().lower() != "bytes":
-        del forward["range"]
-    elif parse_range_header(rng) is None:
-        raise MalformedRange(f"malformed Range header {rng!r}; expected e.g. bytes=0-1023")
+def expected_length(body: Body) -> int | None:
+    """How many bytes the upstream promised; a 206 must agree with its own Content-Range."""
+    length = body.headers.get("content-length")
+    promised = int(length) if length is not None and length.isdigit() else None
+    if body.status != 206:
+        return promised
+    parsed = parse_content_range_header(body.headers.get("content-range"))
+    if parsed is None or parsed.start is None or parsed.stop is None:
+        raise UpstreamUnavailable("upstream sent a 206 without a usable Content-Range", 206)
+    span = parsed.stop - parsed.start
+    if promised is not None and promised != span:
+        raise UpstreamUnavailable("upstream's 206 is shorter than its Content-Range", 206)
+    return span
 
 
-async def head_response(client: httpx.AsyncClient, obj: UpstreamObject, send: Send) -> None:
-    """HEAD must answer at once with the true size: the catalogue's, else the provider's."""
-    headers = {"accept-ranges": "bytes"}
-    if obj.size is not None:
-        headers["content-length"] = str(obj.size)
-        if obj.media_type:
-            headers["content-type"] = obj.media_type
-    else:
-        meta = await head(client, obj)
-        headers["content-length"] = str(meta.size)
-        for name, value in (
-            ("content-type", obj.media_type or meta.media_type),
-            ("etag", meta.etag),
-            ("last-modified", meta.last_modified),
-        ):
-            if value:
-                headers[name] = value
-    raw = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": 200, "headers": raw})
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def relay(body: Body, path: str, receive: Receive, send: Send) -> None:
+async def relay(
+    body: Body, x: Exchange, cache_control_: bytes, receive: Receive, send: Send
+) -> None:
     """Relay an upstream body as it arrives.
 
-    If the upstream cuts off, the client's response is left incomplete so the client sees
-    an error, never a short body presented as whole. A client that goes away stops the fetch.
+    A body that ends short of what was promised is left incomplete, so the client sees an
+    error, never a short body presented as whole. A client that goes away stops the fetch.
     """
-    sent = 0
+    expected = expected_length(body)
     raw = [(k.encode(), v.encode("latin-1")) for k, v in body.headers.items()]
-    try:
-        async with anyio.create_task_group() as tg:
+    raw.append((b"cache-control", cache_control_))
+    sent = 0
+    async with anyio.create_task_group() as tg:
 
-            async def stream() -> None:
-                nonlocal sent
-                await send({"type": "http.response.start", "status": body.status, "headers": raw})
-                try:
-                    async for chunk in body.chunks():
-                        sent += len(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except UpstreamUnavailable as e:
-                    log.warning("%s: %s after %d bytes; response aborted", path, e, sent)
-                else:
+        async def stream_body() -> None:
+            nonlocal sent
+            await send({"type": "http.response.start", "status": body.status, "headers": raw})
+            try:
+                async for chunk in body.chunks():
+                    sent += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except UpstreamError as e:
+                log.warning("%s: %s after %d bytes; response aborted", x.path, e, sent)
+            else:
+                if expected is None or sent == expected:
                     await send({"type": "http.response.body", "body": b""})
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stream)
-            while (await receive())["type"] != "http.disconnect":
-                pass
+                else:
+                    x.error = "upstream-short-body"
+                    log.warning("%s: upstream sent %d of %s bytes; aborted", x.path, sent, expected)
             tg.cancel_scope.cancel()
-    finally:
-        await body.aclose()
+
+        tg.start_soon(stream_body)
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        tg.cancel_scope.cancel()

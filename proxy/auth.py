@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ log = logging.getLogger("fdp.auth")
 
 ALGORITHMS = ["RS256", "ES256", "PS256"]
 LEEWAY = 30  # seconds of clock skew tolerated for exp/nbf/iat
+IDP_TIMEOUT = 5.0  # seconds for each call to the identity provider
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,20 @@ def _names(value: Any) -> frozenset[str]:
     return frozenset()
 
 
+class IdentityProviderUnavailable(ProxyError):
+    """We hold no keys and the identity provider does not answer: nobody can be checked."""
+
+    status, slug = 503, "identity-provider-unavailable"
+
+
 class Authenticator:
-    """Validates bearer tokens for one issuer and audience."""
+    """Validates bearer tokens for one issuer and audience.
+
+    Tokens signed with a key we hold are checked with no I/O and no lock. Only a token
+    with an unknown `kid` waits for a (single-flight) refetch, and the issuer is asked at
+    most once per `jwks_refetch_seconds` however it answers, so a slow or failing identity
+    provider never stalls requests whose keys are known, nor gets hammered.
+    """
 
     def __init__(self, config: AuthConfig, client: httpx.AsyncClient) -> None:
         assert config.oidc_issuer is not None
@@ -88,42 +102,51 @@ class Authenticator:
         self.config = config
         self.client = client
         self.keys: KeySet | None = None
-        self.fetched = 0.0
+        self.fetched = -math.inf  # when the issuer was last asked (monotonic)
         self._lock = asyncio.Lock()
+        self._timeout = httpx.Timeout(IDP_TIMEOUT)
 
-    async def _refresh(self, force: bool) -> None:
+    async def _refresh(self) -> None:
+        """Fetch the keys, unless someone asked the issuer within the last interval."""
         async with self._lock:
-            if self.keys is not None and not force:
-                return
-            if force and time.monotonic() - self.fetched < self.config.jwks_refetch_seconds:
-                return  # rate limit: one refetch per interval, however many bad kids
+            if time.monotonic() - self.fetched < self.config.jwks_refetch_seconds:
+                return  # just asked (maybe by a request we waited behind): rate limit
             self.fetched = time.monotonic()
             try:
-                disco = await self.client.get(f"{self.issuer}/.well-known/openid-configuration")
+                disco = await self.client.get(
+                    f"{self.issuer}/.well-known/openid-configuration", timeout=self._timeout
+                )
                 disco.raise_for_status()
-                jwks = await self.client.get(disco.json()["jwks_uri"])
+                jwks = await self.client.get(disco.json()["jwks_uri"], timeout=self._timeout)
                 jwks.raise_for_status()
                 self.keys = KeySet.import_key_set(jwks.json())
                 log.info("issuer keys loaded (%d)", len(self.keys.keys))
             except (httpx.HTTPError, ValueError, KeyError, JoseError) as e:
                 log.error("cannot fetch the issuer's keys: %s", type(e).__name__)
-                if self.keys is None:
-                    raise Unauthorized("the identity provider cannot be reached") from None
 
     async def identify(self, authorization: str | None) -> Identity:
         """The caller's identity; anonymous without a header; Unauthorized for a bad token."""
         if authorization is None:
             return ANONYMOUS
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise Unauthorized("expected 'Authorization: Bearer <token>'")
-        await self._refresh(force=False)
+        if self.keys is None:
+            await self._refresh()
+            if self.keys is None:
+                raise IdentityProviderUnavailable(
+                    "the identity provider cannot be reached; try again later",
+                    headers={
+                        "retry-after": str(max(1, math.ceil(self.config.jwks_refetch_seconds)))
+                    },
+                )
         try:
             try:
-                decoded = self._decode(token.strip())
+                decoded = self._decode(token)
             except InvalidKeyIdError:
-                await self._refresh(force=True)  # a rotated key, perhaps
-                decoded = self._decode(token.strip())
+                await self._refresh()  # a rotated key, perhaps
+                decoded = self._decode(token)
         except (JoseError, ValueError) as e:
             raise Unauthorized(f"invalid token ({type(e).__name__})") from None
         claims = decoded.claims

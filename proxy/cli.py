@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -22,25 +24,31 @@ from upstreams.registry import Registry
 
 log = logging.getLogger("fdp")
 
+#: seconds uvicorn gives open requests to finish on SIGINT/SIGTERM: a deployment drains them;
+#: the embedded default runs in someone's terminal, where Ctrl+C must stop it at once, even
+#: while a request is held waiting for a retrieval
+GRACE = 10.0
+DEMO_GRACE = 2.0
 
-def _settings(args: argparse.Namespace, var_dir: Path) -> tuple[Settings, str, str | None]:
-    """(settings, where they came from, demo upstream URL if the embedded default is used)."""
-    path = getattr(args, "config", None) or os.environ.get("FDP_CONFIG")
-    upstream_url = None
+
+def _embedded(var_dir: Path, upstream_url: str | None = None) -> Settings:
+    """The embedded default config; without `upstream_url` it needs no running upstream."""
+    from proxy.demo import OFFLINE_UPSTREAM, demo_config
+
+    return load_settings(None, default=demo_config(var_dir, upstream_url or OFFLINE_UPSTREAM))
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return getattr(args, "config", None) or os.environ.get("FDP_CONFIG") or None
+
+
+def _settings(args: argparse.Namespace, upstream_url: str | None = None) -> tuple[Settings, str]:
+    """(settings with --host/--port applied, where they came from)."""
+    path = _config_path(args)
     if path:
         settings, source = load_settings(path), path
     else:
-        from proxy.demo import demo_config, start_upstream
-
-        try:
-            upstream_url = start_upstream(var_dir / "demo-data", port=args.upstream_port)
-        except ImportError as e:
-            raise SystemExit(
-                f"fdp: the embedded default needs the demo data tools ({e.name} is missing): "
-                "pip install 'federated-data-proxy[demo]', or pass --config FILE"
-            ) from None
-        settings = load_settings(None, default=demo_config(upstream_url, var_dir))
-        source = "the embedded default config"
+        settings, source = _embedded(Path(args.var), upstream_url), "the embedded default config"
     server = settings.server
     update = {
         "host": args.host or server.host,
@@ -49,10 +57,46 @@ def _settings(args: argparse.Namespace, var_dir: Path) -> tuple[Settings, str, s
     if "public_url" not in server.model_fields_set:
         update["public_url"] = f"http://{update['host']}:{update['port']}"
     settings = settings.model_copy(update={"server": server.model_copy(update=update)})
-    return settings, source, upstream_url
+    return settings, source
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
+def _start_demo_upstream(args: argparse.Namespace) -> str:
+    """Start the demo upstream (generating its data on first run) and point EODAG at it."""
+    from proxy.demo import start_upstream, write_providers
+
+    var_dir = Path(args.var)
+    try:
+        upstream_url = start_upstream(var_dir / "demo-data", port=args.upstream_port)
+    except ImportError as e:
+        raise SystemExit(
+            f"fdp: the embedded default needs the demo data tools ({e.name} is missing): "
+            "pip install 'federated-data-proxy[demo]', or pass --config FILE"
+        ) from None
+    write_providers(var_dir, upstream_url)
+    return upstream_url
+
+
+def check_port(host: str, port: int, demo: bool = False) -> None:
+    """Fail in one line when the port is taken, before anything starts or is written.
+
+    Binds the way uvicorn does (SO_REUSEADDR), so a port in TIME_WAIT is not "in use".
+    """
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise SystemExit(f"fdp: cannot listen on {host}:{port}: {e.strerror}") from None
+            raise SystemExit(
+                f"fdp: port {port} is in use (another fdp{' demo' if demo else ''}?): "
+                "choose another with --port N or FDP_SERVER__PORT=N"
+            ) from None
+
+
+def uvicorn_options(settings: Settings, grace: float = GRACE) -> dict[str, Any]:
     return {
         "host": settings.server.host,
         "port": settings.server.port,
@@ -60,14 +104,14 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # an access line per request costs as much as a cache hit: only when asked for
         "access_log": logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO),
         "proxy_headers": False,
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": grace,
         "server_header": False,  # no "server: uvicorn" on every response
     }
 
 
-def _serve(settings: Settings, source: str, banner: str | None) -> None:
+def _serve(settings: Settings, source: str, banner: str | None, grace: float = GRACE) -> None:
     """Run uvicorn on its preferred loop (uvloop when installed), then print the banner."""
-    config = uvicorn.Config(create_app(settings, source), **uvicorn_options(settings))
+    config = uvicorn.Config(create_app(settings, source), **uvicorn_options(settings, grace))
     server = uvicorn.Server(config)
 
     async def main() -> None:
@@ -86,38 +130,52 @@ def _serve(settings: Settings, source: str, banner: str | None) -> None:
         raise SystemExit(f"fdp: could not start on {settings.server.host}:{settings.server.port}")
 
 
+def _serve_workers(settings: Settings, source: str, workers: int) -> None:
+    """Several uvicorn worker processes, each building its app from the same file."""
+    os.environ["FDP_CONFIG"] = str(Path(source).resolve())
+    os.environ["FDP_SERVER__PUBLIC_URL"] = str(settings.server.public_url)
+    Registry(settings, source).close()  # config errors surface here, once
+    uvicorn.run(
+        "proxy.app:from_environment",
+        factory=True,
+        workers=workers,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        proxy_headers=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
 def cmd_serve(args: argparse.Namespace, demo: bool = False) -> int:
-    settings, source, upstream_url = _settings(args, Path(args.var))
+    settings, source = _settings(args)
+    embedded = _config_path(args) is None
+    workers = getattr(args, "workers", 1)
+    if workers > 1 and embedded:
+        raise SystemExit("fdp: --workers needs a config file (--config or FDP_CONFIG)")
+    # before the demo upstream starts or ./var is written: a second demo leaves the first alone
+    check_port(settings.server.host, settings.server.port, demo)
+    if workers > 1:
+        _serve_workers(settings, source, workers)
+        return 0
+    if not embedded:
+        _serve(settings, source, None)
+        return 0
+    upstream_url = _start_demo_upstream(args)
+    settings, source = _settings(args, upstream_url)
     text = None
-    if demo and upstream_url:
+    if demo:
         from proxy.demo import banner
 
-        text = banner(str(settings.server.public_url).rstrip("/"), upstream_url)
-    workers = getattr(args, "workers", 1)
-    if workers > 1:
-        if upstream_url:
-            raise SystemExit("fdp: --workers needs a config file (--config or FDP_CONFIG)")
-        # each worker process builds its app from the same file and these overrides
-        os.environ["FDP_CONFIG"] = str(Path(source).resolve())
-        os.environ["FDP_SERVER__PUBLIC_URL"] = str(settings.server.public_url)
-        Registry(settings, source).close()  # config errors surface here, once
-        uvicorn.run(
-            "proxy.app:from_environment",
-            factory=True,
-            workers=workers,
-            host=settings.server.host,
-            port=settings.server.port,
-            log_config=None,
-            proxy_headers=False,
-            timeout_graceful_shutdown=10,
-        )
-        return 0
-    _serve(settings, source, text)
+        text = banner(str(settings.server.public_url).rstrip("/"), upstream_url, Path(args.var))
+    _serve(settings, source, text, grace=DEMO_GRACE)
     return 0
 
 
 def _store(args: argparse.Namespace) -> tuple[Settings, Store]:
-    settings = load_settings(getattr(args, "config", None))
+    """The cache of the config `fdp serve` would run: the file, else the embedded default."""
+    path = _config_path(args)
+    settings = load_settings(path) if path else _embedded(Path(args.var))
     try:
         return settings, Store(settings.cache.store)
     except CacheUnavailable as e:
@@ -252,6 +310,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("path", nargs="?")
     for p_ in (ls, put, ev):
         p_.add_argument("--config", default=argparse.SUPPRESS, help="config file (YAML)")
+        p_.add_argument("--var", default="./var", help="state folder for the embedded default")
     pol = sub.add_parser("policies", help="policy documents")
     pol_sub = pol.add_subparsers(dest="policies_command", required=True)
     v = pol_sub.add_parser("validate", help="validate the config file and exit")

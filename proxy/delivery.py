@@ -9,29 +9,31 @@ so an upstream error is still a proper problem response, not a broken body.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+import anyio
 import anyio.to_thread
 import httpx
+from cachetools import TTLCache
 from starlette.types import Send
-from werkzeug.http import parse_range_header
 
 from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
 from cache.integrity import ChecksumMismatch, Digest
-from cache.store import STORE_ERRORS, ObjectRecord, Store, object_key
-from proxy.problems import MalformedRange
-from upstreams.base import (
-    ObjectNotFound,
-    RangeNotSatisfiable,
-    UpstreamObject,
-    UpstreamUnavailable,
-)
+from cache.store import STORE_ERRORS, ObjectRecord, Store
+from proxy.conditional import Selection, select
+from proxy.exchange import Exchange, Kind, Plan
+from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
 from upstreams.http import head, open_body
+
+T = TypeVar("T")
 
 log = logging.getLogger("fdp.cache")
 
@@ -41,17 +43,28 @@ READ_AHEAD = 2
 SIMPLE_RANGE = re.compile(r"bytes=(\d{1,18})-(\d{1,18})\Z")
 ERROR_LOG_INTERVAL = 60.0
 RETRY_CACHE_AFTER = 10.0  # seconds of pass-through after a cache failure before trying again
+#: Threads for index reads and writes (SQLite): a lock held elsewhere blocks only these.
+STORE_THREADS = 4
 
 
-@dataclass
-class Asked:
-    """What the client asked, from its headers."""
+def _simple(x: Exchange, record: ObjectRecord) -> Selection | None:
+    """The common GDAL request, decided without parsing: no conditions, `bytes=a-b` inside."""
+    if x.method != "GET" or not x.unconditional:
+        return None
+    if x.range is None:
+        return Selection(200)
+    m = SIMPLE_RANGE.match(x.range)
+    if m is None:
+        return None
+    start, end = int(m[1]), int(m[2]) + 1
+    if start >= end or end > record.size:
+        return None
+    return Selection(206, ((start, end),))
 
-    method: str
-    path: str
-    range: str | None = None
-    if_none_match: str | None = None
-    if_range: str | None = None
+
+async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 @dataclass
@@ -84,35 +97,9 @@ class Health:
         return self.error is not None and time.monotonic() - self.last_failure < RETRY_CACHE_AFTER
 
 
-def byte_range(asked: Asked, record: ObjectRecord) -> tuple[int, int, bool]:
-    """(start, end, partial) for the response; raises for bad or unsatisfiable ranges."""
-    spec = asked.range
-    if spec is None or spec.partition("=")[0].strip().lower() != "bytes":
-        return 0, record.size, False
-    if asked.if_range is not None and asked.if_range != record.etag:
-        if not (asked.if_range == record.last_modified and record.last_modified):
-            return 0, record.size, False  # If-Range does not match: send it all
-    parsed = parse_range_header(spec)
-    if parsed is None:
-        raise MalformedRange(f"malformed Range header {spec!r}; expected e.g. bytes=0-1023")
-    if len(parsed.ranges) != 1:
-        return 0, record.size, False  # several ranges: RFC 9110 lets us send the whole
-    bounds = parsed.range_for_length(record.size)
-    if bounds is None:
-        raise RangeNotSatisfiable(record.size)
-    return bounds[0], bounds[1], True
-
-
-def _etag_matches(header: str, etag: str | None) -> bool:
-    if etag is None:
-        return False
-    if header.strip() == "*":
-        return True
-    weak = etag.removeprefix("W/")
-    return any(t.strip().removeprefix("W/") == weak for t in header.split(","))
-
-
 class CacheDelivery:
+    """Plans and sends responses from the cache; store I/O runs off the event loop."""
+
     def __init__(
         self,
         store: Store | None,
@@ -126,149 +113,247 @@ class CacheDelivery:
         self.clock = clock
         self.fills = Fills()
         self.health = Health()
-        self._header_memo: dict[str, tuple[ObjectRecord, tuple[tuple[bytes, bytes], ...]]] = {}
+        #: index reads and writes: a locked or slow SQLite holds these threads, not the loop
+        self.limiter = anyio.CapacityLimiter(STORE_THREADS)
+        self._revalidating: set[str] = set()
+        self._header_memo: TTLCache[str, tuple[ObjectRecord, tuple[tuple[bytes, bytes], ...]]]
+        self._header_memo = TTLCache(maxsize=16384, ttl=300)
 
     @property
     def usable(self) -> bool:
         return self.store is not None and not self.health.degraded
 
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store call in a thread of the store's own limiter."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
     # -- the record: what we know of the object before any block ----------------------
 
-    async def record(self, dataset: str, key: str, path: str, obj: UpstreamObject) -> ObjectRecord:
+    async def lookup(self, key: str, x: Exchange | None = None) -> ObjectRecord | None:
+        """The record. A stale one held in memory still serves a request whose blocks are
+        all held open (re-read in the background); anything else waits for the index."""
         assert self.store is not None
-        record = self.store.record(key)
+        record, fresh = self.store.peek(key)
+        if record is not None and not fresh and x is not None and self._held_for(record, x):
+            if key not in self._revalidating:
+                self._revalidating.add(key)
+                self.fills.spawn(self._revalidate(key))
+            return record
+        if record is not None and fresh:
+            return record
+        return await self.io(self.store.record, key)
+
+    def _held_for(self, record: ObjectRecord, x: Exchange) -> bool:
+        assert self.store is not None
+        selection = _simple(x, record)
+        if selection is None:
+            return False
+        start, end = selection.ranges[0] if selection.ranges else (0, record.size)
+        first, last = start // record.block_size, max(start, end - 1) // record.block_size
+        return all(self.store.held_block(record.key, i) for i in range(first, last + 1))
+
+    async def _revalidate(self, key: str) -> None:
+        assert self.store is not None
+        try:
+            await self.io(self.store.record, key)
+        except STORE_ERRORS as e:
+            self.health.failed("reading the cache index", e)
+        finally:
+            self._revalidating.discard(key)
+
+    async def record(self, x: Exchange, obj: UpstreamObject) -> ObjectRecord:
+        """The object's record; a new one takes the upstream's size and validators (HEAD)."""
+        dataset, key, path = x.dataset, x.cache_key, x.rel
+        assert self.store is not None
+        record = await self.lookup(key, x)
         if record is not None and not (
             record.checksum and obj.checksum and record.checksum != obj.checksum
         ):
             return record
         if record is not None:  # the catalogue now promises other bytes: start over
             log.info("cached %s/%s has an outdated checksum: evicted", dataset, path)
-            self.store.evict(key)
-        etag = last_modified = None
-        if obj.size is not None:
-            size, media_type = obj.size, obj.media_type
-        else:
-            meta = await head(self.client, obj)
-            size, etag, last_modified = meta.size, meta.etag, meta.last_modified
-            media_type = obj.media_type or meta.media_type
+            await self.io(self.store.evict, key)
+        meta = await head(self.client, obj)
         now = self.clock()
         record = ObjectRecord(
             key=key,
             dataset=dataset,
             path=path,
-            size=size,
+            size=obj.size if obj.size is not None else meta.size,
             block_size=self.block_size,
-            etag=etag,
-            last_modified=last_modified,
-            media_type=media_type,
+            etag=meta.etag,
+            last_modified=meta.last_modified,
+            media_type=obj.media_type or meta.media_type,
             checksum=obj.checksum,
             created=now,
             accessed=now,
         )
-        self.store.put_record(record)
+        await self.io(self.store.put_record, record)
         return record
 
-    # -- serving ----------------------------------------------------------------------
+    # -- planning: hit or miss, before anything is sent ---------------------------------
 
-    async def serve(
-        self, asked: Asked, dataset: str, path: str, obj: UpstreamObject, send: Send
-    ) -> None:
-        assert self.store is not None
-        key = object_key(dataset, path)
-        if await self._hit(asked, key, send):
+    async def plan(self, x: Exchange, create: bool = True) -> Plan | None:
+        """HIT when every byte asked for is cached, else MISS; None when `create` is False
+        and the object is not wholly cached. Raises for 412/416 and malformed ranges."""
+        assert x.obj is not None
+        if create:
+            record = await self.record(x, x.obj)
+        else:
+            record = await self.lookup(x.cache_key, x)
+            if record is None or not record.complete:
+                return None
+        selection = _simple(x, record) or select(
+            x.conditions, record.size, record.etag, record.last_modified
+        )
+        if x.method == "HEAD" or selection.status == 304 or record.complete:
+            return Plan(Kind.HIT, selection, record)
+        present = set(record.blocks)
+        for start, end in selection.ranges or ((0, record.size),):
+            first, last = start // record.block_size, max(start, end - 1) // record.block_size
+            if any(i not in present for i in range(first, last + 1)):
+                return Plan(Kind.MISS, selection, record)
+        return Plan(Kind.HIT, selection, record)
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def send(self, x: Exchange, plan: Plan, cache_control: bytes, send: Send) -> None:
+        record, selection = plan.record, plan.selection
+        assert record is not None and self.store is not None and x.obj is not None
+        headers = [*self._headers(record), (b"cache-control", cache_control)]
+        self.store.touch(record.key)
+        if selection.status == 304:
+            await _respond(send, 304, headers)
             return
-        record = await self.record(dataset, key, path, obj)
-        if asked.if_none_match and _etag_matches(asked.if_none_match, record.etag):
-            await self._head(send, record, 304)
+        if x.method == "HEAD":
+            headers.append((b"content-length", str(record.size).encode()))
+            await _respond(send, 200, headers)
             return
-        if asked.method == "HEAD":
-            await self._head(send, record, 200)
-            return
-        start, end, partial = byte_range(asked, record)
-        first, last = start // record.block_size, max(start, end - 1) // record.block_size
-        store = self.store
-        files = [store.block_file(key, i) for i in range(first, last + 1)]
-        self.store.touch(key)
-        if all(files):
+        ranges = selection.ranges or ((0, record.size),)
+        if plan.kind == Kind.HIT:
             self.health.counters["hit"] += 1
+            if len(ranges) == 1 and await self._small_hit(
+                record, ranges[0], selection.status, headers, send
+            ):
+                return
         else:
             self.health.counters["miss"] += 1
-            missing = next(i for i, f in zip(range(first, last + 1), files, strict=True) if not f)
-            await self._ensure_fill(record, obj, missing).started  # errors become problems
-            record = self.store.record(key) or record  # the fill may have learnt the etag
-        headers = list(self._headers(record))
-        status = 200
-        if partial:
-            status = 206
+            missing = next(
+                i
+                for start, end in ranges
+                for i in range(start // record.block_size, (end - 1) // record.block_size + 1)
+                if i not in record.blocks
+            )
+            await self._ensure_fill(record, x.obj, missing).started  # errors become problems
+            record = self.store.peek(record.key)[0] or record  # the fill may have learnt more
+        if len(ranges) == 1:
+            start, end = ranges[0]
+            if selection.status == 206:
+                headers.append(
+                    (b"content-range", f"bytes {start}-{end - 1}/{record.size}".encode())
+                )
+            headers.append((b"content-length", str(end - start).encode()))
+            await send(
+                {"type": "http.response.start", "status": selection.status, "headers": headers}
+            )
+            if await self._stream(record, x.obj, start, end, send):
+                await send({"type": "http.response.body", "body": b""})
+            return
+        await self._multipart(record, x.obj, ranges, headers, send)
+
+    async def _small_hit(
+        self,
+        record: ObjectRecord,
+        span: tuple[int, int],
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+    ) -> bool:
+        """The common case, kept short: one range inside one held block, one pread."""
+        start, end = span
+        index = start // record.block_size
+        if (end - 1) // record.block_size != index or end - start > CHUNK:
+            return False
+        assert self.store is not None
+        f = self.store.held_block(record.key, index)
+        if f is None:
+            return False
+        chunk = os.pread(f.fileno(), end - start, start - index * record.block_size)
+        if len(chunk) != end - start:
+            return False  # the general path notices and evicts
+        if status == 206:
             headers.append((b"content-range", f"bytes {start}-{end - 1}/{record.size}".encode()))
         headers.append((b"content-length", str(end - start).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        for n, index in enumerate(range(first, last + 1)):
+        await send({"type": "http.response.body", "body": chunk})
+        return True
+
+    async def _multipart(
+        self,
+        record: ObjectRecord,
+        obj: UpstreamObject,
+        ranges: tuple[tuple[int, int], ...],
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+    ) -> None:
+        """Several ranges: one multipart/byteranges body (RFC 9110 14.6)."""
+        boundary = secrets.token_hex(16)
+        media = (record.media_type or "application/octet-stream").encode("latin-1")
+        heads = [
+            b"\r\n--%s\r\ncontent-type: %s\r\ncontent-range: bytes %d-%d/%d\r\n\r\n"
+            % (boundary.encode(), media, start, end - 1, record.size)
+            for start, end in ranges
+        ]
+        tail = b"\r\n--%s--\r\n" % boundary.encode()
+        length = sum(len(h) for h in heads) + sum(e - s for s, e in ranges) + len(tail)
+        headers = [(k, v) for k, v in headers if k != b"content-type"]
+        headers += [
+            (b"content-type", b"multipart/byteranges; boundary=" + boundary.encode()),
+            (b"content-length", str(length).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 206, "headers": headers})
+        for head_, (start, end) in zip(heads, ranges, strict=True):
+            await send({"type": "http.response.body", "body": head_, "more_body": True})
+            if not await self._stream(record, obj, start, end, send):
+                return
+        await send({"type": "http.response.body", "body": tail})
+
+    async def _stream(
+        self, record: ObjectRecord, obj: UpstreamObject, start: int, end: int, send: Send
+    ) -> bool:
+        """Send bytes [start, end) from cached blocks and fills; False when aborted."""
+        assert self.store is not None
+        store = self.store
+        first, last = start // record.block_size, max(start, end - 1) // record.block_size
+        for index in range(first, last + 1):
             b0, b1 = record.block_range(index)
             a, b = max(start, b0), min(end, b1)
-            f = files[n] or store.block_file(key, index)
+            f = store.held_block(record.key, index)
+            if f is None and index in record.blocks:
+                f = await self.io(store.block_file, record.key, index)
             if f is not None:
                 fd, pos = f.fileno(), a - b0
                 while a < b:
                     chunk = os.pread(fd, min(CHUNK, b - a), pos)
                     if not chunk:
-                        log.error("cached block %s/%d is short: evicted", key, index)
-                        store.evict(key)
-                        return  # abort: the client sees an incomplete body
+                        log.error("cached block %s/%d is short: evicted", record.key, index)
+                        await self.io(store.evict, record.key)
+                        return False  # abort: the client sees an incomplete body
                     a += len(chunk)
                     pos += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
             self._read_ahead(record, obj, index + 1, min(last, index + READ_AHEAD))
             if not await self._stream_fill(record, obj, index, a, b, send):
-                return  # aborted
-        await send({"type": "http.response.body", "body": b""})
-
-    async def _hit(self, asked: Asked, key: str, send: Send) -> bool:
-        """The common case, kept short: a plain GET of one range inside one cached block."""
-        assert self.store is not None
-        if asked.method != "GET" or asked.if_none_match or asked.if_range:
-            return False
-        record = self.store.record(key)
-        if record is None:
-            return False
-        spec = asked.range
-        if spec is None:
-            start, end, partial = 0, record.size, False
-        else:
-            m = SIMPLE_RANGE.match(spec)
-            if m is None:
-                return False  # suffix, open-ended, several ranges...: the general path
-            start, end, partial = int(m[1]), int(m[2]) + 1, True
-            if start >= end or end > record.size:
                 return False
-        index = start // record.block_size
-        if (end - 1) // record.block_size != index or end - start > CHUNK:
-            return False
-        f = self.store.block_file(key, index)
-        if f is None:
-            return False
-        offset = index * record.block_size
-        chunk = os.pread(f.fileno(), end - start, start - offset)
-        if len(chunk) != end - start:
-            return False  # the general path notices and evicts
-        headers = list(self._headers(record))
-        if partial:
-            headers.append((b"content-range", f"bytes {start}-{end - 1}/{record.size}".encode()))
-        headers.append((b"content-length", str(end - start).encode()))
-        self.store.touch(key)
-        self.health.counters["hit"] += 1
-        await send(
-            {"type": "http.response.start", "status": 206 if partial else 200, "headers": headers}
-        )
-        await send({"type": "http.response.body", "body": chunk})
         return True
 
     def _read_ahead(self, record: ObjectRecord, obj: UpstreamObject, first: int, last: int) -> None:
         """Start the next missing blocks of a long response now, so their latency overlaps."""
         assert self.store is not None
+        current = self.store.peek(record.key)[0] or record
         for index in range(first, last + 1):
-            if self.store.block_file(record.key, index) is None:
+            if index not in current.blocks:
                 with contextlib.suppress(CacheWriteFailed):
                     self._ensure_fill(record, obj, index)
 
@@ -300,21 +385,12 @@ class CacheDelivery:
             return False
         return True
 
-    async def _head(self, send: Send, record: ObjectRecord, status: int) -> None:
-        headers = list(self._headers(record))
-        if status == 200:
-            headers.append((b"content-length", str(record.size).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": b""})
-
     def _headers(self, record: ObjectRecord) -> tuple[tuple[bytes, bytes], ...]:
         """A record's fixed headers, memoised per object until its record changes."""
         memo = self._header_memo.get(record.key)
         if memo is not None and memo[0] is record:
             return memo[1]
         headers = self._build_headers(record)
-        if len(self._header_memo) > 65536:
-            self._header_memo.clear()
         self._header_memo[record.key] = (record, headers)
         return headers
 
@@ -359,11 +435,12 @@ class CacheDelivery:
             body = await open_body(self.client, obj, {"range": f"bytes={b0}-{b1 - 1}"})
         except Exception as e:
             if isinstance(e, ObjectNotFound):
-                self.store.evict(record.key)  # no such object: keep no record of it
+                with contextlib.suppress(*STORE_ERRORS):  # no such object: keep no record
+                    await self.io(self.store.evict, record.key)
             fill.fail(e)
             return
         try:
-            self._check_response(record, body.status, body.headers, b0, b1)
+            await self._check_response(record, body.status, body.headers, b0, b1)
             fill.begin()
             async for chunk in body.chunks():
                 if fill.written + len(chunk) > b1 - b0:
@@ -382,8 +459,9 @@ class CacheDelivery:
         except ChecksumMismatch as e:
             self.health.integrity_failures += 1
             log.error("%s; not cached", e)
-            self.store.evict(record.key)
             fill.fail(FillFailed(str(e)))
+            with contextlib.suppress(*STORE_ERRORS):
+                await self.io(self.store.evict, record.key)
             return
         except (FillFailed, UpstreamUnavailable) as e:
             fill.fail(e)
@@ -392,20 +470,23 @@ class CacheDelivery:
             await body.aclose()
         fill.finish()
         try:
-            updated = await anyio.to_thread.run_sync(
-                self.store.commit_block, record.key, index, fill.path
-            )
+            updated = await self.io(self.store.commit_block, record.key, index, fill.path)
             if updated is not None and digest is not None:
-                self.store.update(
-                    record.key, sha256=digest.sha256.hexdigest(), verified=digest.checkable
+                await self.io(
+                    functools.partial(
+                        self.store.update,
+                        record.key,
+                        sha256=digest.sha256.hexdigest(),
+                        verified=digest.checkable,
+                    )
                 )
             elif updated is not None and updated.complete and not whole:
-                await anyio.to_thread.run_sync(self.verify_object, updated)
+                await self.io(self.verify_object, updated)
             self.health.recovered()
         except STORE_ERRORS as e:
             self.health.failed("cannot store a block", e)
 
-    def _check_response(
+    async def _check_response(
         self, record: ObjectRecord, status: int, headers: dict[str, str], b0: int, b1: int
     ) -> None:
         """The upstream must send exactly the block, of the object we think it is."""
@@ -419,10 +500,14 @@ class CacheDelivery:
             raise FillFailed(f"upstream answered {status} to a range request")
         etag, last_modified = headers.get("etag"), headers.get("last-modified")
         if record.etag and etag and etag != record.etag:
-            self.store.evict(record.key)
+            await self.io(self.store.evict, record.key)
             raise FillFailed("the object changed upstream (new ETag); cached blocks dropped")
         if record.etag is None and etag:
-            self.store.update(record.key, etag=etag, last_modified=last_modified)
+            await self.io(
+                functools.partial(
+                    self.store.update, record.key, etag=etag, last_modified=last_modified
+                )
+            )
 
     def verify_object(self, record: ObjectRecord) -> None:
         """Hash a multi-block object once all its blocks are in; a mismatch evicts it."""

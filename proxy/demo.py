@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +14,10 @@ import uvicorn
 import yaml
 
 DEMO_PROVIDER = "fdp_demo"  # EODAG spells provider names with underscores
+#: the demo upstream's URL for commands that never fetch (`fdp cache ...`): nothing listens
+#: there (port 9 is "discard"), so a stray fetch fails at once instead of hanging
+OFFLINE_UPSTREAM = "http://127.0.0.1:9"
+READDIR = "GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR"
 
 
 def providers_yaml(upstream_url: str) -> str:
@@ -56,15 +63,32 @@ def providers_yaml(upstream_url: str) -> str:
     return yaml.safe_dump(conf, sort_keys=False)
 
 
-def demo_config(upstream_url: str, var_dir: Path) -> dict[str, Any]:
-    """The embedded default config: local cache under `var_dir`, no Redis, three datasets."""
+def providers_path(var_dir: Path) -> Path:
+    return var_dir / "demo-providers.yml"
+
+
+def write_providers(var_dir: Path, upstream_url: str) -> Path:
+    """Point the demo's EODAG provider file at a running demo upstream.
+
+    Only `fdp serve` calls this, once its port is known to be free: the file belongs to the
+    demo that runs, so no other command may rewrite it.
+    """
     var_dir.mkdir(parents=True, exist_ok=True)
-    providers = var_dir / "demo-providers.yml"
+    providers = providers_path(var_dir)
     providers.write_text(providers_yaml(upstream_url))
+    return providers
+
+
+def demo_config(var_dir: Path, upstream_url: str = OFFLINE_UPSTREAM) -> dict[str, Any]:
+    """The embedded default config: local cache under `var_dir`, no Redis, three datasets.
+
+    Writes nothing and needs no running upstream, so every command can use it (`fdp cache`
+    with the placeholder URL); `fdp serve` calls `write_providers` once its upstream listens.
+    """
     objects = [f"{s}/{a}.tif" for s in ("scene-a", "scene-b", "scene-c") for a in ("visual", "B04")]
     return {
         "cache": {"store": str(var_dir / "cache")},
-        "eodag": {"providers_file": str(providers)},
+        "eodag": {"providers_file": str(providers_path(var_dir))},
         "datasets": {
             "demo-cogs": {
                 "title": "Demo scenes (EODAG, online)",
@@ -103,8 +127,43 @@ def start_upstream(data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> st
     return f"http://{host}:{bound}"
 
 
-def banner(public_url: str, upstream_url: str) -> str:
+def _tools(public_url: str, var_dir: Path) -> list[str]:
+    """One-line examples: the venv's tools by absolute path, `gdalinfo` only when installed."""
+    bindir = Path(sys.executable).parent
     asset = f"{public_url}/assets/demo-cogs/scene-a/visual"
+    lines = [f"curl -I {asset}"]
+    if (bindir / "rio").exists():  # rasterio's CLI, from the demo extra
+        lines.append(f"{READDIR} {shlex.quote(str(bindir / 'rio'))} info {asset}")
+    if shutil.which("gdalinfo"):
+        lines.append(f"{READDIR} gdalinfo /vsicurl/{asset}")
+    if (bindir / "fdp").exists():
+        var = shlex.quote(str(var_dir.resolve()))
+        lines.append(f"{shlex.quote(str(bindir / 'fdp'))} cache ls --var {var}")
+    return lines
+
+
+def _scripts(public_url: str) -> list[str]:
+    """Python examples run by the venv's interpreter: a fresh shell's `python` is not it."""
+    python = shlex.quote(sys.executable)
+    asset = f"{public_url}/assets/demo-cogs/scene-a/visual"
+    rasterio_script = f"""import rasterio
+from rasterio.windows import Window
+with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    with rasterio.open("{asset}") as src:
+        print(src.profile)
+        print(src.read(1, window=Window(0, 0, 256, 256)).mean())"""
+    stac_script = f"""from pystac_client import Client
+cat = Client.open("{public_url}/stac")
+for item in cat.search(collections=["demo-cogs"], bbox=[3, 44.9, 4, 45.2]).items():
+    print(item.id, item.assets["visual"].href)"""
+    return [f"{python} - <<'EOF'\n{s}\nEOF" for s in (rasterio_script, stac_script)]
+
+
+def banner(public_url: str, upstream_url: str, var_dir: Path) -> str:
+    """What `fdp demo` prints: where things are, and examples that run verbatim anywhere."""
+    tools, scripts = _tools(public_url, var_dir), _scripts(public_url)
+    text = "\n".join(f"  {line}" for line in tools)
+    text += "".join(f"\n\n  {script}" for script in scripts)
     return f"""
 fdp is running with the embedded default config and demo data.
 
@@ -118,24 +177,7 @@ file waits ~5 s for it to be staged), demo-files (plain HTTP).
 
 Try (GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR spares GDAL a directory listing):
 
-  curl -I {asset}
-  GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR gdalinfo /vsicurl/{asset}
-
-  python - <<'EOF'
-import rasterio
-from rasterio.windows import Window
-with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
-    with rasterio.open("{asset}") as src:
-        print(src.profile)
-        print(src.read(1, window=Window(0, 0, 256, 256)).mean())
-EOF
-
-  python - <<'EOF'
-from pystac_client import Client
-cat = Client.open("{public_url}/stac")
-for item in cat.search(collections=["demo-cogs"], bbox=[3, 44.9, 4, 45.2]).items():
-    print(item.id, item.assets["visual"].href)
-EOF
+{text}
 
 Press Ctrl+C to stop.
 """

@@ -1,15 +1,23 @@
-"""Errors as RFC 9457 problem documents, and the one place exceptions become HTTP statuses."""
+"""Errors as RFC 9457 problem documents, and the one table that turns exceptions into statuses.
+
+The table is keyed by exception type and looked up along the type's MRO (like Starlette's
+handler lookup): a subclass is mapped by its own entry or its nearest ancestor's. Anything
+not in the table is a 500 whose details stay in the log.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cache.fill import FillFailed
 from proxy.retrieval import RetrievalError
 from upstreams.base import (
     BadPath,
@@ -17,6 +25,7 @@ from upstreams.base import (
     ObjectNotFound,
     RangeNotSatisfiable,
     UpstreamError,
+    UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -31,16 +40,20 @@ TITLES = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    412: "Precondition Failed",
     416: "Range Not Satisfiable",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    508: "Loop Detected",
 }
 
 
 class ProxyError(Exception):
-    """A client-facing error raised by the proxy's own code."""
+    """A client-facing error raised by the proxy's own code: it carries its status."""
 
     status = 400
     slug = "bad-request"
@@ -51,8 +64,60 @@ class ProxyError(Exception):
         self.headers = headers or {}
 
 
+class BadRequest(ProxyError):
+    """A request we cannot make sense of: a malformed or non-ASCII header, a bad value."""
+
+
 class MalformedRange(ProxyError):
     status, slug = 400, "malformed-range"
+
+
+class MethodNotAllowed(ProxyError):
+    status, slug = 405, "method-not-allowed"
+
+
+class PreconditionFailed(ProxyError):
+    status, slug = 412, "precondition-failed"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one kind of exception answers: status, problem slug, extra headers, log level."""
+
+    status: int
+    slug: str
+    headers: Callable[[Any], dict[str, str]] | None = None
+    level: int | None = None  # log one line (no traceback) at this level
+
+
+def _range_headers(exc: RangeNotSatisfiable) -> dict[str, str]:
+    return {"content-range": f"bytes */{exc.size}"} if exc.size is not None else {}
+
+
+RULES: dict[type[BaseException], Rule] = {
+    DatasetNotFound: Rule(404, "unknown-dataset"),
+    ObjectNotFound: Rule(404, "not-found"),
+    BadPath: Rule(400, "bad-path"),
+    RangeNotSatisfiable: Rule(416, "range-not-satisfiable", _range_headers),
+    UpstreamRefused: Rule(403, "upstream-refused", level=logging.INFO),
+    UpstreamTimeout: Rule(504, "upstream-timeout", level=logging.WARNING),
+    UpstreamUnavailable: Rule(502, "upstream-failed", level=logging.WARNING),
+    UpstreamError: Rule(502, "upstream-failed", level=logging.WARNING),
+    FillFailed: Rule(502, "upstream-failed", level=logging.WARNING),
+    QueueUnavailable: Rule(
+        503, "queue-unavailable", lambda e: {"retry-after": "30"}, level=logging.ERROR
+    ),
+    RetrievalError: Rule(502, "retrieval-failed", level=logging.WARNING),
+}
+
+
+def lookup(exc: BaseException) -> Rule | None:
+    """The rule of the nearest type in `exc`'s MRO that has one."""
+    for cls in type(exc).__mro__:
+        rule = RULES.get(cls)
+        if rule is not None:
+            return rule
+    return None
 
 
 def problem(
@@ -75,41 +140,33 @@ def problem(
     return Response(
         json.dumps(body),
         status_code=status,
-        headers=headers,
+        headers={"cache-control": "no-store", **(headers or {})},
         media_type="application/problem+json",
     )
 
 
-def error_response(exc: Exception, path: str) -> Response:
-    """Map one exception to its response; anything unknown is a 500 with no internals shown."""
+def error_response(exc: BaseException, path: str) -> Response:
+    """The response for `exc`, by the table; unknown errors are logged and shown as 500."""
     if isinstance(exc, ProxyError):
         return problem(exc.status, exc.detail, slug=exc.slug, instance=path, headers=exc.headers)
-    if isinstance(exc, QueueUnavailable):
-        log.error("%s", exc)
-        return problem(
-            503, str(exc), slug="queue-unavailable", instance=path, headers={"retry-after": "30"}
-        )
-    if isinstance(exc, RetrievalError):
-        return problem(502, str(exc), slug="retrieval-failed", instance=path)
-    if isinstance(exc, DatasetNotFound):
-        return problem(404, str(exc), slug="unknown-dataset", instance=path)
-    if isinstance(exc, ObjectNotFound):
-        return problem(404, str(exc), slug="not-found", instance=path)
-    if isinstance(exc, BadPath):
-        return problem(400, str(exc), slug="bad-path", instance=path)
-    if isinstance(exc, RangeNotSatisfiable):
-        headers = {"content-range": f"bytes */{exc.size}"} if exc.size is not None else None
-        return problem(416, str(exc), slug="range-not-satisfiable", instance=path, headers=headers)
-    if isinstance(exc, UpstreamUnavailable):
-        log.warning("upstream failure on %s: %s", path, exc)
-        status = 504 if isinstance(exc, UpstreamTimeout) else 502
-        return problem(status, str(exc), slug="upstream-failed", instance=path)
-    if isinstance(exc, UpstreamError):
-        return problem(502, str(exc), slug="upstream-failed", instance=path)
     if isinstance(exc, HTTPException):
         return problem(exc.status_code, exc.detail, instance=path, headers=exc.headers)
-    log.error("unhandled error on %s", path, exc_info=exc)
-    return problem(500, "internal error; see the server log", instance=path)
+    rule = lookup(exc)
+    if rule is None:
+        log.error("unhandled error on %s", path, exc_info=exc)
+        return problem(500, "internal error; see the server log", instance=path)
+    if rule.level is not None:
+        log.log(rule.level, "%s: %s", path, exc)
+    headers = rule.headers(exc) if rule.headers else None
+    return problem(rule.status, str(exc), slug=rule.slug, instance=path, headers=headers)
+
+
+def slug_of(exc: BaseException) -> str:
+    """A short name of what went wrong, for the access log."""
+    if isinstance(exc, ProxyError):
+        return exc.slug
+    rule = lookup(exc)
+    return rule.slug if rule else type(exc).__name__
 
 
 async def handle(request: Request, exc: Exception) -> Response:
@@ -117,4 +174,6 @@ async def handle(request: Request, exc: Exception) -> Response:
 
 
 def exception_handlers() -> dict[Any, Any]:
-    return {Exception: handle, HTTPException: handle, UpstreamError: handle, ProxyError: handle}
+    """Starlette's handlers: every mapped type (Starlette walks the MRO too); an unmapped
+    error reaches its ServerErrorMiddleware, which answers 500 and logs the traceback."""
+    return {cls: handle for cls in (*RULES, ProxyError, HTTPException, Exception)}

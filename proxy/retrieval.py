@@ -15,7 +15,7 @@ import time
 from starlette.types import Send
 
 from policies.config import Dataset
-from upstreams.base import UpstreamObject
+from upstreams.base import ObjectNotFound, UpstreamObject
 from workers.jobs import FAILED, RUNNING, SUCCEEDED, JobInfo
 from workers.queue import JobQueue
 
@@ -97,9 +97,14 @@ async def hold(
     info: JobInfo,
     seconds: float,
 ) -> JobInfo:
-    """Wait up to `seconds` for the job; raises RetrievalError if it failed for good."""
+    """Wait up to `seconds` for the job; raises RetrievalError if it failed for good.
+
+    ObjectNotFound when the provider said the object is not there: a 404, not a 502.
+    """
     current = await queue.wait(info.id, seconds) or info
     durations.observe(current)
+    if current.state == FAILED and current.not_found:
+        raise ObjectNotFound(current.error or "no such object at the provider")
     if current.state == FAILED:
         raise RetrievalError(
             f"retrieval failed after {current.attempts} attempts: "

@@ -88,12 +88,18 @@ def test_head_http_has_true_length_and_no_body(client, upstream):
     assert [e["method"] for e in upstream.data_requests()] == ["HEAD"]
 
 
-def test_head_eodag_uses_catalogue_size_without_touching_the_data(client, upstream):
+def test_head_eodag_has_catalogue_size_and_the_validators_get_will_have(client, upstream):
     r = client.head("/assets/scenes/scene-b/B04")
     assert r.status_code == 200
     assert int(r.headers["content-length"]) == len(upstream.file("demo-cogs/scene-b/B04.tif"))
     assert r.headers["content-type"].startswith("image/tiff")
-    assert upstream.data_requests() == []
+    assert [e["method"] for e in upstream.data_requests()] == ["HEAD"]  # no data moved
+    g = client.get("/assets/scenes/scene-b/B04", headers={"Range": "bytes=0-9"})
+    assert g.status_code == 206
+    for name in ("etag", "last-modified", "content-type"):
+        assert g.headers[name] == r.headers[name]
+    again = client.head("/assets/scenes/scene-b/B04")
+    assert again.headers["etag"] == r.headers["etag"]
 
 
 def test_eodag_resolution_is_cached_and_sidecar_probes_are_fast_404s(client, upstream):
@@ -108,7 +114,7 @@ def test_eodag_resolution_is_cached_and_sidecar_probes_are_fast_404s(client, ups
         == 206
     )
     assert len(upstream.log("/search")) == searches  # no further search
-    assert len(upstream.data_requests()) == 1
+    assert [e["method"] for e in upstream.data_requests()] == ["HEAD", "GET"]  # probes: none
 
 
 @pytest.mark.parametrize(

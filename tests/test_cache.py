@@ -180,7 +180,7 @@ def test_cut_off_upstream_aborts_the_response_and_caches_nothing(cproxy, upstrea
 
 def test_checksum_mismatch_is_never_served_nor_cached(cproxy, upstream):
     url = f"{cproxy.url}/assets/scenes/scene-b/B04"  # one block, catalogue has file:checksum
-    upstream.fault("scene-b/B04", corrupt=True, times=1)
+    upstream.fault("scene-b/B04", method="GET", corrupt=True, times=1)
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(url)  # the last byte is withheld until verified: the client sees a cut
     ready = httpx.get(f"{cproxy.url}/readyz").json()["checks"]["cache"]

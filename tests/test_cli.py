@@ -57,7 +57,9 @@ def test_demo_runs_the_embedded_default_end_to_end(tmp_path, demo_data):
         while "Press Ctrl+C" not in (banner := proc.log_text()):
             assert time.monotonic() < deadline, banner
             time.sleep(0.05)
-        assert f"gdalinfo /vsicurl/{url}/assets/demo-cogs/scene-a/visual" in banner
+        asset = f"{url}/assets/demo-cogs/scene-a/visual"
+        assert f"{BIN / 'rio'} info {asset}" in banner
+        assert (f"gdalinfo /vsicurl/{asset}" in banner) == bool(shutil.which("gdalinfo"))
         assert f'Client.open("{url}/stac")' in banner
 
         with (

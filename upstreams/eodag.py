@@ -2,7 +2,8 @@
 
 EODAG does the provider-specific part (search, auth plugins, order metadata); the bytes are
 fetched by our own async client with the client's Range, because EODAG's streaming ignores
-ranges (NOTES.md). Every EODAG call blocks, so it runs in a worker thread.
+ranges (NOTES.md). Every EODAG call blocks, so it runs on the provider's own threads (a
+stalled provider cannot take the process's shared thread pool), with our timeouts.
 """
 
 from __future__ import annotations
@@ -11,19 +12,35 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import anyio.to_thread
+import anyio
 
-from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable, safe_key
+from upstreams.base import (
+    ObjectNotFound,
+    Origins,
+    Timeouts,
+    UpstreamObject,
+    UpstreamUnavailable,
+    bind,
+    run_blocking,
+    safe_key,
+)
+
+T = TypeVar("T")
 
 #: How long a resolved item (or a miss) is trusted before EODAG is asked again.
 ITEM_TTL = 300.0
 MISS_TTL = 30.0
 #: How long an order may take before the retrieval counts as failed.
 ORDER_TIMEOUT = 6 * 3600.0
+#: Retries of one EODAG search request (EODAG's default is 3, with growing pauses).
+SEARCH_RETRIES = 1
+#: Provider config keys whose URLs are patterns or data mappings, not places we fetch from.
+NOT_HOSTS = ("metadata_mapping", "products", "matching_url", "matching_conf")
 
 
 def make_gateway(providers_file: Path | None, workdir: Path) -> Any:
@@ -52,6 +69,42 @@ def make_gateway(providers_file: Path | None, workdir: Path) -> Any:
     return EODataAccessGateway(settings=settings)
 
 
+def limit_provider(gateway: Any, provider: str, timeouts: Timeouts) -> None:
+    """Give a provider's searches our timeout and few retries, unless its config sets them."""
+    search = gateway.providers[provider].search_config
+    if search is None:
+        return
+    for key, value in (("timeout", timeouts.read), ("retry_total", SEARCH_RETRIES)):
+        if getattr(search, key, None) is None:
+            setattr(search, key, value)
+
+
+def provider_origins(gateway: Any, provider: str) -> Origins:
+    """Every origin a provider's config names: its `url`, search/API endpoints, auth and
+    download hosts (not its data mappings, which are patterns)."""
+    seen: set[int] = set()
+
+    def walk(value: Any) -> Iterator[str]:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, str):
+            parts = urlsplit(value)
+            if parts.scheme in ("http", "https") and parts.netloc and "{" not in parts.netloc:
+                yield value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if k not in NOT_HOSTS:
+                    yield from walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                yield from walk(v)
+        elif hasattr(value, "__dict__"):
+            yield from walk(vars(value))
+
+    return Origins.of(*walk(gateway.providers[provider].config))
+
+
 class EodagWorkdir:
     """A private temporary folder for EODAG's config files, removed on close."""
 
@@ -73,10 +126,22 @@ def _split(path: str) -> tuple[str, str]:
 class EodagResolver:
     """Resolve through one provider and collection; items are cached, lookups single-flight."""
 
-    def __init__(self, gateway: Any, provider: str, collection: str) -> None:
+    def __init__(
+        self,
+        gateway: Any,
+        provider: str,
+        collection: str,
+        *,
+        timeouts: Timeouts | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        origins: Origins | None = None,
+    ) -> None:
         self.gateway = gateway
         self.provider = provider
         self.collection = collection
+        self.timeouts = timeouts or Timeouts()
+        self.limiter = limiter or anyio.CapacityLimiter(8)
+        self.origins = origins if origins is not None else provider_origins(gateway, provider)
         self._items: dict[str, tuple[float, dict[str, UpstreamObject] | None]] = {}
         self._inflight: dict[str, asyncio.Future[dict[str, UpstreamObject] | None]] = {}
 
@@ -87,7 +152,11 @@ class EodagResolver:
             raise ObjectNotFound(f"no item {item_id!r} in {self.collection}")
         if asset_key not in assets:
             raise ObjectNotFound(f"item {item_id!r} has no asset {asset_key!r}")
-        return assets[asset_key]
+        return bind(assets[asset_key], self.origins, self.timeouts)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking EODAG call on this provider's threads; waiting is bounded too."""
+        return await run_blocking(self.limiter, self.timeouts.call, fn, *args)
 
     async def _assets(self, item_id: str) -> dict[str, UpstreamObject] | None:
         hit = self._items.get(item_id)
@@ -99,7 +168,7 @@ class EodagResolver:
         future = asyncio.get_running_loop().create_future()
         self._inflight[item_id] = future
         try:
-            assets = await anyio.to_thread.run_sync(self._search, item_id)
+            assets = await self.run_blocking(self._search, item_id)
             ttl = ITEM_TTL if assets is not None else MISS_TTL
             self._items[item_id] = (time.monotonic() + ttl, assets)
             future.set_result(assets)
@@ -170,7 +239,7 @@ class EodagResolver:
         objects = _objects(product)
         if asset_key not in objects:
             raise ObjectNotFound(f"item {item_id!r} has no asset {asset_key!r}")
-        return objects[asset_key]
+        return bind(objects[asset_key], self.origins, self.timeouts)
 
 
 def _objects(product: Any) -> dict[str, UpstreamObject]:

@@ -1,19 +1,30 @@
-"""Plain HTTP: resolve keys under a base URL, and fetch bytes from any http(s) href."""
+"""Plain HTTP: resolve keys under a base URL, and fetch bytes from any allowed http(s) href.
+
+Redirects are followed here, not by httpx: every hop must be an origin the dataset allows,
+and the provider's credentials (`UpstreamObject.headers`) never leave the href's origin.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
 from upstreams.base import (
     ObjectNotFound,
+    Origin,
+    Origins,
     RangeNotSatisfiable,
+    Timeouts,
     UpstreamObject,
     UpstreamTimeout,
     UpstreamUnavailable,
+    bind,
+    origin_of,
     quote_key,
     safe_key,
 )
@@ -30,15 +41,38 @@ PASS_HEADERS = (
 )
 #: Request headers a client may send on to a provider (never Authorization or cookies).
 FORWARD_HEADERS = ("range", "if-none-match", "if-modified-since", "if-range")
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+CLIENT_HEADERS = {"accept-encoding": "identity", "user-agent": "fdp"}
 
 
-def make_client(timeout: float = 300.0) -> httpx.AsyncClient:
-    """One pooled client per process: connection reuse is most of an upstream's latency."""
+def httpx_timeout(timeouts: Timeouts) -> httpx.Timeout:
+    """Our two numbers as httpx's four: writes like reads, a pooled connection like a call."""
+    return httpx.Timeout(
+        connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.call
+    )
+
+
+def make_client(timeouts: Timeouts | None = None) -> httpx.AsyncClient:
+    """One pooled client per process: connection reuse is most of an upstream's latency.
+
+    It does not follow redirects: `head` and `open_body` do, checking each hop.
+    """
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout, connect=10.0),
+        timeout=httpx_timeout(timeouts or Timeouts()),
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        follow_redirects=True,
-        headers={"accept-encoding": "identity", "user-agent": "fdp"},
+        follow_redirects=False,
+        headers=CLIENT_HEADERS,
+        trust_env=False,
+    )
+
+
+def make_sync_client(timeouts: Timeouts | None = None) -> httpx.Client:
+    """The blocking twin of `make_client`, for worker processes (use with `stream_sync`)."""
+    return httpx.Client(
+        timeout=httpx_timeout(timeouts or Timeouts()),
+        follow_redirects=False,
+        headers=CLIENT_HEADERS,
         trust_env=False,
     )
 
@@ -46,9 +80,17 @@ def make_client(timeout: float = 300.0) -> httpx.AsyncClient:
 class HttpResolver:
     """Objects of an `http` dataset are keys under `base_url`; `objects`, if given, is the list."""
 
-    def __init__(self, base_url: str, objects: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        objects: list[str] | None = None,
+        origins: Origins | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.objects = set(objects) if objects is not None else None
+        self.origins = (origins or Origins()) | Origins.of(self.base_url)
+        self.timeouts = timeouts or Timeouts()
 
     async def resolve(self, path: str) -> UpstreamObject:
         return self._resolve(path)
@@ -58,7 +100,8 @@ class HttpResolver:
         key = safe_key(path)
         if self.objects is not None and key not in self.objects:
             raise ObjectNotFound(f"no object {key!r}")
-        return UpstreamObject(href=self.base_url + quote_key(key))
+        obj = UpstreamObject(href=self.base_url + quote_key(key))
+        return bind(obj, self.origins, self.timeouts)
 
 
 @dataclass
@@ -79,20 +122,88 @@ def _raise_for(status: int, what: str, response: httpx.Response) -> None:
         raise UpstreamUnavailable(f"{what}: upstream answered {status}", status)
 
 
-def _transport_error(what: str, exc: httpx.HTTPError) -> UpstreamUnavailable:
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"{what}: upstream timed out ({type(exc).__name__})")
-    return UpstreamUnavailable(f"{what}: upstream failed ({type(exc).__name__})")
+@contextlib.contextmanager
+def map_transport_errors(what: str) -> Iterator[None]:
+    """The one place httpx's transport errors become ours (like httpx's own mapping of httpcore)."""
+    try:
+        yield
+    except httpx.TimeoutException as e:
+        raise UpstreamTimeout(f"{what}: upstream timed out ({type(e).__name__})") from None
+    except httpx.HTTPError as e:
+        raise UpstreamUnavailable(f"{what}: upstream failed ({type(e).__name__})") from None
+
+
+def _origin(url: str) -> Origin | None:
+    try:
+        return origin_of(url)
+    except ValueError:
+        return None
+
+
+class Hops:
+    """Where one fetch goes next: each redirect's origin checked, credentials kept at home."""
+
+    def __init__(self, obj: UpstreamObject) -> None:
+        self.allowed = obj.origins if obj.origins is not None else Origins.of(obj.href)
+        if obj.origins is not None:
+            obj.origins.check(obj.href, "href")
+        self.home = _origin(obj.href)
+        self.url = obj.href
+        self.credentials = obj.headers
+        self.timeout: Any = (
+            httpx_timeout(obj.timeouts) if obj.timeouts else httpx.USE_CLIENT_DEFAULT
+        )
+        self.left = MAX_REDIRECTS
+
+    def headers(self, extra: dict[str, str]) -> dict[str, str]:
+        return {**extra, **self.credentials}
+
+    def follow(self, response: httpx.Response) -> bool:
+        """True when `response` is a redirect we may follow; `url` is then the next hop."""
+        location = response.headers.get("location")
+        if response.status_code not in REDIRECTS or not location:
+            return False
+        if self.left == 0:
+            raise UpstreamUnavailable(f"more than {MAX_REDIRECTS} redirects", response.status_code)
+        self.left -= 1
+        url = str(response.url.join(location))
+        self.allowed.check(url, "redirect")
+        if _origin(url) != self.home:
+            self.credentials = {}  # the provider's credentials are for its own origin only
+        self.url = url
+        return True
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    method: str,
+    obj: UpstreamObject,
+    extra: dict[str, str],
+    *,
+    stream: bool = False,
+) -> httpx.Response:
+    """Send one request and follow its redirects; the final response is returned open."""
+    hops = Hops(obj)
+    while True:
+        request = client.build_request(
+            method, hops.url, headers=hops.headers(extra), timeout=hops.timeout
+        )
+        with map_transport_errors(method):
+            response = await client.send(request, stream=stream)
+        try:
+            if not hops.follow(response):
+                return response
+        except BaseException:
+            await response.aclose()
+            raise
+        await response.aclose()
 
 
 async def head(client: httpx.AsyncClient, obj: UpstreamObject) -> Meta:
     """Size and validators of an object; falls back to a 1-byte GET where HEAD is refused."""
-    try:
-        r = await client.head(obj.href, headers=obj.headers)
-        if r.status_code in (403, 405, 501) or "content-length" not in r.headers:
-            r = await client.get(obj.href, headers={**obj.headers, "range": "bytes=0-0"})
-    except httpx.HTTPError as e:
-        raise _transport_error("HEAD", e) from None
+    r = await _send(client, "HEAD", obj, {})
+    if r.status_code in (403, 405, 501) or "content-length" not in r.headers:
+        r = await _send(client, "GET", obj, {"range": "bytes=0-0"})
     _raise_for(r.status_code, "HEAD", r)
     if r.status_code == 206:
         total = r.headers.get("content-range", "").rpartition("/")[2]
@@ -110,7 +221,11 @@ async def head(client: httpx.AsyncClient, obj: UpstreamObject) -> Meta:
 
 
 class Body:
-    """An open upstream response: status, the headers to pass on, and the byte stream."""
+    """An open upstream response: status, the headers to pass on, and the byte stream.
+
+    An async context manager: `async with await open_body(...) as body:` (or `stream(...)`)
+    closes it on every path.
+    """
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
@@ -119,27 +234,65 @@ class Body:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Raw bytes as they arrive; raises UpstreamUnavailable if the body is cut off."""
-        try:
+        with map_transport_errors("GET body"):
             async for chunk in self.response.aiter_raw():
                 yield chunk
-        except httpx.HTTPError as e:
-            raise _transport_error("GET body", e) from None
 
     async def aclose(self) -> None:
         await self.response.aclose()
+
+    async def __aenter__(self) -> Body:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 async def open_body(
     client: httpx.AsyncClient, obj: UpstreamObject, forward: dict[str, str]
 ) -> Body:
-    """Start a GET; the caller must `aclose()` the result. 304 passes through."""
-    headers = {**forward, **obj.headers}
-    request = client.build_request("GET", obj.href, headers=headers)
-    try:
-        response = await client.send(request, stream=True)
-    except httpx.HTTPError as e:
-        raise _transport_error("GET", e) from None
+    """Start a GET (following allowed redirects); close the result. 304 passes through."""
+    response = await _send(client, "GET", obj, forward, stream=True)
     if response.status_code >= 400:
         await response.aclose()
         _raise_for(response.status_code, "GET", response)
     return Body(response)
+
+
+@contextlib.asynccontextmanager
+async def stream(
+    client: httpx.AsyncClient, obj: UpstreamObject, forward: dict[str, str]
+) -> AsyncIterator[Body]:
+    """`open_body` as a context manager: the body is closed however the block ends."""
+    async with await open_body(client, obj, forward) as body:
+        yield body
+
+
+@contextlib.contextmanager
+def stream_sync(
+    client: httpx.Client, obj: UpstreamObject, forward: dict[str, str] | None = None
+) -> Iterator[httpx.Response]:
+    """A blocking GET with the same redirect and error rules as `open_body` (for workers).
+
+    Read the body inside `map_transport_errors`, e.g. `with map_transport_errors("GET body"):`.
+    """
+    hops = Hops(obj)
+    while True:
+        request = client.build_request(
+            "GET", hops.url, headers=hops.headers(forward or {}), timeout=hops.timeout
+        )
+        with map_transport_errors("GET"):
+            response = client.send(request, stream=True)
+        try:
+            if not hops.follow(response):
+                break
+        except BaseException:
+            response.close()
+            raise
+        response.close()
+    try:
+        if response.status_code >= 400:
+            _raise_for(response.status_code, "GET", response)
+        yield response
+    finally:
+        response.close()

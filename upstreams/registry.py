@@ -6,10 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from policies.config import Dataset, Settings
 from policies.loader import ConfigError
-from upstreams.base import DatasetNotFound, Resolver
-from upstreams.eodag import EodagResolver, EodagWorkdir, make_gateway
+from upstreams.base import DatasetNotFound, Origins, Resolver, Timeouts
+from upstreams.eodag import (
+    EodagResolver,
+    EodagWorkdir,
+    limit_provider,
+    make_gateway,
+    provider_origins,
+)
 from upstreams.http import HttpResolver
 from upstreams.s3 import S3Resolver
 
@@ -19,6 +27,18 @@ class Entry:
     name: str
     policy: Dataset
     resolver: Resolver
+    #: where this dataset's fetches may go: its upstream's own origins plus `allowed_hosts`
+    origins: Origins
+    timeouts: Timeouts
+
+
+def dataset_timeouts(settings: Settings, ds: Dataset) -> Timeouts:
+    """The dataset's timeouts, each defaulting to `upstream_defaults`."""
+    default, own = settings.upstream_defaults, ds.timeouts
+    return Timeouts(
+        connect=own.connect_timeout if own and own.connect_timeout else default.connect_timeout,
+        read=own.read_timeout if own and own.read_timeout else default.read_timeout,
+    )
 
 
 class Registry:
@@ -28,14 +48,21 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         self.gateway: Any = None
         self._workdir: EodagWorkdir | None = None
+        #: one thread limiter per upstream (S3 endpoint, EODAG provider), shared by its datasets
+        self.limiters: dict[str, anyio.CapacityLimiter] = {}
         problems: list[str] = []
         for name, ds in settings.datasets.items():
             up = ds.upstream
+            timeouts = dataset_timeouts(settings, ds)
+            allowed = Origins.parse(ds.allowed_hosts)
+            resolver: Resolver
             if up.http is not None:
-                resolver: Resolver = HttpResolver(str(up.http.base_url), up.http.objects)
+                resolver = HttpResolver(str(up.http.base_url), up.http.objects, allowed, timeouts)
             elif up.fdp is not None:
                 base = str(up.fdp.base_url).rstrip("/")
-                resolver = HttpResolver(f"{base}/assets/{up.fdp.dataset or name}/")
+                resolver = HttpResolver(
+                    f"{base}/assets/{up.fdp.dataset or name}/", None, allowed, timeouts
+                )
             elif up.s3 is not None:
                 key_id, secret = up.s3.credentials()
                 resolver = S3Resolver(
@@ -46,6 +73,9 @@ class Registry:
                     up.s3.region,
                     key_id,
                     secret,
+                    timeouts=timeouts,
+                    limiter=self._limiter(settings, f"s3 {up.s3.endpoint_url}"),
+                    origins=allowed,
                 )
             elif up.eodag is not None:
                 gateway = self._gateway(settings)
@@ -56,17 +86,30 @@ class Registry:
                         f"{up.eodag.provider!r} (the providers file defines: {known})"
                     )
                     continue
-                resolver = EodagResolver(gateway, up.eodag.provider, up.eodag.collection)
+                limit_provider(gateway, up.eodag.provider, timeouts)
+                resolver = EodagResolver(
+                    gateway,
+                    up.eodag.provider,
+                    up.eodag.collection,
+                    timeouts=timeouts,
+                    limiter=self._limiter(settings, f"eodag {up.eodag.provider}"),
+                    origins=allowed | provider_origins(gateway, up.eodag.provider),
+                )
             else:
                 problems.append(
                     f"datasets.{name}.upstream: '{up.kind}' upstreams are not "
                     "supported by this version (http, fdp, s3 and eodag are)"
                 )
                 continue
-            self.entries[name] = Entry(name, ds, resolver)
+            self.entries[name] = Entry(name, ds, resolver, resolver.origins, timeouts)
         if problems:
             self.close()
             raise ConfigError(source, problems)
+
+    def _limiter(self, settings: Settings, upstream: str) -> anyio.CapacityLimiter:
+        if upstream not in self.limiters:
+            self.limiters[upstream] = anyio.CapacityLimiter(settings.upstream_defaults.max_threads)
+        return self.limiters[upstream]
 
     def _gateway(self, settings: Settings) -> Any:
         if self.gateway is None:

@@ -2,23 +2,65 @@
 
 The platform's credentials sign everything here and never leave the process: fetches use a
 short-lived presigned URL (so the ordinary HTTP path does ranged GETs), and clients only
-ever see presigned URLs made for the public endpoint.
+ever see presigned URLs made for the public endpoint. boto3 blocks, so its calls run on this
+store's own threads (a stalled store cannot take the process's shared thread pool).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
-import anyio.to_thread
+import anyio
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+)
 
-from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable, safe_key
+from upstreams.base import (
+    ObjectNotFound,
+    Origins,
+    Timeouts,
+    UpstreamObject,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    bind,
+    run_blocking,
+    safe_key,
+)
+
+T = TypeVar("T")
 
 #: Lifetime of the URLs we fetch with ourselves, and how long a resolution is reused.
 FETCH_URL_SECONDS = 600
 RESOLVE_TTL = 60.0
+#: Attempts per call, the first included: a stalled store costs at most this many timeouts.
+MAX_ATTEMPTS = 2
+
+
+@contextlib.contextmanager
+def map_boto_errors(what: str) -> Iterator[None]:
+    """The one place botocore's errors become ours."""
+    try:
+        yield
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise ObjectNotFound(f"{what}: no such object") from None
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        raise UpstreamUnavailable(
+            f"{what}: object store answered {code or 'an error'}", status
+        ) from None
+    except (ConnectTimeoutError, ReadTimeoutError) as e:
+        raise UpstreamTimeout(f"{what}: object store timed out ({type(e).__name__})") from None
+    except BotoCoreError as e:
+        raise UpstreamUnavailable(f"{what}: object store failed ({type(e).__name__})") from None
 
 
 class S3Resolver:
@@ -31,13 +73,21 @@ class S3Resolver:
         region: str | None = None,
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
+        *,
+        timeouts: Timeouts | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        origins: Origins | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.timeouts = timeouts or Timeouts()
+        self.limiter = limiter or anyio.CapacityLimiter(8)
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=self.timeouts.connect,
+            read_timeout=self.timeouts.read,
+            retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
         )
         session = boto3.session.Session(
             aws_access_key_id=access_key_id,
@@ -48,38 +98,38 @@ class S3Resolver:
         self.public = session.client(
             "s3", endpoint_url=public_endpoint_url or endpoint_url, config=config
         )
+        # the presigned URLs we fetch point at the endpoint: it is always allowed
+        self.origins = (origins or Origins()) | Origins.of(self.client.meta.endpoint_url)
         self._seen: dict[str, tuple[float, UpstreamObject]] = {}
 
     def key(self, path: str) -> str:
         return self.prefix + safe_key(path)
 
+    async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking call on this store's threads; waiting for one is bounded too."""
+        return await run_blocking(self.limiter, self.timeouts.call, fn, *args)
+
     async def resolve(self, path: str) -> UpstreamObject:
         hit = self._seen.get(path)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        obj = await anyio.to_thread.run_sync(self._head, path)
+        obj = await self.run_blocking(self._head, path)
         self._seen[path] = (time.monotonic() + RESOLVE_TTL, obj)
         return obj
 
     def _head(self, path: str) -> UpstreamObject:
         key = self.key(path)
-        try:
+        with map_boto_errors(f"object {path!r}"):
             meta = self.client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NotFound"):
-                raise ObjectNotFound(f"no object {path!r}") from None
-            raise UpstreamUnavailable(f"object store answered {code or 'an error'}") from None
-        except BotoCoreError as e:
-            raise UpstreamUnavailable(f"object store failed ({type(e).__name__})") from None
         href = self.client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": key},
             ExpiresIn=FETCH_URL_SECONDS,
         )
-        return UpstreamObject(
+        obj = UpstreamObject(
             href=href, size=meta["ContentLength"], media_type=meta.get("ContentType")
         )
+        return bind(obj, self.origins, self.timeouts)
 
     def presign(self, path: str, method: str, expires: int) -> str:
         """A URL for clients: GET, or HEAD (a GET signature does not cover HEAD)."""
@@ -88,14 +138,19 @@ class S3Resolver:
             operation, Params={"Bucket": self.bucket, "Key": self.key(path)}, ExpiresIn=expires
         )
 
+    async def list_keys(self, limit: int = 10000) -> list[str]:
+        """`keys()` on this store's threads."""
+        return await self.run_blocking(self.keys, limit)
+
     def keys(self, limit: int = 10000) -> list[str]:
-        """Object keys under the prefix (relative to it), for listings."""
+        """Object keys under the prefix (relative to it), for listings. Blocking."""
         out: list[str] = []
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.prefix
-        )
-        for page in pages:
-            out += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
-            if len(out) >= limit:
-                break
+        with map_boto_errors("listing"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                out += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
+                if len(out) >= limit:
+                    break
         return out[:limit]

@@ -38,6 +38,8 @@ class JobInfo:
     bytes_done: int = 0
     bytes_total: int | None = None
     error: str | None = None
+    #: failed because the object is not at the provider (a 404 to whoever asked, not a 502)
+    not_found: bool = False
     owners: list[str] = field(default_factory=list)
     attempts: int = 0
     max_attempts: int = 3

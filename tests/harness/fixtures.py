@@ -13,6 +13,10 @@ import pytest
 
 from tests.harness.oidc_issuer import OidcIssuer, start_oidc_issuer
 from tests.harness.services import S3Server, start_redis, start_seaweedfs
+from tests.harness.stalls import Blackhole, start_blackhole
+
+#: How long the `slow_oidc` issuer takes to answer, unless a test sets another delay.
+SLOW_OIDC_SECONDS = 3.0
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +57,33 @@ def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcIssuer]:
     finally:
         if issuer.proc is not None:
             issuer.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def _slow_oidc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcIssuer]:
+    base = tmp_path_factory.mktemp("slow-oidc")
+    issuer = start_oidc_issuer(base / "logs", base / "data", delay=SLOW_OIDC_SECONDS)
+    try:
+        yield issuer
+    finally:
+        if issuer.proc is not None:
+            issuer.proc.stop()
+
+
+@pytest.fixture
+def slow_oidc(_slow_oidc_server: OidcIssuer) -> OidcIssuer:
+    """An OIDC issuer (not the `oidc` one) whose discovery and JWKS answers take
+    SLOW_OIDC_SECONDS; `slow_oidc.set_delay(s)` changes that for the rest of the test."""
+    _slow_oidc_server.set_delay(SLOW_OIDC_SECONDS)
+    return _slow_oidc_server
+
+
+@pytest.fixture(scope="session")
+def blackhole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Blackhole]:
+    """A server that accepts connections and never answers: `.url` (an S3 endpoint or HTTP
+    upstream that hangs), `.redis_url` (a Redis that hangs), `.connections()`."""
+    server = start_blackhole(tmp_path_factory.mktemp("blackhole"))
+    try:
+        yield server
+    finally:
+        server.stop()

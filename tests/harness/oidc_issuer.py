@@ -3,7 +3,8 @@
 The server (`python -m tests.harness.oidc_issuer --port P --jwks-file F`) re-reads F on
 every JWKS request, so a test rotates keys by rewriting the file, and it counts JWKS
 requests (`GET /_stats`) so tests can prove the proxy caches keys. A missing JWKS file
-answers 503: delete it to simulate an issuer outage.
+answers 503: delete it to simulate an issuer outage. A slow issuer: `--delay S` (or
+`POST /_delay {"seconds": S}` at run time) holds every discovery and JWKS answer S seconds.
 
 `TokenFactory` holds the private keys (joserfc; authlib's JOSE module is deprecated) and
 mints good and hostile tokens.
@@ -43,13 +44,15 @@ SIGNING_ALGS = ["RS256", "PS256", "ES256"]
 # --- the issuer's HTTP side ---------------------------------------------------------------
 
 
-def create_app(issuer: str, jwks_file: Path) -> Starlette:
-    """Discovery, JWKS (re-read per request) and request counters."""
+def create_app(issuer: str, jwks_file: Path, delay: float = 0.0) -> Starlette:
+    """Discovery, JWKS (re-read per request, both after `delay` seconds) and request counters."""
     issuer = issuer.rstrip("/")
     stats = {"jwks_requests": 0, "discovery_requests": 0}
+    slow = {"seconds": delay}
 
     async def discovery(request: Request) -> Response:
         stats["discovery_requests"] += 1
+        await anyio.sleep(slow["seconds"])
         return JSONResponse(
             {
                 "issuer": issuer,
@@ -65,6 +68,7 @@ def create_app(issuer: str, jwks_file: Path) -> Starlette:
 
     async def jwks(request: Request) -> Response:
         stats["jwks_requests"] += 1
+        await anyio.sleep(slow["seconds"])
         try:
             body = await anyio.Path(jwks_file).read_bytes()
         except FileNotFoundError:
@@ -78,12 +82,17 @@ def create_app(issuer: str, jwks_file: Path) -> Starlette:
     async def get_stats(request: Request) -> Response:
         return JSONResponse(stats)
 
+    async def set_delay(request: Request) -> Response:
+        slow["seconds"] = float((await request.json())["seconds"])
+        return Response(status_code=204)
+
     return Starlette(
         routes=[
             Route("/.well-known/openid-configuration", discovery),
             Route("/jwks", jwks),
             Route("/token", token, methods=["POST"]),
             Route("/_stats", get_stats),
+            Route("/_delay", set_delay, methods=["POST"]),
         ]
     )
 
@@ -95,9 +104,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--jwks-file", type=Path, required=True)
     parser.add_argument("--issuer", help="default: http://127.0.0.1:PORT")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args(argv)
     issuer = args.issuer or f"http://127.0.0.1:{args.port}"
-    app = create_app(issuer, args.jwks_file)
+    app = create_app(issuer, args.jwks_file, args.delay)
     uvicorn.run(
         app,
         host="127.0.0.1",
@@ -276,8 +286,12 @@ class OidcIssuer(TokenFactory):
     def jwks_requests(self) -> int:
         return self.stats()["jwks_requests"]
 
+    def set_delay(self, seconds: float) -> None:
+        """Hold every later discovery and JWKS answer `seconds` (0: answer at once)."""
+        httpx.post(f"{self.issuer}/_delay", json={"seconds": seconds}, timeout=5).raise_for_status()
 
-def _discovery_ready(url: str) -> Callable[[], bool]:
+
+def _ready(url: str) -> Callable[[], bool]:
     def check() -> bool:
         try:
             return httpx.get(url, timeout=1.0).status_code == 200
@@ -287,8 +301,11 @@ def _discovery_ready(url: str) -> Callable[[], bool]:
     return check
 
 
-def start_oidc_issuer(log_dir: Path, data_dir: Path) -> OidcIssuer:
-    """Start the issuer on a free loopback port; returns it with its keys."""
+def start_oidc_issuer(log_dir: Path, data_dir: Path, delay: float = 0.0) -> OidcIssuer:
+    """Start the issuer on a free loopback port; returns it with its keys.
+
+    `delay`: seconds every discovery and JWKS answer takes (a slow issuer).
+    """
     from tests.harness.services import GroupServerProcess, _start_with_retry, free_ports
 
     def make() -> tuple[ServerProcess, OidcIssuer]:
@@ -303,12 +320,14 @@ def start_oidc_issuer(log_dir: Path, data_dir: Path) -> OidcIssuer:
             str(port),
             "--jwks-file",
             str(jwks_file),
+            "--delay",
+            str(delay),
         ]
         proc = GroupServerProcess(
             "oidc-issuer",
             argv,
             log_dir=log_dir,
-            ready=_discovery_ready(issuer.discovery_url),
+            ready=_ready(f"{issuer.issuer}/_stats"),  # not delayed
             cwd=REPO_ROOT,
             timeout=30,
             grace=5,

@@ -12,7 +12,8 @@ purpose. It serves the files and catalogue written by `upstreams.demo.data`:
   same URL (`eodag:status_link`) reports `ordered` then `succeeded` after the delay; until then
   its data answers 409.
 - Control, for tests: `GET|DELETE /_log` (every request seen), `POST|DELETE /_faults`
-  (delays, HTTP errors, bodies cut off after N bytes, each for the next `times` requests).
+  (delays, HTTP errors, bodies cut off after N bytes, ignored Ranges, lying HEADs, redirects,
+  per-user 403s, changed objects; each for the next `times` requests). See `Fault`.
 """
 
 from __future__ import annotations
@@ -50,21 +51,50 @@ CONFORMS = [
 
 @dataclass
 class Fault:
+    """One injected misbehaviour for requests whose path matches `match` (a regex).
+
+    The first fault that applies to a request is used (and its `times` counted down).
+    """
+
     match: str
     method: str | None = None
+    #: answer this status with `body` instead of the file (200 here makes a "successful"
+    #: error page: a HEAD then says the error body's length, 26 bytes by default)
     status: int | None = None
+    body: str = '{"error":"injected fault"}'
     delay: float = 0.0
     cut_after: int | None = None
     corrupt: bool = False  # flip the first byte of every chunk sent
     chunk_delay: float = 0.0  # pause after every chunk (a slow link)
+    ignore_range: bool = False  # answer a Range request with 200 and the whole body
+    head_length: int | None = None  # a HEAD claims this Content-Length (a lying HEAD)
+    #: answer 302 (or `status`, if a 3xx) to this URL; `{path}` is replaced by the request path
+    redirect: str | None = None
+    #: apply only to requests whose Authorization header is exactly this value ...
+    authorization: str | None = None
+    no_authorization: bool = False  # ... or only to requests that carry none
+    #: the object changed upstream: another ETag and Last-Modified, every byte inverted
+    changed: bool = False
     times: int | None = None
 
-    def applies(self, method: str, path: str) -> bool:
+    def applies(self, method: str, path: str, authorization: str | None = None) -> bool:
         if self.times is not None and self.times <= 0:
             return False
         if self.method and self.method.upper() != method:
             return False
+        if self.authorization is not None and authorization != self.authorization:
+            return False
+        if self.no_authorization and authorization is not None:
+            return False
         return re.search(self.match, path) is not None
+
+
+def changed_bytes(data: bytes) -> bytes:
+    """What a `changed` fault serves instead of `data` (the same at every offset)."""
+    return data.translate(_INVERT)
+
+
+_INVERT = bytes(255 - i for i in range(256))
 
 
 @dataclass
@@ -75,10 +105,12 @@ class State:
     faults: list[Fault] = field(default_factory=list)
     staged_at: dict[str, float] = field(default_factory=dict)
     ordered_at: dict[str, float] = field(default_factory=dict)
+    #: where asset hrefs point (another server's URL: a catalogue whose data lives elsewhere)
+    asset_base: str | None = None
 
-    def take_fault(self, method: str, path: str) -> Fault | None:
+    def take_fault(self, method: str, path: str, authorization: str | None = None) -> Fault | None:
         for f in self.faults:
-            if f.applies(method, path):
+            if f.applies(method, path, authorization):
                 if f.times is not None:
                     f.times -= 1
                 return f
@@ -106,7 +138,7 @@ def _item(state: State, base: str, cid: str, iid: str) -> dict[str, Any]:
     assets = {}
     for key, a in spec["assets"].items():
         asset = {k: v for k, v in a.items() if k != "file"}
-        asset["href"] = f"{base}/data/{a['file']}"
+        asset["href"] = f"{state.asset_base or base}/data/{a['file']}"
         assets[key] = asset
     properties: dict[str, Any] = {"datetime": spec["datetime"]}
     status = order_status(state, cid, iid)
@@ -376,11 +408,16 @@ class DataFiles:
         method = scope["method"]
         rel = scope["path"][len("/data/") :]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        fault = state.take_fault(method, scope["path"])
+        fault = state.take_fault(method, scope["path"], headers.get("authorization"))
         if fault and fault.delay:
             await asyncio.sleep(fault.delay)
+        if fault and fault.redirect:
+            location = fault.redirect.replace("{path}", scope["path"])
+            status = fault.status if fault.status and 300 <= fault.status < 400 else 302
+            await _send_simple(send, status, b"", [(b"location", location.encode())])
+            return
         if fault and fault.status:
-            await _send_simple(send, fault.status, b'{"error":"injected fault"}')
+            await _send_simple(send, fault.status, fault.body.encode())
             return
         path = (state.root / rel).resolve()
         if method not in ("GET", "HEAD"):
@@ -401,15 +438,18 @@ class DataFiles:
             ready_at = state.staged_at.setdefault(rel, time.monotonic() + delay)
             await asyncio.sleep(max(0.0, ready_at - time.monotonic()))
         st = path.stat()
-        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+        changed = fault is not None and fault.changed
+        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}{"-changed" if changed else ""}"'
+        mtime = st.st_mtime + (3600 if changed else 0)
         out = [
             (b"accept-ranges", b"bytes"),
             (b"content-type", b"image/tiff"),
             (b"etag", etag.encode()),
-            (b"last-modified", formatdate(st.st_mtime, usegmt=True).encode()),
+            (b"last-modified", formatdate(mtime, usegmt=True).encode()),
         ]
         start, end, status = 0, st.st_size, 200
-        rng = parse_range_header(headers.get("range"))
+        ignore_range = fault is not None and fault.ignore_range
+        rng = None if ignore_range else parse_range_header(headers.get("range"))
         if rng is not None and len(rng.ranges) == 1:
             bounds = rng.range_for_length(st.st_size)
             if bounds is None:
@@ -418,7 +458,10 @@ class DataFiles:
                 return
             start, end, status = bounds[0], bounds[1], 206
             out.append((b"content-range", f"bytes {start}-{end - 1}/{st.st_size}".encode()))
-        out.append((b"content-length", str(end - start).encode()))
+        length = end - start
+        if method == "HEAD" and fault is not None and fault.head_length is not None:
+            length = fault.head_length
+        out.append((b"content-length", str(length).encode()))
         await send({"type": "http.response.start", "status": status, "headers": out})
         if method == "HEAD":
             await send({"type": "http.response.body", "body": b""})
@@ -433,6 +476,8 @@ class DataFiles:
                 entry["bytes"] = pos - start
                 if fault is not None and fault.corrupt and chunk:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                if changed:
+                    chunk = changed_bytes(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if fault is not None and fault.chunk_delay:
                     await asyncio.sleep(fault.chunk_delay)
@@ -476,8 +521,11 @@ class RequestLog:
         await self.app(scope, receive, send)
 
 
-def create_app(root: Path) -> RequestLog:
-    """The upstream app over the demo data in `root` (generated when missing)."""
+def create_app(root: Path, asset_base: str | None = None) -> RequestLog:
+    """The upstream app over the demo data in `root` (generated when missing).
+
+    `asset_base`: the URL asset hrefs point at, instead of this server's own.
+    """
     root = Path(root)
     manifest = ensure_demo_data(root)
     app = Starlette(
@@ -498,7 +546,11 @@ def create_app(root: Path) -> RequestLog:
             Route("/_faults", clear_faults, methods=["DELETE"]),
         ]
     )
-    app.state.demo = State(root=root, catalog=json.loads(manifest.read_text()))
+    app.state.demo = State(
+        root=root,
+        catalog=json.loads(manifest.read_text()),
+        asset_base=asset_base.rstrip("/") if asset_base else None,
+    )
     return RequestLog(app)
 
 
@@ -509,8 +561,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, required=True, help="data folder (created on first run)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--asset-base", help="URL asset hrefs point at (default: this server)")
     args = p.parse_args(argv)
-    uvicorn.run(create_app(args.data), host=args.host, port=args.port, log_level="warning")
+    app = create_app(args.data, args.asset_base)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
