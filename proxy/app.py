@@ -28,6 +28,7 @@ from proxy.assets import Assets
 from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.delivery import CacheDelivery
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
+from proxy.server import LimitedProtocol
 from upstreams.http import make_client
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
@@ -143,6 +144,8 @@ def create_app(
 ) -> App:
     """Build the app; raises ConfigError here (not at startup) when a dataset cannot be served."""
     configure_logging(settings.log.format)
+    server = settings.server
+    LimitedProtocol.limit(int(server.max_header_bytes), server.request_timeout)
     registry = Registry(settings, source)
     store, store_error = open_store(settings, clock)
     rules = retention_rules(settings)

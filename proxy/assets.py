@@ -18,7 +18,7 @@ import anyio
 import httpx
 from cachetools import TTLCache
 from starlette.types import Receive, Scope, Send
-from werkzeug.http import parse_content_range_header, parse_range_header
+from werkzeug.http import parse_content_range_header
 
 from cache.fill import CacheWriteFailed
 from policies.config import Dataset
@@ -27,7 +27,7 @@ from proxy.auth import ANONYMOUS, Authenticator, Identity, check
 from proxy.conditional import select
 from proxy.delivery import CacheDelivery
 from proxy.exchange import Exchange, Kind, Plan
-from proxy.problems import MalformedRange, MethodNotAllowed, error_response, slug_of
+from proxy.problems import MethodNotAllowed, error_response, slug_of
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
 from upstreams.base import (
     ObjectNotFound,
@@ -263,31 +263,29 @@ class Assets:
         if x.method == "HEAD":
             await self.head_response(x, send)
             return
-        forward = forwarded(x)
+        forward: dict[str, str] = {}
+        if x.range is not None or not x.unconditional:
+            # decided here, on the provider's validators, so every provider behaves per RFC
+            meta = await self.upstream_head(x.obj)
+            size = x.obj.size if x.obj.size is not None else meta.size
+            selection = select(x.conditions, size, meta.etag, meta.last_modified)
+            if selection.status == 304:
+                await self.head_response(x, send)
+                return
+            forward = forwarded(selection.ranges, meta.etag)
         async with stream(self.client, x.obj, forward) as body:
             await relay(body, x, cache_control(x.entry.policy), receive, send)
 
 
-def forwarded(x: Exchange) -> dict[str, str]:
-    """The request headers a provider sees: ranges and conditions, never credentials.
-
-    A Range we cannot parse is refused here; one in a unit we do not know is dropped
-    (RFC 9110 14.2), and so is a Range whose If-Range is weak (it must not be honoured).
-    """
-    out = {
-        "if-match": x.if_match,
-        "if-none-match": x.if_none_match,
-        "if-modified-since": x.if_modified_since,
-        "if-unmodified-since": x.if_unmodified_since,
-    }
-    rng = x.range
-    if rng is not None and rng.partition("=")[0].strip().lower() == "bytes":
-        if parse_range_header(rng) is None:
-            raise MalformedRange(f"malformed Range header {rng!r}; expected e.g. bytes=0-1023")
-        if x.if_range is None or not x.if_range.startswith("W/"):
-            out["range"] = rng
-            out["if-range"] = x.if_range
-    return {k: v for k, v in out.items() if v is not None}
+def forwarded(ranges: tuple[tuple[int, int], ...], etag: str | None) -> dict[str, str]:
+    """What a provider is asked for: the decided ranges of the version we decided on
+    (`If-Range`: if it changed meanwhile, the whole new one), never the caller's headers."""
+    if not ranges:
+        return {}
+    out = {"range": "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in ranges)}
+    if etag and not etag.startswith("W/"):
+        out["if-range"] = etag
+    return out
 
 
 async def redirect(send: Send, location: str) -> None:

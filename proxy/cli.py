@@ -101,8 +101,8 @@ def uvicorn_options(settings: Settings, grace: float = GRACE) -> dict[str, Any]:
         "host": settings.server.host,
         "port": settings.server.port,
         "log_config": None,
-        # an access line per request costs as much as a cache hit: only when asked for
-        "access_log": logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO),
+        "access_log": False,  # fdp writes its own (`fdp.access`), without query strings
+        "http": "proxy.server:LimitedProtocol",  # header size and header time limits
         "proxy_headers": False,
         "timeout_graceful_shutdown": grace,
         "server_header": False,  # no "server: uvicorn" on every response
@@ -139,11 +139,7 @@ def _serve_workers(settings: Settings, source: str, workers: int) -> None:
         "proxy.app:from_environment",
         factory=True,
         workers=workers,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
+        **uvicorn_options(settings),
     )
 
 

@@ -85,13 +85,17 @@ def byte_ranges(spec: str, size: int) -> tuple[tuple[int, int], ...] | None:
     unit = spec.partition("=")[0].strip().lower()
     if unit != "bytes":
         return None
-    parsed = parse_range_header(spec.strip())
-    if parsed is None:
-        raise MalformedRange(f"malformed Range header {spec!r}; expected e.g. bytes=0-1023")
-    if len(parsed.ranges) > MAX_PARTS:
+    parts = spec.partition("=")[2].split(",")
+    if len(parts) > MAX_PARTS:
         return None
+    wanted: list[tuple[int, int | None]] = []
+    for part in parts:  # one by one: werkzeug refuses unordered or overlapping sets
+        parsed = parse_range_header(f"bytes={part.strip()}")
+        if parsed is None:
+            raise MalformedRange(f"malformed Range header {spec!r}; expected e.g. bytes=0-1023")
+        wanted += parsed.ranges
     found: list[tuple[int, int]] = []
-    for start, stop in parsed.ranges:
+    for start, stop in wanted:
         if start < 0:  # suffix: the last -start bytes, all of them if the object is shorter
             if size > 0:
                 found.append((max(0, size + start), size))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 from urllib.parse import quote
 
@@ -218,10 +219,10 @@ def _query(values: dict[str, Any]) -> dict[str, Any]:
     if bbox:
         try:
             box = [float(v) for v in (bbox.split(",") if isinstance(bbox, str) else bbox)]
-        except ValueError:
+        except (TypeError, ValueError):
             raise BadQuery("bbox must be four numbers") from None
-        if len(box) != 4:
-            raise BadQuery("bbox must be four numbers")
+        if len(box) != 4 or not all(math.isfinite(v) for v in box):
+            raise BadQuery("bbox must be four finite numbers")
         out["geom"] = box
     interval = values.get("datetime")
     if interval:
@@ -328,9 +329,16 @@ async def items(request: Request) -> Response:
     return _feature_collection(request, features, values, token)
 
 
+def _item_id(iid: str) -> str:
+    """An item id we can pass to a provider's search: printable, no quotes or backslashes."""
+    if not iid or not iid.isprintable() or any(c in iid for c in '"\\'):
+        raise BadQuery(f"invalid item id {iid!r}")
+    return iid
+
+
 async def item(request: Request) -> Response:
     entry = await _entry(request, request.path_params["cid"])
-    iid = request.path_params["iid"]
+    iid = _item_id(request.path_params["iid"])
     found = [f for f in (await _page(request, entry, 1, {"id": iid}, None))[0] if f["id"] == iid]
     if not found:
         raise ObjectNotFound(f"no item {iid!r} in {entry.name}")
@@ -359,6 +367,9 @@ async def search(request: Request) -> Response:
         raise DatasetNotFound(f"no collection named {unknown[0]!r}")
     entries = [visible[n] for n in names]
     if ids := values.get("ids"):
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise BadQuery("ids must be a list of strings")
+        ids = [_item_id(i) for i in ids]
         found = [
             f
             for entry in entries

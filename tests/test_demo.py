@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import morecantile
 import numpy as np
 import pytest
 import rasterio
 from rasterio.warp import transform, transform_bounds
+from rio_tiler.io import Reader, STACReader
 
 from cache.store import RECHECK_SECONDS
 from tests.harness.procs import BIN, ServerProcess, free_port, http_ok
+from upstreams.demo.data import DATA_VERSION, ensure_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 COG_ITEMS = ["scene-a", "scene-b", "scene-c"]
@@ -193,11 +196,18 @@ def test_items_bbox_and_geometry_are_their_rasters_footprints(demo_data):
                 assert ring[0] == ring[-1]
 
 
-def test_rio_tiler_stac_reader_reads_demo_items_through_the_proxy(demo):
-    mercantile = pytest.importorskip("morecantile")
-    from rio_tiler.io import Reader, STACReader
+def test_demo_data_from_an_older_fdp_is_regenerated(tmp_path):
+    # a ./var/demo-data left by an fdp whose catalogue bboxes did not match the rasters
+    (tmp_path / "catalog.json").write_text(json.dumps({"collections": {}}))
+    manifest = ensure_demo_data(tmp_path)
+    assert json.loads(manifest.read_text())["version"] == DATA_VERSION
+    assert (tmp_path / "demo-cogs" / "scene-a" / "visual.tif").is_file()
+    written = manifest.stat().st_mtime_ns
+    assert ensure_demo_data(tmp_path).stat().st_mtime_ns == written  # current: kept as is
 
-    tms = mercantile.tms.get("WebMercatorQuad")
+
+def test_rio_tiler_stac_reader_reads_demo_items_through_the_proxy(demo):
+    tms = morecantile.tms.get("WebMercatorQuad")
     data = demo.cwd / "var" / "demo-data" / "demo-cogs"
     with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
         for iid in COG_ITEMS:

@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from policies.config import QueueConfig
@@ -233,7 +233,14 @@ class RQQueue:
         finally:
             self.queue.release_maintenance_lock()
         job = self._fetch(jid)
-        if job is not None and _status(job) == "failed":  # no attempts left: it ended
+        if job is None:
+            return True
+        if _status(job) == "scheduled":
+            # a dead worker is no upstream failure to back off from, and RQ's scheduler may
+            # have died with it (its lock outlives it by a minute): straight back, at the front
+            with contextlib.suppress(InvalidJobOperation):  # another replica was quicker
+                self.queue.scheduled_job_registry.requeue(job, at_front=True)
+        elif _status(job) == "failed":  # no attempts left: it ended
             self.redis.publish(CHANNEL, jid)
         return True
 
