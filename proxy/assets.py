@@ -137,15 +137,16 @@ class Assets:
             x.plan = Plan(Kind.REDIRECT, location=x.obj.href)
         elif delivery is None or not delivery.usable:
             x.plan = Plan(Kind.PASSTHROUGH)
-        elif self.queue is not None and is_slow(policy, x.obj):
-            x.plan = await delivery.plan(x, create=False) or Plan(Kind.SLOW)
-        elif caches(policy):
-            try:
-                x.plan = await delivery.plan(x)
-            except CacheWriteFailed:
-                x.plan = Plan(Kind.PASSTHROUGH)
         else:
-            x.plan = Plan(Kind.PASSTHROUGH)
+            try:
+                if self.queue is not None and is_slow(policy, x.obj):
+                    x.plan = await delivery.plan(x, create=False) or Plan(Kind.SLOW)
+                elif caches(policy):
+                    x.plan = await delivery.plan(x)
+                else:
+                    x.plan = Plan(Kind.PASSTHROUGH)
+            except CacheWriteFailed:  # the cache cannot be used right now: go around it
+                x.plan = Plan(Kind.PASSTHROUGH)
         if policy.forward_token and x.plan.kind in (Kind.HIT, Kind.MISS):
             await self.recheck(x)
 

@@ -127,6 +127,15 @@ class CacheDelivery:
         """Run a store call in a thread of the store's own limiter."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
+    async def index(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """A store call on a request's path: a failing index (locked, full) makes the
+        request go around the cache (CacheWriteFailed), never a 500."""
+        try:
+            return await self.io(fn, *args)
+        except STORE_ERRORS as e:
+            self.health.failed(what, e)
+            raise CacheWriteFailed(f"{what}: {type(e).__name__}") from None
+
     # -- the record: what we know of the object before any block ----------------------
 
     async def lookup(self, key: str, x: Exchange | None = None) -> ObjectRecord | None:
@@ -141,7 +150,7 @@ class CacheDelivery:
             return record
         if record is not None and fresh:
             return record
-        return await self.io(self.store.record, key)
+        return await self.index("reading the cache index", self.store.record, key)
 
     def _held_for(self, record: ObjectRecord, x: Exchange) -> bool:
         assert self.store is not None
@@ -172,7 +181,7 @@ class CacheDelivery:
             return record
         if record is not None:  # the catalogue now promises other bytes: start over
             log.info("cached %s/%s has an outdated checksum: evicted", dataset, path)
-            await self.io(self.store.evict, key)
+            await self.index("evicting an outdated object", self.store.evict, key)
         meta = await head(self.client, obj)
         now = self.clock()
         record = ObjectRecord(
@@ -188,7 +197,7 @@ class CacheDelivery:
             created=now,
             accessed=now,
         )
-        await self.io(self.store.put_record, record)
+        await self.index("writing the cache index", self.store.put_record, record)
         return record
 
     # -- planning: hit or miss, before anything is sent ---------------------------------

@@ -70,13 +70,19 @@ def make_gateway(providers_file: Path | None, workdir: Path) -> Any:
 
 
 def limit_provider(gateway: Any, provider: str, timeouts: Timeouts) -> None:
-    """Give a provider's searches our timeout and few retries, unless its config sets them."""
-    search = gateway.providers[provider].search_config
+    """Give a provider's searches our timeout and few retries, unless its config sets them.
+
+    (`gateway.providers` is a copy: changes go through `update_providers_config`.)
+    """
+    config = gateway.providers[provider].config
+    topic = "search" if getattr(config, "search", None) is not None else "api"
+    search = getattr(config, topic, None)
     if search is None:
         return
-    for key, value in (("timeout", timeouts.read), ("retry_total", SEARCH_RETRIES)):
-        if getattr(search, key, None) is None:
-            setattr(search, key, value)
+    wanted = {"timeout": timeouts.read, "retry_total": SEARCH_RETRIES}
+    update = {k: v for k, v in wanted.items() if getattr(search, k, None) is None}
+    if update:
+        gateway.update_providers_config(dict_conf={provider: {topic: update}})
 
 
 def provider_origins(gateway: Any, provider: str) -> Origins:
