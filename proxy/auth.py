@@ -123,6 +123,8 @@ class Authenticator:
                 log.info("issuer keys loaded (%d)", len(self.keys.keys))
             except (httpx.HTTPError, ValueError, KeyError, JoseError) as e:
                 log.error("cannot fetch the issuer's keys: %s", type(e).__name__)
+            finally:
+                self.fetched = time.monotonic()  # the interval counts from the answer
 
     async def identify(self, authorization: str | None) -> Identity:
         """The caller's identity; anonymous without a header; Unauthorized for a bad token."""
