@@ -32,6 +32,8 @@ log = logging.getLogger("fdp.cache")
 RECHECK_SECONDS = 5.0
 #: Held block files; dropping one closes it once no response still uses it.
 MAX_OPEN_BLOCKS = 4096
+#: Records held in memory (least recently used go first).
+MAX_HELD = 65536
 #: Errors that mean "the cache cannot write/read right now" (disk full, unwritable...).
 STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
 
@@ -137,6 +139,8 @@ class Store:
         if held is None or held.record.blocks != record.blocks or held.record.etag != record.etag:
             self._forget(key)
             held = self._held[key] = _Held(record, now)
+            if len(self._held) > MAX_HELD:
+                self._forget(next(iter(self._held)))
         held.record, held.checked = record, now
         self._held.move_to_end(key)
         return record

@@ -168,7 +168,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with make_client() as client, anyio.create_task_group() as tg:
+        async with make_client(registry.timeouts) as client, anyio.create_task_group() as tg:
             delivery = CacheDelivery(store, client, int(settings.cache.block_size), clock)
             if store_error:
                 delivery.health.failed("opening the cache", Exception(store_error))

@@ -23,6 +23,7 @@ from upstreams.base import (
     BadPath,
     DatasetNotFound,
     ObjectNotFound,
+    OriginNotAllowed,
     RangeNotSatisfiable,
     UpstreamError,
     UpstreamRefused,
@@ -100,6 +101,7 @@ RULES: dict[type[BaseException], Rule] = {
     BadPath: Rule(400, "bad-path"),
     RangeNotSatisfiable: Rule(416, "range-not-satisfiable", _range_headers),
     UpstreamRefused: Rule(403, "upstream-refused", level=logging.INFO),
+    OriginNotAllowed: Rule(502, "origin-not-allowed"),  # logged where it is refused
     UpstreamTimeout: Rule(504, "upstream-timeout", level=logging.WARNING),
     UpstreamUnavailable: Rule(502, "upstream-failed", level=logging.WARNING),
     UpstreamError: Rule(502, "upstream-failed", level=logging.WARNING),

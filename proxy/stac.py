@@ -12,17 +12,14 @@ import math
 from typing import Any
 from urllib.parse import quote
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.auth import allowed
 from proxy.problems import ProxyError
-from upstreams.base import DatasetNotFound, ObjectNotFound, UpstreamUnavailable
-from upstreams.eodag import EodagResolver
+from upstreams.base import DatasetNotFound, Listing, ObjectNotFound, Searchable
 from upstreams.registry import Entry, Registry
-from upstreams.s3 import S3Resolver
 
 STAC_VERSION = "1.0.0"
 MAX_LIMIT = 1000
@@ -143,42 +140,16 @@ def _object_item(request: Request, entry: Entry, key: str) -> dict[str, Any]:
 Cursor = dict[str, Any]
 
 
-def _eodag_search(
-    entry: Entry, limit: int, query: dict[str, Any], cursor: Cursor | None
-) -> tuple[list[dict[str, Any]], Cursor | None]:
-    """One page through EODAG; EODAG pages by the provider's own next-page token."""
-    resolver = entry.resolver
-    assert isinstance(resolver, EodagResolver)
-    kwargs: dict[str, Any] = {
-        "collection": resolver.collection,
-        "provider": resolver.provider,
-        "raise_errors": True,
-        "limit": limit,
-        **query,
-    }
-    if cursor:
-        kwargs |= {"next_page_token": cursor["t"], "next_page_token_key": cursor["k"]}
-    try:
-        results = resolver.gateway.search(**kwargs)
-    except Exception as e:  # EODAG's errors are many; the provider failed either way
-        raise UpstreamUnavailable(f"EODAG search failed ({type(e).__name__})") from None
-    token = results.next_page_token if len(results) >= limit else None
-    nxt = {"k": results.next_page_token_key, "t": token} if token is not None else None
-    return [p.as_dict() for p in results], nxt
-
-
 async def _page(
     request: Request, entry: Entry, limit: int, query: dict[str, Any], cursor: Cursor | None
 ) -> tuple[list[dict[str, Any]], Cursor | None]:
     """A page of a dataset's items, and the cursor of the next page (None at the end)."""
-    if isinstance(entry.resolver, EodagResolver):
-        found, nxt = await anyio.to_thread.run_sync(_eodag_search, entry, limit, query, cursor)
+    resolver = entry.resolver
+    if isinstance(resolver, Searchable):
+        found, nxt = await resolver.search(limit, query, cursor)
         items = [_rewrite(request, entry, json.loads(json.dumps(f, default=str))) for f in found]
         return items, nxt
-    if isinstance(entry.resolver, S3Resolver):
-        objects = sorted(await anyio.to_thread.run_sync(entry.resolver.keys))
-    else:
-        objects = sorted(getattr(entry.resolver, "objects", None) or [])
+    objects = sorted(await resolver.list_keys()) if isinstance(resolver, Listing) else []
     if query.get("geom") or query.get("start") or query.get("end"):
         return [], None  # objects carry no footprint or time
     if "id" in query:

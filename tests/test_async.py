@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,23 +9,13 @@ import httpx
 import numpy as np
 import pytest
 import rasterio
-import redis as redis_lib
 from rasterio.windows import Window
 
 from proxy.demo import providers_yaml
 from tests.harness.procs import BIN, ServerProcess
+from tests.test_queue import fresh_redis  # one database counter for every module
 
 ARCHIVE_DELAY = 5.0  # the demo upstream stages an archived file for this long
-
-
-_dbs = itertools.count(1)
-
-
-def fresh_redis(redis_url: str) -> str:
-    """An empty Redis database of its own (job ids repeat across tests)."""
-    url = f"{redis_url.rsplit('/', 1)[0]}/{next(_dbs) % 16}"
-    redis_lib.Redis.from_url(url).flushdb()
-    return url
 
 
 def archive_config(upstream_url, work, redis_url=None, **async_policy):

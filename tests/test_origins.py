@@ -8,19 +8,29 @@ hrefs point at B) and the files; B serves the same files. Each logs what it was 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from policies.config import Settings
 from proxy.demo import providers_yaml
 from tests.conftest import NO_CACHE, Proxy, Upstream
 from tests.harness.oidc_issuer import OidcIssuer
 from tests.harness.procs import PYTHON, ServerProcess, free_port, http_ok
 from upstreams.base import OriginNotAllowed, Origins, UpstreamObject, origin_of
-from upstreams.http import head, make_client, open_body
+from upstreams.http import (
+    head,
+    make_client,
+    make_sync_client,
+    map_transport_errors,
+    open_body,
+    stream_sync,
+)
 
 B04 = "demo-cogs/scene-a/B04.tif"
 SECRET = "Bearer provider-secret"
@@ -77,6 +87,13 @@ def test_origins_parse_hosts_host_ports_and_urls():
         o.check("http://evil.example/x", "href")
 
 
+@pytest.mark.parametrize("entry", ["ftp://host", "host/path", "host:port", "user@host", ""])
+def test_allowed_hosts_entries_are_checked_with_the_config(entry):
+    dataset = {"upstream": {"http": {"base_url": "http://127.0.0.1:9/"}}, "allowed_hosts": [entry]}
+    with pytest.raises(ValidationError, match=r"datasets\.d\.allowed_hosts\.0"):
+        Settings.model_validate({"datasets": {"d": dataset}})
+
+
 # --- the upstream module on its own (no proxy) ------------------------------------------------
 
 
@@ -118,6 +135,21 @@ def test_allowed_redirect_leaves_the_credentials_behind(ab):
 
     assert anyio.run(size) == len(b.file(B04))
     assert [e["authorization"] for e in b.data_requests()] == [False, False]
+
+
+def test_blocking_fetch_for_workers_follows_the_same_rules(ab):
+    a, b = ab
+    a.fault("scene-a/B04", redirect=f"{b.url}{{path}}")
+    obj = UpstreamObject(href=f"{a.url}/data/{B04}", headers={"authorization": SECRET})
+    with make_sync_client() as client:
+        with pytest.raises(OriginNotAllowed), stream_sync(client, obj):
+            pass
+        assert b.log() == []
+        allowed = replace(obj, origins=Origins.of(a.url, b.url))
+        with stream_sync(client, allowed) as r, map_transport_errors("GET body"):
+            assert r.read() == b.file(B04)
+    assert [e["authorization"] for e in a.data_requests()] == [True, True]
+    assert [e["authorization"] for e in b.data_requests()] == [False]
 
 
 def test_same_origin_redirect_keeps_the_credentials(ab):

@@ -29,6 +29,7 @@ from rq import Queue, get_current_job
 from policies.config import QueueConfig, Settings
 from policies.loader import load_settings
 from tests.harness.procs import BIN, ServerProcess
+from workers.base import running
 from workers.embedded import EmbeddedQueue
 from workers.jobs import FAILED, QUEUED, SUCCEEDED, job_id
 from workers.retry import BACKOFF, JITTER, intervals
@@ -107,13 +108,9 @@ def test_retry_intervals_are_jittered_around_the_schedule() -> None:
 
 @pytest.mark.anyio
 async def test_embedded_a_missing_object_fails_its_job_at_once(upstream, tmp_path) -> None:
-    queue = EmbeddedQueue(settings_of(config(upstream.url, tmp_path)))
-    await queue.start()
-    try:
+    async with running(EmbeddedQueue(settings_of(config(upstream.url, tmp_path)))) as queue:
         info = await queue.submit("vault", "missing/a.tif", "alice", max_attempts=3)
         info = await queue.wait(info.id, 10)
-    finally:
-        await queue.close()
     assert info is not None and info.state == FAILED
     assert info.not_found and info.attempts == 1
     assert len(gets(upstream, "missing/a.tif")) == 1  # no retry of a 404
@@ -122,9 +119,8 @@ async def test_embedded_a_missing_object_fails_its_job_at_once(upstream, tmp_pat
 @pytest.mark.anyio
 async def test_embedded_a_job_waiting_to_retry_holds_no_runner(upstream, tmp_path) -> None:
     upstream.fault("scene-a/B04", method="GET", status=500)  # every attempt fails
-    queue = EmbeddedQueue(settings_of(config(upstream.url, tmp_path)))  # one runner
-    await queue.start()
-    try:
+    settings = settings_of(config(upstream.url, tmp_path))
+    async with running(EmbeddedQueue(settings)) as queue:  # one runner
         failing = await queue.submit("cogs", "scene-a/B04.tif", "alice", max_attempts=3)
 
         with anyio.fail_after(10):  # until the first attempt failed and waits to retry
@@ -142,8 +138,6 @@ async def test_embedded_a_job_waiting_to_retry_holds_no_runner(upstream, tmp_pat
         assert other is not None and other.state == SUCCEEDED
         assert took < 1.0  # the only runner was free: the failed job waits on a timer
         done = await queue.wait(failing.id, 30)
-    finally:
-        await queue.close()
     assert done is not None and done.state == FAILED and done.attempts == 3
     assert not done.not_found
     times = [e["time"] for e in gets(upstream, "scene-a/B04")]
@@ -158,9 +152,7 @@ async def test_rq_a_missing_object_fails_at_once_and_retries_are_jittered(
     upstream, redis_url, tmp_path
 ) -> None:
     doc = config(upstream.url, tmp_path, fresh_redis(redis_url))
-    queue = RQQueue(settings_of(doc).queue)
-    await queue.start()
-    try:
+    async with running(RQQueue(settings_of(doc).queue)) as queue:
         with fdp_worker(doc, tmp_path):
             info = await queue.submit("vault", "missing/b.tif", "alice", max_attempts=3)
             info = await queue.wait(info.id, 20)
@@ -175,8 +167,6 @@ async def test_rq_a_missing_object_fails_at_once_and_retries_are_jittered(
             assert job is not None and job.retries_left == 2
             schedules.add(tuple(job.retry_intervals))
         assert len(schedules) > 1  # jittered per job
-    finally:
-        await queue.close()
 
 
 # -- owners ----------------------------------------------------------------------------------
@@ -187,23 +177,20 @@ async def test_rq_owners_are_a_set_that_every_replica_adds_to(
     upstream, redis_url, tmp_path
 ) -> None:
     settings = settings_of(config(upstream.url, tmp_path, fresh_redis(redis_url)))
-    replicas = [RQQueue(settings.queue), RQQueue(settings.queue)]
     users = [f"user-{n}" for n in range(16)]
-    try:
-        async with anyio.create_task_group() as tg:
-            for n, user in enumerate(users):
-                tg.start_soon(replicas[n % 2].submit, "vault", "archived-a/B04.tif", user, 3)
-        jid = job_id("vault", "archived-a/B04.tif")
-        job = replicas[0].queue.fetch_job(jid)
+    async with running(RQQueue(settings.queue)) as one, running(RQQueue(settings.queue)) as two:
+        replicas = (one, two)
+        first = await one.submit("vault", "archived-a/B04.tif", users[0], 3)
+        job = one.queue.fetch_job(first.id)  # as a worker holds it while it runs
         assert job is not None
-        job.meta["bytes_done"] = 1  # the worker writes its meta as it pleases
+        async with anyio.create_task_group() as tg:
+            for n, user in enumerate(users[1:], 1):
+                tg.start_soon(replicas[n % 2].submit, "vault", "archived-a/B04.tif", user, 3)
+        job.meta["bytes_done"] = 1  # the worker writes its (stale) meta as it pleases
         job.save_meta()
         for replica in replicas:
-            info = await replica.get(jid)
+            info = await replica.get(first.id)
             assert info is not None and info.owners == sorted(users)
-    finally:
-        for replica in replicas:
-            await replica.close()
 
 
 # -- the worker's heartbeat ------------------------------------------------------------------
@@ -324,8 +311,7 @@ async def test_rq_a_silent_redis_is_queue_unavailable_in_seconds_and_the_loop_ru
     target = fresh_redis(redis_url)
     async with Relay(target).running() as relay:
         queue = RQQueue(QueueConfig(redis_url=relay.url, timeout_seconds=1.0))
-        await queue.start()
-        try:
+        async with running(queue):
             assert await queue.problem() is None
             relay.silence()
             lags: list[float] = []
@@ -359,8 +345,6 @@ async def test_rq_a_silent_redis_is_queue_unavailable_in_seconds_and_the_loop_ru
             t = time.monotonic()
             problem = await queue.problem()
             assert problem and "unavailable" in problem and time.monotonic() - t < 0.5
-        finally:
-            await queue.close()
 
 
 @pytest.mark.anyio
@@ -370,8 +354,7 @@ async def test_rq_announcements_survive_a_connection_that_went_silent(redis_url,
     caplog.set_level(logging.INFO, logger="fdp.workers")
     async with Relay(target).running() as relay:
         queue = RQQueue(QueueConfig(redis_url=relay.url, timeout_seconds=1.0, poll_seconds=60))
-        await queue.start()
-        try:
+        async with running(queue):
             await until(lambda: subscribers(admin) == 1, 5)
             relay.freeze()  # the subscription's connection now swallows everything
             t = time.monotonic()
@@ -381,8 +364,6 @@ async def test_rq_announcements_survive_a_connection_that_went_silent(redis_url,
                 admin.publish(CHANNEL, "some-job")
                 with anyio.fail_after(2):
                     await event.wait()
-        finally:
-            await queue.close()
     warnings = [r for r in caplog.records if "announcements unavailable" in r.getMessage()]
     assert len(warnings) == 1
     assert any("announcements restored" in r.getMessage() for r in caplog.records)
@@ -395,11 +376,7 @@ async def test_rq_an_unreachable_redis_is_retried_with_back_off_and_one_log_line
     caplog.set_level(logging.INFO, logger="fdp.workers")
     async with Relay(fresh_redis(redis_url)).running() as relay:
         relay.silence()
-        queue = RQQueue(QueueConfig(redis_url=relay.url, timeout_seconds=0.5))
-        await queue.start()
-        try:
+        async with running(RQQueue(QueueConfig(redis_url=relay.url, timeout_seconds=0.5))):
             await until(lambda: relay.accepted >= 3, 15)  # tried again, and again
-        finally:
-            await queue.close()
     warnings = [r for r in caplog.records if "announcements unavailable" in r.getMessage()]
     assert len(warnings) == 1  # at most one line a minute

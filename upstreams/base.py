@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
 
 import anyio
@@ -232,16 +232,16 @@ class Presigning(Protocol):
 class Listing(Protocol):
     """Lists its object keys (for generated catalogue items)."""
 
-    def keys(self, limit: int = 10000) -> list[str]: ...
+    async def list_keys(self, limit: int = 10000) -> list[str]: ...
 
 
 @runtime_checkable
 class Searchable(Protocol):
-    """Searches a provider's catalogue, one page at a time."""
+    """Searches a provider's catalogue, one page at a time (items as STAC dicts)."""
 
-    def search(
-        self, limit: int, query: dict[str, object], cursor: dict[str, object] | None
-    ) -> tuple[list[dict[str, object]], dict[str, object] | None]: ...
+    async def search(
+        self, limit: int, query: dict[str, Any], cursor: dict[str, Any] | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]: ...
 
 
 @runtime_checkable

@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
+from cachetools import TTLCache
 
 from upstreams.base import (
+    BadPath,
     ObjectNotFound,
     Origins,
     Timeouts,
@@ -35,6 +37,7 @@ T = TypeVar("T")
 #: How long a resolved item (or a miss) is trusted before EODAG is asked again.
 ITEM_TTL = 300.0
 MISS_TTL = 30.0
+MEMO_SIZE = 4096
 #: How long an order may take before the retrieval counts as failed.
 ORDER_TIMEOUT = 6 * 3600.0
 #: Retries of one EODAG search request (EODAG's default is 3, with growing pauses).
@@ -123,6 +126,8 @@ class EodagWorkdir:
 
 def _split(path: str) -> tuple[str, str]:
     key = safe_key(path)
+    if '"' in key:  # a provider's search would choke on it (or worse): a client mistake
+        raise BadPath(f"invalid item id or asset key {key!r}")
     item_id, sep, asset_key = key.partition("/")
     if not sep or "/" in asset_key:
         raise ObjectNotFound(f"expected {{item_id}}/{{asset_key}}, got {key!r}")
@@ -148,7 +153,9 @@ class EodagResolver:
         self.timeouts = timeouts or Timeouts()
         self.limiter = limiter or anyio.CapacityLimiter(8)
         self.origins = origins if origins is not None else provider_origins(gateway, provider)
-        self._items: dict[str, tuple[float, dict[str, UpstreamObject] | None]] = {}
+        #: found items and known misses, each bounded by size and age
+        self._items: TTLCache[str, dict[str, UpstreamObject]] = TTLCache(MEMO_SIZE, ITEM_TTL)
+        self._missing: TTLCache[str, bool] = TTLCache(MEMO_SIZE, MISS_TTL)
         self._inflight: dict[str, asyncio.Future[dict[str, UpstreamObject] | None]] = {}
 
     async def resolve(self, path: str) -> UpstreamObject:
@@ -164,10 +171,38 @@ class EodagResolver:
         """Run a blocking EODAG call on this provider's threads; waiting is bounded too."""
         return await run_blocking(self.limiter, self.timeouts.call, fn, *args)
 
+    async def search(
+        self, limit: int, query: dict[str, Any], cursor: dict[str, Any] | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """One page of the collection; EODAG pages by the provider's own next-page token."""
+        return await self.run_blocking(self._search_page, limit, query, cursor)
+
+    def _search_page(
+        self, limit: int, query: dict[str, Any], cursor: dict[str, Any] | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        kwargs: dict[str, Any] = {
+            "collection": self.collection,
+            "provider": self.provider,
+            "raise_errors": True,
+            "limit": limit,
+            **query,
+        }
+        if cursor:
+            kwargs |= {"next_page_token": cursor["t"], "next_page_token_key": cursor["k"]}
+        try:
+            results = self.gateway.search(**kwargs)
+        except Exception as e:  # EODAG's errors are many; the provider failed either way
+            raise UpstreamUnavailable(f"EODAG search failed ({type(e).__name__})") from None
+        token = results.next_page_token if len(results) >= limit else None
+        nxt = {"k": results.next_page_token_key, "t": token} if token is not None else None
+        return [p.as_dict() for p in results], nxt
+
     async def _assets(self, item_id: str) -> dict[str, UpstreamObject] | None:
+        if item_id in self._missing:
+            return None
         hit = self._items.get(item_id)
-        if hit and hit[0] > time.monotonic():
-            return hit[1]
+        if hit is not None:
+            return hit
         if item_id in self._inflight:
             return await asyncio.shield(self._inflight[item_id])
         future: asyncio.Future[dict[str, UpstreamObject] | None]
@@ -175,8 +210,10 @@ class EodagResolver:
         self._inflight[item_id] = future
         try:
             assets = await self.run_blocking(self._search, item_id)
-            ttl = ITEM_TTL if assets is not None else MISS_TTL
-            self._items[item_id] = (time.monotonic() + ttl, assets)
+            if assets is None:
+                self._missing[item_id] = True
+            else:
+                self._items[item_id] = assets
             future.set_result(assets)
             return assets
         except BaseException as e:

@@ -7,12 +7,12 @@ and the provider's credentials (`UpstreamObject.headers`) never leave the href's
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from cachetools import TTLCache
 
 from upstreams.base import (
     ObjectNotFound,
@@ -42,6 +42,8 @@ PASS_HEADERS = (
 #: Request headers a client may send on to a provider (never Authorization or cookies).
 FORWARD_HEADERS = ("range", "if-none-match", "if-modified-since", "if-range")
 REDIRECTS = (301, 302, 303, 307, 308)
+#: resolutions kept per dataset, and for how long (they cost nothing to redo)
+MEMO_SIZE, MEMO_TTL = 4096, 300.0
 MAX_REDIRECTS = 5
 CLIENT_HEADERS = {"accept-encoding": "identity", "user-agent": "fdp"}
 
@@ -91,17 +93,23 @@ class HttpResolver:
         self.objects = set(objects) if objects is not None else None
         self.origins = (origins or Origins()) | Origins.of(self.base_url)
         self.timeouts = timeouts or Timeouts()
+        self._seen: TTLCache[str, UpstreamObject] = TTLCache(MEMO_SIZE, MEMO_TTL)
+
+    async def list_keys(self, limit: int = 10000) -> list[str]:
+        """The configured `objects` (without a list, nothing: no autoindex reading yet)."""
+        return sorted(self.objects or ())[:limit]
 
     async def resolve(self, path: str) -> UpstreamObject:
-        return self._resolve(path)
-
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one resolver per dataset, for good)
-    def _resolve(self, path: str) -> UpstreamObject:
-        key = safe_key(path)
-        if self.objects is not None and key not in self.objects:
-            raise ObjectNotFound(f"no object {key!r}")
-        obj = UpstreamObject(href=self.base_url + quote_key(key))
-        return bind(obj, self.origins, self.timeouts)
+        obj = self._seen.get(path)
+        if obj is None:
+            key = safe_key(path)
+            if self.objects is not None and key not in self.objects:
+                raise ObjectNotFound(f"no object {key!r}")
+            obj = bind(
+                UpstreamObject(href=self.base_url + quote_key(key)), self.origins, self.timeouts
+            )
+            self._seen[path] = obj
+        return obj
 
 
 @dataclass

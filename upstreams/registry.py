@@ -48,6 +48,10 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         self.gateway: Any = None
         self._workdir: EodagWorkdir | None = None
+        #: `upstream_defaults` as Timeouts: for the shared HTTP client (`make_client`)
+        self.timeouts = Timeouts(
+            settings.upstream_defaults.connect_timeout, settings.upstream_defaults.read_timeout
+        )
         #: one thread limiter per upstream (S3 endpoint, EODAG provider), shared by its datasets
         self.limiters: dict[str, anyio.CapacityLimiter] = {}
         problems: list[str] = []

@@ -9,7 +9,6 @@ store's own threads (a stalled store cannot take the process's shared thread poo
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -22,6 +21,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     ReadTimeoutError,
 )
+from cachetools import TTLCache
 
 from upstreams.base import (
     ObjectNotFound,
@@ -40,6 +40,7 @@ T = TypeVar("T")
 #: Lifetime of the URLs we fetch with ourselves, and how long a resolution is reused.
 FETCH_URL_SECONDS = 600
 RESOLVE_TTL = 60.0
+MEMO_SIZE = 4096
 #: Attempts per call, the first included: a stalled store costs at most this many timeouts.
 MAX_ATTEMPTS = 2
 
@@ -100,7 +101,7 @@ class S3Resolver:
         )
         # the presigned URLs we fetch point at the endpoint: it is always allowed
         self.origins = (origins or Origins()) | Origins.of(self.client.meta.endpoint_url)
-        self._seen: dict[str, tuple[float, UpstreamObject]] = {}
+        self._seen: TTLCache[str, UpstreamObject] = TTLCache(MEMO_SIZE, RESOLVE_TTL)
 
     def key(self, path: str) -> str:
         return self.prefix + safe_key(path)
@@ -110,11 +111,9 @@ class S3Resolver:
         return await run_blocking(self.limiter, self.timeouts.call, fn, *args)
 
     async def resolve(self, path: str) -> UpstreamObject:
-        hit = self._seen.get(path)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        obj = await self.run_blocking(self._head, path)
-        self._seen[path] = (time.monotonic() + RESOLVE_TTL, obj)
+        obj = self._seen.get(path)
+        if obj is None:
+            obj = self._seen[path] = await self.run_blocking(self._head, path)
         return obj
 
     def _head(self, path: str) -> UpstreamObject:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Iterator
+from typing import Protocol, TypeVar
 
 from workers.jobs import JobInfo
 
@@ -37,6 +37,19 @@ class JobQueue(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+Q = TypeVar("Q", bound=JobQueue)
+
+
+@contextlib.asynccontextmanager
+async def running(queue: Q) -> AsyncIterator[Q]:
+    """`queue`, started, and closed on every way out."""
+    await queue.start()
+    try:
+        yield queue
+    finally:
+        await queue.close()
 
 
 class Waiters:

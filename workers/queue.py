@@ -12,7 +12,7 @@ job ends. Every call is a coroutine that never blocks the event loop.
 from __future__ import annotations
 
 from policies.config import Settings
-from workers.base import JobQueue, QueueUnavailable, Waiters
+from workers.base import JobQueue, QueueUnavailable, Waiters, running
 from workers.embedded import EmbeddedQueue
 from workers.rq_queue import RQQueue
 from workers.worker import run_worker
@@ -25,6 +25,7 @@ __all__ = [
     "Waiters",
     "make_queue",
     "run_worker",
+    "running",
 ]
 
 
