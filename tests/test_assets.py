@@ -226,3 +226,20 @@ def test_proxy_log_has_no_traceback_and_no_token(proxy, client):
     assert "upstream answered 500" in log  # the failures above were logged ...
     assert "Traceback" not in log  # ... without a traceback
     assert "secret-t" not in log
+
+
+def test_client_mistakes_in_ids_and_boxes_are_400s(client, upstream):
+    searches = len(upstream.log("/search"))
+    assert_problem(client.get('/assets/scenes/sc"ene/visual'), 400)
+    assert_problem(client.get('/stac/collections/scenes/items/sc"ene'), 400)
+    assert_problem(client.get("/stac/search", params={"ids": 'a"b'}), 400)
+    for box in ("nan,0,1,1", "0,0,inf,1", "0,0,1"):
+        assert_problem(client.get("/stac/search", params={"bbox": box}), 400)
+    assert len(upstream.log("/search")) == searches  # no provider was asked
+
+
+def test_a_206_shorter_than_its_content_range_is_never_relayed_as_complete(client, upstream):
+    upstream.fault(r"scene-a/B04", method="GET", short_by=100)
+    r = client.get("/assets/files/scene-a/B04.tif", headers={"Range": "bytes=0-999"})
+    assert_problem(r, 502)  # told before any byte was sent
+    assert "Content-Range" in r.json()["detail"]

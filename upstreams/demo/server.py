@@ -64,6 +64,8 @@ class Fault:
     body: str = '{"error":"injected fault"}'
     delay: float = 0.0
     cut_after: int | None = None
+    #: a 206 whose Content-Length and body are this many bytes short of its Content-Range
+    short_by: int = 0
     corrupt: bool = False  # flip the first byte of every chunk sent
     chunk_delay: float = 0.0  # pause after every chunk (a slow link)
     ignore_range: bool = False  # answer a Range request with 200 and the whole body
@@ -458,6 +460,8 @@ class DataFiles:
                 return
             start, end, status = bounds[0], bounds[1], 206
             out.append((b"content-range", f"bytes {start}-{end - 1}/{st.st_size}".encode()))
+        if status == 206 and fault is not None and fault.short_by:
+            end = max(start, end - fault.short_by)  # a lying 206: whole, but shorter
         length = end - start
         if method == "HEAD" and fault is not None and fault.head_length is not None:
             length = fault.head_length
