@@ -248,13 +248,17 @@ class CacheDelivery:
         else:
             self.health.counters["miss"] += 1
             missing = next(
-                i
-                for start, end in ranges
-                for i in range(start // record.block_size, (end - 1) // record.block_size + 1)
-                if i not in record.blocks
+                (
+                    i
+                    for start, end in ranges
+                    for i in range(start // record.block_size, (end - 1) // record.block_size + 1)
+                    if i not in record.blocks
+                ),
+                None,
             )
-            await self._ensure_fill(record, x.obj, missing).started  # errors become problems
-            record = self.store.peek(record.key)[0] or record  # the fill may have learnt more
+            if missing is not None:  # (filled meanwhile: nothing to wait for)
+                await self._ensure_fill(record, x.obj, missing).started  # errors: problems
+                record = self.store.peek(record.key)[0] or record  # the fill may know more
         if len(ranges) == 1:
             start, end = ranges[0]
             if selection.status == 206:

@@ -162,7 +162,7 @@ def test_a_redis_that_stops_answering_is_a_quick_503_and_blocks_nothing(
                     timeout=5,
                 )
                 assert part.status_code == 206
-                assert time.monotonic() - t < 0.5
+                assert time.monotonic() - t < 1.0  # a queue call would take 2 s
             answered = time.monotonic() - paused
             for f in slow:
                 r = f.result()
