@@ -9,11 +9,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
-
 from cache.store import Store
 from policies.config import Settings
-from upstreams.base import UpstreamError
+from upstreams.base import Orderable, UpstreamError
+from upstreams.http import make_sync_client
 from upstreams.registry import Registry
 from workers.retrieval import Progress, RetrievalFailed, Target, fetch_into_cache
 
@@ -66,12 +65,7 @@ class Context:
         self.settings = settings
         self.registry = Registry(settings)
         self.store = Store(settings.cache.store)
-        self.client = httpx.Client(
-            timeout=httpx.Timeout(300.0, connect=10.0),
-            follow_redirects=True,
-            headers={"accept-encoding": "identity", "user-agent": "fdp-worker"},
-            trust_env=False,
-        )
+        self.client = make_sync_client(self.registry.timeouts)
 
     def close(self) -> None:
         self.client.close()
@@ -87,7 +81,9 @@ def retrieve(context: Context, dataset: str, path: str, progress: Progress) -> N
     entry = context.registry.get(dataset)
     obj = asyncio.run(entry.resolver.resolve(path))
     if not obj.online:
-        obj = entry.resolver.order(path, progress)  # type: ignore[attr-defined]
+        if not isinstance(entry.resolver, Orderable):
+            raise RetrievalFailed("the object is offline and its provider takes no orders")
+        obj = entry.resolver.order(path, progress)
     target = Target(dataset, path, int(context.settings.cache.block_size))
     fetch_into_cache(context.store, target, obj, progress, context.client)
 

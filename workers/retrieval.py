@@ -17,7 +17,8 @@ import httpx
 
 from cache.integrity import Digest
 from cache.store import ObjectRecord, Store
-from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
+from upstreams.base import UpstreamObject
+from upstreams.http import map_transport_errors, stream_sync
 
 log = logging.getLogger("fdp.workers")
 
@@ -47,11 +48,8 @@ def fetch_into_cache(
     digest = Digest(obj.checksum)  # the sha256 itself is recorded by ingest()
     done = 0
     try:
-        with client.stream("GET", obj.href, headers=obj.headers) as r:
-            if r.status_code in (404, 410):
-                raise ObjectNotFound(f"upstream answered {r.status_code}")
-            if r.status_code >= 400:
-                raise UpstreamUnavailable(f"upstream answered {r.status_code}", r.status_code)
+        # the proxy's rules: allowed origins only, credentials never cross to another one
+        with stream_sync(client, obj) as r, map_transport_errors("GET body"):
             total = obj.size or int(r.headers.get("content-length") or 0) or None
             progress(0, total)
             with tmp.open("wb") as f:
@@ -78,7 +76,5 @@ def fetch_into_cache(
         )
         log.info("retrieved %s/%s: %d bytes", target.dataset, target.path, done)
         return record
-    except httpx.HTTPError as e:
-        raise UpstreamUnavailable(f"upstream failed ({type(e).__name__})") from None
     finally:
         tmp.unlink(missing_ok=True)
