@@ -273,6 +273,10 @@ def start_seaweedfs(log_dir: Path, data_dir: Path) -> S3Server:
             f"-volume.port={volume}",
             f"-volume.port.grpc={volume_g}",
             "-volume.preStopSeconds=0",
+            # every bucket grows its own volumes: many small ones, or the suite's later
+            # buckets find "no free volumes left" (volumes are sparse files, not reserved)
+            "-volume.max=400",
+            "-master.volumeSizeLimitMB=64",
             "-filer",
             f"-filer.port={filer}",
             f"-filer.port.grpc={filer_g}",
