@@ -8,15 +8,13 @@ and the framework's per-request objects would cost more than all of that.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import anyio
 import httpx
-from cachetools import TTLCache
 from starlette.types import Receive, Scope, Send
 from werkzeug.http import parse_content_range_header
 
@@ -38,6 +36,7 @@ from upstreams.base import (
     UpstreamUnavailable,
 )
 from upstreams.http import Body, Meta, head, stream
+from upstreams.memo import Memo
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
 from workers.queue import JobQueue
@@ -58,9 +57,24 @@ def caches(policy: Dataset) -> bool:
 
 def cache_control(policy: Dataset) -> bytes:
     """Public data may sit in shared caches for `max_age`; anything else only in the user's."""
-    if policy.access.public:
-        return b"public, max-age=%d" % policy.max_age
-    return b"private"
+    return _cache_control(policy.access.public, policy.max_age)
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_control(public: bool, max_age: int) -> bytes:
+    return b"public, max-age=%d" % max_age if public else b"private"
+
+
+def refused(x: Exchange, exc: Exception) -> Exception:
+    """With `forward_token`, the provider's 401/403 is about the caller: a 403 for them."""
+    if (
+        isinstance(exc, UpstreamUnavailable)
+        and exc.status in (401, 403)
+        and x.entry is not None
+        and x.entry.policy.forward_token
+    ):
+        return UpstreamRefused("the provider refused your credentials for this object")
+    return exc
 
 
 class Assets:
@@ -74,8 +88,8 @@ class Assets:
         self.queue: JobQueue | None = None
         self.auth: Authenticator | None = None
         self.durations = Durations()
-        self._heads: TTLCache[str, Meta] = TTLCache(MEMO_SIZE, HEAD_TTL)
-        self._allowed: TTLCache[tuple[str, str], bool] = TTLCache(MEMO_SIZE, RECHECK_TTL)
+        self._heads: Memo[str, Meta] = Memo(MEMO_SIZE, HEAD_TTL)
+        self._allowed: Memo[tuple[str, str], bool] = Memo(MEMO_SIZE, RECHECK_TTL)
 
     async def identify(self, authorization: str | None) -> Identity:
         if self.auth is None:  # no issuer: every dataset is public, tokens are ignored
@@ -92,11 +106,11 @@ class Assets:
             await self.authenticate(x)
             self.authorize(x)
             await self.resolve(x)
-            async with self.refusals(x):
-                await self.plan(x)
-                await self.admit(x)
-                await self.deliver(x, receive, send)
+            await self.plan(x)
+            await self.admit(x)
+            await self.deliver(x, receive, send)
         except Exception as exc:  # mapped in one table; unknown errors are logged there
+            exc = refused(x, exc)
             x.error = slug_of(exc)
             if x.status:  # too late for a problem: leave the response incomplete
                 log.warning("%s: %s after the response started; aborted", x.path, exc)
@@ -168,19 +182,6 @@ class Assets:
             await self.passthrough(x, receive, send)
 
     # -- helpers of the stages ---------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def refusals(self, x: Exchange) -> AsyncIterator[None]:
-        """With `forward_token`, the provider's 401/403 is about the caller: a 403 for them."""
-        try:
-            yield
-        except UpstreamUnavailable as e:
-            assert x.entry is not None
-            if x.entry.policy.forward_token and e.status in (401, 403):
-                raise UpstreamRefused(
-                    "the provider refused your credentials for this object"
-                ) from None
-            raise
 
     async def recheck(self, x: Exchange) -> None:
         """Cached bytes go only to callers the provider itself would serve (a HEAD with

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 import httpx
-from cachetools import TTLCache
 from starlette.types import Send
 
 from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
@@ -32,6 +31,7 @@ from proxy.conditional import Selection, select
 from proxy.exchange import Exchange, Kind, Plan
 from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
 from upstreams.http import head, open_body
+from upstreams.memo import Memo
 
 T = TypeVar("T")
 
@@ -116,8 +116,8 @@ class CacheDelivery:
         #: index reads and writes: a locked or slow SQLite holds these threads, not the loop
         self.limiter = anyio.CapacityLimiter(STORE_THREADS)
         self._revalidating: set[str] = set()
-        self._header_memo: TTLCache[str, tuple[ObjectRecord, tuple[tuple[bytes, bytes], ...]]]
-        self._header_memo = TTLCache(maxsize=16384, ttl=300)
+        self._header_memo: Memo[str, tuple[ObjectRecord, tuple[tuple[bytes, bytes], ...]]]
+        self._header_memo = Memo(16384, 300.0)
 
     @property
     def usable(self) -> bool:

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
-from cachetools import TTLCache
 
 from upstreams.base import (
     BadPath,
@@ -31,6 +30,7 @@ from upstreams.base import (
     run_blocking,
     safe_key,
 )
+from upstreams.memo import Memo
 
 T = TypeVar("T")
 
@@ -154,8 +154,8 @@ class EodagResolver:
         self.limiter = limiter or anyio.CapacityLimiter(8)
         self.origins = origins if origins is not None else provider_origins(gateway, provider)
         #: found items and known misses, each bounded by size and age
-        self._items: TTLCache[str, dict[str, UpstreamObject]] = TTLCache(MEMO_SIZE, ITEM_TTL)
-        self._missing: TTLCache[str, bool] = TTLCache(MEMO_SIZE, MISS_TTL)
+        self._items: Memo[str, dict[str, UpstreamObject]] = Memo(MEMO_SIZE, ITEM_TTL)
+        self._missing: Memo[str, bool] = Memo(MEMO_SIZE, MISS_TTL)
         self._inflight: dict[str, asyncio.Future[dict[str, UpstreamObject] | None]] = {}
 
     async def resolve(self, path: str) -> UpstreamObject:
@@ -278,7 +278,7 @@ class EodagResolver:
             pause = float(hint) if str(hint or "").isdigit() else delay
             time.sleep(min(max(pause, 0.5), 300.0))
             delay = min(delay * 2, 60.0)
-        self._items.pop(item_id, None)  # its order status changed
+        self._items.pop(item_id)  # its order status changed
         objects = _objects(product)
         if asset_key not in objects:
             raise ObjectNotFound(f"item {item_id!r} has no asset {asset_key!r}")

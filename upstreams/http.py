@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from cachetools import TTLCache
 
 from upstreams.base import (
     ObjectNotFound,
@@ -28,6 +27,7 @@ from upstreams.base import (
     quote_key,
     safe_key,
 )
+from upstreams.memo import Memo
 
 #: Response headers worth passing on to a client; everything else stays with us.
 PASS_HEADERS = (
@@ -93,7 +93,7 @@ class HttpResolver:
         self.objects = set(objects) if objects is not None else None
         self.origins = (origins or Origins()) | Origins.of(self.base_url)
         self.timeouts = timeouts or Timeouts()
-        self._seen: TTLCache[str, UpstreamObject] = TTLCache(MEMO_SIZE, MEMO_TTL)
+        self._seen: Memo[str, UpstreamObject] = Memo(MEMO_SIZE, MEMO_TTL)
 
     async def list_keys(self, limit: int = 10000) -> list[str]:
         """The configured `objects` (without a list, nothing: no autoindex reading yet)."""

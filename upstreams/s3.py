@@ -21,7 +21,6 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     ReadTimeoutError,
 )
-from cachetools import TTLCache
 
 from upstreams.base import (
     ObjectNotFound,
@@ -34,6 +33,7 @@ from upstreams.base import (
     run_blocking,
     safe_key,
 )
+from upstreams.memo import Memo
 
 T = TypeVar("T")
 
@@ -101,7 +101,7 @@ class S3Resolver:
         )
         # the presigned URLs we fetch point at the endpoint: it is always allowed
         self.origins = (origins or Origins()) | Origins.of(self.client.meta.endpoint_url)
-        self._seen: TTLCache[str, UpstreamObject] = TTLCache(MEMO_SIZE, RESOLVE_TTL)
+        self._seen: Memo[str, UpstreamObject] = Memo(MEMO_SIZE, RESOLVE_TTL)
 
     def key(self, path: str) -> str:
         return self.prefix + safe_key(path)
