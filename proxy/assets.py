@@ -107,7 +107,7 @@ class Assets:
             self.authorize(x)
             await self.resolve(x)
             await self.plan(x)
-            await self.admit(x)
+            self.admit(x)
             await self.deliver(x, receive, send)
         except Exception as exc:  # mapped in one table; unknown errors are logged there
             exc = refused(x, exc)
@@ -122,7 +122,8 @@ class Assets:
     # -- the stages, in order --------------------------------------------------------------
 
     async def authenticate(self, x: Exchange) -> None:
-        x.who = await self.identify(x.authorization)
+        if self.auth is not None and x.authorization is not None:  # else: anonymous
+            x.who = await self.auth.identify(x.authorization)
 
     def authorize(self, x: Exchange) -> None:
         x.dataset, _, x.rel = x.path[len("/assets/") :].partition("/")
@@ -164,7 +165,7 @@ class Assets:
         if policy.forward_token and x.plan.kind in (Kind.HIT, Kind.MISS):
             await self.recheck(x)
 
-    async def admit(self, x: Exchange) -> None:
+    def admit(self, x: Exchange) -> None:
         """QoS: may this plan go ahead? Everything is admitted until limits are configured."""
 
     async def deliver(self, x: Exchange, receive: Receive, send: Send) -> None:

@@ -62,6 +62,11 @@ def _simple(x: Exchange, record: ObjectRecord) -> Selection | None:
     return Selection(206, ((start, end),))
 
 
+def _outdated(record: ObjectRecord, obj: UpstreamObject) -> bool:
+    """The catalogue now promises other bytes than the cached ones."""
+    return bool(record.checksum and obj.checksum and record.checksum != obj.checksum)
+
+
 async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
@@ -175,9 +180,7 @@ class CacheDelivery:
         dataset, key, path = x.dataset, x.cache_key, x.rel
         assert self.store is not None
         record = await self.lookup(key, x)
-        if record is not None and not (
-            record.checksum and obj.checksum and record.checksum != obj.checksum
-        ):
+        if record is not None and not _outdated(record, obj):
             return record
         if record is not None:  # the catalogue now promises other bytes: start over
             log.info("cached %s/%s has an outdated checksum: evicted", dataset, path)
@@ -205,13 +208,12 @@ class CacheDelivery:
     async def plan(self, x: Exchange, create: bool = True) -> Plan | None:
         """HIT when every byte asked for is cached, else MISS; None when `create` is False
         and the object is not wholly cached. Raises for 412/416 and malformed ranges."""
-        assert x.obj is not None
-        if create:
-            record = await self.record(x, x.obj)
-        else:
-            record = await self.lookup(x.cache_key, x)
-            if record is None or not record.complete:
-                return None
+        assert x.obj is not None and self.store is not None
+        record, fresh = self.store.peek(x.cache_key)  # the common case: no await at all
+        if not fresh or record is None or _outdated(record, x.obj):
+            record = await self.record(x, x.obj) if create else await self.lookup(x.cache_key, x)
+        if record is None or not (create or record.complete):
+            return None
         selection = _simple(x, record) or select(
             x.conditions, record.size, record.etag, record.last_modified
         )

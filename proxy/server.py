@@ -58,8 +58,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_headers, self._header_bytes = False, 0
-        self._arm()
-        super().on_headers_complete()
+        super().on_headers_complete()  # the deadline armed at the start still runs
 
     def on_message_complete(self) -> None:
         self._reading = False
