@@ -267,7 +267,7 @@ class Assets:
             await self.head_response(x, send)
             return
         forward: dict[str, str] = {}
-        if x.range is not None or not x.unconditional:
+        if x.range is not None or x.conditional:
             # decided here, on the provider's validators, so every provider behaves per RFC
             meta = await self.upstream_head(x.obj)
             size = x.obj.size if x.obj.size is not None else meta.size

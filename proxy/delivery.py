@@ -49,7 +49,7 @@ STORE_THREADS = 4
 
 def _simple(x: Exchange, record: ObjectRecord) -> Selection | None:
     """The common GDAL request, decided without parsing: no conditions, `bytes=a-b` inside."""
-    if x.method != "GET" or not x.unconditional:
+    if x.method != "GET" or x.conditional:
         return None
     if x.range is None:
         return Selection(200)
@@ -231,7 +231,7 @@ class CacheDelivery:
     async def send(self, x: Exchange, plan: Plan, cache_control: bytes, send: Send) -> None:
         record, selection = plan.record, plan.selection
         assert record is not None and self.store is not None and x.obj is not None
-        headers = [*self._headers(record), (b"cache-control", cache_control)]
+        headers = self._headers(record, cache_control)
         self.store.touch(record.key)
         if selection.status == 304:
             await _respond(send, 304, headers)
@@ -400,17 +400,19 @@ class CacheDelivery:
             return False
         return True
 
-    def _headers(self, record: ObjectRecord) -> tuple[tuple[bytes, bytes], ...]:
+    def _headers(self, record: ObjectRecord, cache_control: bytes) -> list[tuple[bytes, bytes]]:
         """A record's fixed headers, memoised per object until its record changes."""
         memo = self._header_memo.get(record.key)
-        if memo is not None and memo[0] is record:
-            return memo[1]
-        headers = self._build_headers(record)
+        if memo is not None and memo[0] is record and memo[1][-1][1] is cache_control:
+            return list(memo[1])
+        headers = self._build_headers(record, cache_control)
         self._header_memo[record.key] = (record, headers)
-        return headers
+        return list(headers)
 
     @staticmethod
-    def _build_headers(record: ObjectRecord) -> tuple[tuple[bytes, bytes], ...]:
+    def _build_headers(
+        record: ObjectRecord, cache_control: bytes
+    ) -> tuple[tuple[bytes, bytes], ...]:
         headers = [(b"accept-ranges", b"bytes")]
         if record.media_type:
             headers.append((b"content-type", record.media_type.encode("latin-1")))
@@ -418,6 +420,7 @@ class CacheDelivery:
             headers.append((b"etag", record.etag.encode("latin-1")))
         if record.last_modified:
             headers.append((b"last-modified", record.last_modified.encode("latin-1")))
+        headers.append((b"cache-control", cache_control))  # last: the memo checks it
         return tuple(headers)
 
     # -- filling ----------------------------------------------------------------------

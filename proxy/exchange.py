@@ -65,6 +65,7 @@ class Exchange:
     if_unmodified_since: str | None = None
     prefer: str | None = None
     authorization: str | None = None
+    conditional: bool = False  # any If-* header
     dataset: str = ""
     rel: str = ""
     who: Identity = ANONYMOUS
@@ -97,6 +98,8 @@ class Exchange:
             if not raw.isascii():
                 raise BadRequest(f"the {name.decode()} header must be ASCII")
             setattr(self, field, raw.decode("ascii").strip())
+            if field.startswith("if_"):
+                self.conditional = True
 
     @property
     def cache_key(self) -> str:
@@ -112,16 +115,6 @@ class Exchange:
             self.if_none_match,
             self.if_modified_since,
             self.if_unmodified_since,
-        )
-
-    @property
-    def unconditional(self) -> bool:
-        return (
-            self.if_range is None
-            and self.if_match is None
-            and self.if_none_match is None
-            and self.if_modified_since is None
-            and self.if_unmodified_since is None
         )
 
     def tracking(self, send: Send) -> Send:
