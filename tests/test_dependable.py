@@ -159,3 +159,44 @@ def test_many_unknown_keys_leave_memory_bounded(dproxy, upstream):
         w.join()
     grown = (rss_kib(pid) - before) / 1024
     assert grown < 30, f"RSS grew {grown:.0f} MiB over {n} unknown keys"
+
+
+def test_a_redis_that_never_answers_stalls_neither_hits_nor_health(
+    start_proxy, upstream_server, blackhole, tmp_path
+):
+    """Redis accepts connections and never answers: slow data is a quick 503, the rest flows."""
+    files = {"http": {"base_url": f"{upstream_server.url}/data/demo-cogs/"}}
+    proxy = start_proxy(
+        {
+            "cache": {"store": str(tmp_path / "cache")},
+            "queue": {"redis_url": blackhole.redis_url, "timeout_seconds": 1},
+            "datasets": {
+                "hot": {"upstream": files},
+                "vault": {"upstream": {**files}, "archive": True},
+            },
+        }
+    )
+    hot = f"{proxy.url}/assets/hot/scene-a/B04.tif"
+    assert httpx.get(hot).status_code == 200  # cached
+    with Prober([hot, f"{proxy.url}/healthz"]) as probe:
+        started = time.monotonic()
+        threads = []
+        answers: list[httpx.Response] = []
+        for i in range(10):
+            u = f"{proxy.url}/assets/vault/scene-{'abc'[i % 3]}/visual.tif"
+            t = threading.Thread(target=lambda u=u: answers.append(httpx.get(u, timeout=30)))
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(30)
+        ready = httpx.get(f"{proxy.url}/readyz", timeout=10)
+        while time.monotonic() - started < 5:  # keep probing for a while
+            time.sleep(0.2)
+    assert len(answers) == 10
+    for r in answers:
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+    assert ready.json()["checks"]["queue"]["ok"] is False
+    assert ready.elapsed.total_seconds() < 3
+    assert blackhole.connections() >= 1  # it really was asked
+    assert set(probe.statuses) == {200, 206} and len(probe.times) > 50
+    assert probe.p99 < P99_LIMIT, f"p99 {probe.p99 * 1000:.0f} ms"
