@@ -124,6 +124,10 @@ class App:
         else:
             await self.starlette(scope, receive, send)
 
+    def draining(self) -> None:
+        """The server stops taking requests: end every hold now, so shutdown is quick."""
+        self.assets.stopping.set()
+
     async def admin_gate(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Everything under /admin needs a token of the admin group."""
         auth = dict(scope["headers"]).get(b"authorization")

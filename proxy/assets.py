@@ -8,6 +8,7 @@ and the framework's per-request objects would cost more than all of that.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -88,6 +89,8 @@ class Assets:
         self.queue: JobQueue | None = None
         self.auth: Authenticator | None = None
         self.durations = Durations()
+        #: set when the server begins to stop: held requests answer "come back later" now
+        self.stopping = asyncio.Event()
         self._heads: Memo[str, Meta] = Memo(MEMO_SIZE, HEAD_TTL)
         self._allowed: Memo[tuple[str, str], bool] = Memo(MEMO_SIZE, RECHECK_TTL)
 
@@ -211,7 +214,7 @@ class Assets:
         if not respond_async:
             seconds = policy.async_.hold_seconds
             seconds = seconds if wait is None else min(wait, seconds)
-            info = await hold(queue, self.durations, info, seconds)
+            info = await hold(queue, self.durations, info, seconds, self.stopping)
             if info.state == SUCCEEDED:
                 assert delivery.store is not None
                 await delivery.io(delivery.store.refresh, x.cache_key)

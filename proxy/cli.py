@@ -111,11 +111,19 @@ def uvicorn_options(settings: Settings, grace: float = GRACE) -> dict[str, Any]:
 
 def _serve(settings: Settings, source: str, banner: str | None, grace: float = GRACE) -> None:
     """Run uvicorn on its preferred loop (uvloop when installed), then print the banner."""
-    config = uvicorn.Config(create_app(settings, source), **uvicorn_options(settings, grace))
+    app = create_app(settings, source)
+    config = uvicorn.Config(app, **uvicorn_options(settings, grace))
     server = uvicorn.Server(config)
+
+    async def drain_on_exit() -> None:
+        while not server.should_exit:  # noqa: ASYNC110 (uvicorn: only a flag)
+            await asyncio.sleep(0.1)
+        app.draining()
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
+        watcher = asyncio.create_task(drain_on_exit())
+        task.add_done_callback(lambda _: watcher.cancel())
         while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn: only a flag)
             await asyncio.sleep(0.05)
         if server.started:

@@ -8,6 +8,7 @@ estimate from the queue, not a constant) and `Location: /jobs/{id}`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -96,12 +97,22 @@ async def hold(
     durations: Durations,
     info: JobInfo,
     seconds: float,
+    stopping: asyncio.Event | None = None,
 ) -> JobInfo:
-    """Wait up to `seconds` for the job; raises RetrievalError if it failed for good.
+    """Wait up to `seconds` for the job, or until the server is stopping (then the client
+    gets its "come back later" at once); raises RetrievalError if it failed for good.
 
     ObjectNotFound when the provider said the object is not there: a 404, not a 502.
     """
-    current = await queue.wait(info.id, seconds) or info
+    waiting = asyncio.ensure_future(queue.wait(info.id, seconds))
+    stop = asyncio.ensure_future((stopping or asyncio.Event()).wait())
+    try:
+        await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not waiting.done():
+            waiting.cancel()
+    current = (waiting.result() if waiting.done() and not waiting.cancelled() else None) or info
     durations.observe(current)
     if current.state == FAILED and current.not_found:
         raise ObjectNotFound(current.error or "no such object at the provider")
