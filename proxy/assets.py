@@ -255,7 +255,7 @@ class Assets:
             "last-modified": meta.last_modified if meta else None,
         }
         headers |= {k: v for k, v in fields.items() if v}
-        selection = select(x.conditions, size, headers.get("etag"), headers.get("last-modified"))
+        selection = select(x, size, headers.get("etag"), headers.get("last-modified"))
         raw = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
         raw.append((b"cache-control", cache_control(x.entry.policy)))
         status = 304 if selection.status == 304 else 200
@@ -274,7 +274,7 @@ class Assets:
             # decided here, on the provider's validators, so every provider behaves per RFC
             meta = await self.upstream_head(x.obj)
             size = x.obj.size if x.obj.size is not None else meta.size
-            selection = select(x.conditions, size, meta.etag, meta.last_modified)
+            selection = select(x, size, meta.etag, meta.last_modified)
             if selection.status == 304:
                 await self.head_response(x, send)
                 return

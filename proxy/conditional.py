@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from werkzeug.http import parse_date, parse_etags, parse_range_header
 
@@ -19,17 +20,16 @@ from upstreams.base import RangeNotSatisfiable
 MAX_PARTS = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Conditions:
-    """The request headers that decide the status."""
+class Conditions(Protocol):
+    """The request headers that decide the status (the pipeline's `Exchange` has them)."""
 
     method: str
-    range: str | None = None
-    if_range: str | None = None
-    if_match: str | None = None
-    if_none_match: str | None = None
-    if_modified_since: str | None = None
-    if_unmodified_since: str | None = None
+    range: str | None
+    if_range: str | None
+    if_match: str | None
+    if_none_match: str | None
+    if_modified_since: str | None
+    if_unmodified_since: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,9 +214,7 @@ class CacheDelivery:
             record = await self.record(x, x.obj) if create else await self.lookup(x.cache_key, x)
         if record is None or not (create or record.complete):
             return None
-        selection = _simple(x, record) or select(
-            x.conditions, record.size, record.etag, record.last_modified
-        )
+        selection = _simple(x, record) or select(x, record.size, record.etag, record.last_modified)
         if x.method == "HEAD" or selection.status == 304 or record.complete:
             return Plan(Kind.HIT, selection, record)
         present = set(record.blocks)

@@ -14,7 +14,7 @@ from starlette.types import Message, Scope, Send
 
 from cache.store import ObjectRecord, object_key
 from proxy.auth import ANONYMOUS, Identity
-from proxy.conditional import WHOLE, Conditions, Selection
+from proxy.conditional import WHOLE, Selection
 from proxy.problems import BadRequest
 from upstreams.base import UpstreamObject
 from upstreams.registry import Entry
@@ -104,18 +104,6 @@ class Exchange:
     @property
     def cache_key(self) -> str:
         return object_key(self.dataset, self.rel)
-
-    @property
-    def conditions(self) -> Conditions:
-        return Conditions(
-            self.method,
-            self.range,
-            self.if_range,
-            self.if_match,
-            self.if_none_match,
-            self.if_modified_since,
-            self.if_unmodified_since,
-        )
 
     def tracking(self, send: Send) -> Send:
         """`send`, noting the status and counting the body bytes that went out."""

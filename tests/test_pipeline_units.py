@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from proxy.accesslog import JsonFormatter, fields
-from proxy.conditional import Conditions, Selection, byte_ranges, select
+from proxy.conditional import Selection, byte_ranges, select
 from proxy.exchange import Exchange, Kind, Plan
 from proxy.problems import (
     BadRequest,
@@ -35,7 +35,7 @@ LATER = "Sun, 22 Nov 2026 10:00:00 GMT"
 
 
 def sel(size=1000, etag=ETAG, lm=LM, method="GET", **headers):
-    return select(Conditions(method, **headers), size, etag, lm)
+    return select(Exchange(method, "/assets/d/x", None, 0.0, **headers), size, etag, lm)
 
 
 @pytest.mark.parametrize(
