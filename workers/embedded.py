@@ -38,6 +38,8 @@ from workers.jobs import (
 from workers.retry import backoff, is_final
 
 log = logging.getLogger("fdp.workers")
+#: Ended jobs kept for `GET /jobs/{id}` (besides FINISHED_TTL).
+MAX_JOBS = 10000
 
 #: how long closing waits for running retrievals to notice; the rest die with the process
 CLOSE_GRACE_SECONDS = 1.0
@@ -213,11 +215,15 @@ class EmbeddedQueue:
         timer.start()
 
     def _expire(self) -> None:
-        """Forget jobs that ended long ago (called holding the lock)."""
+        """Forget jobs that ended long ago, and the oldest ended ones beyond MAX_JOBS
+        (called holding the lock): the memory of jobs is bounded by age and size."""
         cutoff = time.time() - FINISHED_TTL
-        for jid in [j for j, i in self.jobs.items() if i.finished and i.finished < cutoff]:
-            del self.jobs[jid]
-            self.owners.pop(jid, None)
+        excess = len(self.jobs) - MAX_JOBS
+        for jid, info in list(self.jobs.items()):  # oldest first
+            if info.finished is not None and (info.finished < cutoff or excess > 0):
+                del self.jobs[jid]
+                self.owners.pop(jid, None)
+                excess -= 1
 
 
 def join(threads: list[threading.Thread], seconds: float) -> bool:
