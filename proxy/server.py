@@ -4,11 +4,13 @@ httptools buffers a header of any size, and uvicorn waits for headers for as lon
 client dribbles them. Both let one client hold memory or connections: a request whose
 headers exceed `server.max_header_bytes` gets 431 and is closed, and one that has not sent
 its headers within `server.request_timeout` (or pauses that long inside a body) is closed.
+The deadlines cost a clock read per request: one sweep a second closes the late ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -20,6 +22,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     max_header_bytes = 64 * 1024
     timeout = 10.0
+    _sweepers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 
     @classmethod
     def limit(cls, max_header_bytes: int, timeout: float) -> None:
@@ -27,64 +30,42 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._reading_headers = True
+        self._in_headers = True
         self._header_bytes = 0
-        self._reading = False
-        self._deadline: asyncio.TimerHandle | None = None
+        #: when the request being read last made progress; None between requests
+        self._since: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+        self._since = self.loop.time()  # a connection that never sends a byte times out too
+        if self.loop not in self._sweepers:
+            self._sweepers[self.loop] = self.loop.create_task(self._sweep(self.connections))
 
     def data_received(self, data: bytes) -> None:
-        if self._reading_headers:
+        if self._in_headers:
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
                 self._refuse()
                 return
-        elif self._reading:
-            self._arm()  # a body may take long, but not pause for long
+            if self._since is None:
+                self._since = self.loop.time()  # the next request on a kept-alive connection
+        elif self._since is not None:
+            self._since = self.loop.time()  # a body may take long, but not pause for long
         super().data_received(data)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._reading_headers, self._reading = True, True
-        if self._deadline is None:
-            self._arm()
-
     def on_headers_complete(self) -> None:
-        self._reading_headers, self._header_bytes = False, 0
-        super().on_headers_complete()  # the deadline armed at the start still runs
+        self._in_headers, self._header_bytes = False, 0
+        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._reading = False
-        self._disarm()
+        self._since = None
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._reading_headers, self._header_bytes = True, 0
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(self.timeout, self._expire)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expire(self) -> None:
-        self._deadline = None
-        if (self._reading_headers or self._reading) and not self.transport.is_closing():
-            self.transport.close()
+        self._in_headers = True
 
     def _refuse(self) -> None:
-        self._disarm()
         body = b"request headers too large"
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -92,3 +73,17 @@ class LimitedProtocol(HttpToolsProtocol):
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
         )
         self.transport.close()
+
+    @classmethod
+    async def _sweep(cls, connections: set[Any]) -> None:
+        """Close connections whose request has made no progress within `timeout`."""
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(min(1.0, cls.timeout / 2))
+                now = asyncio.get_running_loop().time()
+                for conn in list(connections):
+                    since = getattr(conn, "_since", None)
+                    if since is not None and now - since > cls.timeout:
+                        conn._since = None
+                        if not conn.transport.is_closing():
+                            conn.transport.close()
