@@ -14,7 +14,6 @@ import hashlib
 import logging
 from dataclasses import replace
 
-import anyio
 import httpx
 from starlette.types import Receive, Scope, Send
 from werkzeug.http import parse_content_range_header
@@ -28,6 +27,7 @@ from proxy.delivery import CacheDelivery
 from proxy.exchange import Exchange, Kind, Plan
 from proxy.problems import MethodNotAllowed, error_response, slug_of
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
+from proxy.streams import until_disconnect
 from upstreams.base import (
     ObjectNotFound,
     Presigning,
@@ -36,7 +36,7 @@ from upstreams.base import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
-from upstreams.http import Body, Meta, head, stream
+from upstreams.http import Body, Meta, head, probe, stream
 from upstreams.memo import Memo
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
@@ -176,12 +176,12 @@ class Assets:
         plan = x.plan
         if plan.kind in (Kind.HIT, Kind.MISS):
             assert self.delivery is not None
-            await self.delivery.send(x, plan, cache_control(x.entry.policy), send)
+            await self.delivery.send(x, plan, cache_control(x.entry.policy), receive, send)
         elif plan.kind in (Kind.PRESIGN, Kind.REDIRECT):
             assert plan.location is not None
             await redirect(send, plan.location)
         elif plan.kind == Kind.SLOW:
-            await self.slow(x, send)
+            await self.slow(x, receive, send)
         else:
             await self.passthrough(x, receive, send)
 
@@ -199,7 +199,7 @@ class Assets:
         await head(self.client, x.obj)  # raises UpstreamUnavailable(401/403): refusals()
         self._allowed[memo] = True
 
-    async def slow(self, x: Exchange, send: Send) -> None:
+    async def slow(self, x: Exchange, receive: Receive, send: Send) -> None:
         """Queue the retrieval and hold, or say when to come back; HEAD answers at once."""
         delivery, queue, entry, obj = self.delivery, self.queue, x.entry, x.obj
         assert delivery is not None and queue is not None and entry is not None and obj is not None
@@ -208,7 +208,7 @@ class Assets:
             await self.head_response(x, send)
             return
         if obj.size is None:  # enqueue only what exists: a 404 here costs no job
-            await self.upstream_head(obj)
+            await self.upstream_meta(obj, archive=True)
         info = await queue.submit(entry.name, x.rel, x.who.owner, policy.async_.max_attempts)
         respond_async, wait = parse_prefer(x.prefer)
         if not respond_async:
@@ -222,18 +222,20 @@ class Assets:
                 if x.plan is not None:
                     if policy.forward_token:
                         await self.recheck(x)
-                    await delivery.send(x, x.plan, cache_control(policy), send)
+                    await delivery.send(x, x.plan, cache_control(policy), receive, send)
                     return
         status = 202 if respond_async else policy.async_.not_ready_status
         retry_after = self.durations.retry_after(info, policy)
         await not_ready(send, status, info, retry_after, self.public_url, respond_async)
 
-    async def upstream_head(self, obj: UpstreamObject) -> Meta:
-        """The provider's HEAD, reused for a little while (validators for pass-through)."""
+    async def upstream_meta(self, obj: UpstreamObject, archive: bool = False) -> Meta:
+        """The provider's size and validators, reused for a little while: as its GETs tell
+        them (a 1-byte GET), or by HEAD for an archive, where a GET may start a staging."""
         assert self.client is not None
         meta = self._heads.get(obj.href)
         if meta is None:
-            meta = self._heads[obj.href] = await head(self.client, obj)
+            ask = head if archive else probe
+            meta = self._heads[obj.href] = await ask(self.client, obj)
         return meta
 
     async def head_response(self, x: Exchange, send: Send) -> None:
@@ -242,7 +244,8 @@ class Assets:
         assert x.obj is not None and x.entry is not None
         obj = x.obj
         try:
-            meta: Meta | None = await self.upstream_head(obj)
+            archive = x.plan is not None and x.plan.kind == Kind.SLOW
+            meta: Meta | None = await self.upstream_meta(obj, archive)
         except UpstreamUnavailable:
             if obj.size is None:
                 raise
@@ -272,7 +275,7 @@ class Assets:
         forward: dict[str, str] = {}
         if x.range is not None or x.conditional:
             # decided here, on the provider's validators, so every provider behaves per RFC
-            meta = await self.upstream_head(x.obj)
+            meta = await self.upstream_meta(x.obj)
             size = x.obj.size if x.obj.size is not None else meta.size
             selection = select(x, size, meta.etag, meta.last_modified)
             if selection.status == 304:
@@ -332,26 +335,21 @@ async def relay(
     raw = [(k.encode(), v.encode("latin-1")) for k, v in body.headers.items()]
     raw.append((b"cache-control", cache_control_))
     sent = 0
-    async with anyio.create_task_group() as tg:
 
-        async def stream_body() -> None:
-            nonlocal sent
-            await send({"type": "http.response.start", "status": body.status, "headers": raw})
-            try:
-                async for chunk in body.chunks():
-                    sent += len(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except UpstreamError as e:
-                log.warning("%s: %s after %d bytes; response aborted", x.path, e, sent)
-            else:
-                if expected is None or sent == expected:
-                    await send({"type": "http.response.body", "body": b""})
-                else:
-                    x.error = "upstream-short-body"
-                    log.warning("%s: upstream sent %d of %s bytes; aborted", x.path, sent, expected)
-            tg.cancel_scope.cancel()
+    async def stream_body() -> None:
+        nonlocal sent
+        await send({"type": "http.response.start", "status": body.status, "headers": raw})
+        try:
+            async for chunk in body.chunks():
+                sent += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as e:
+            log.warning("%s: %s after %d bytes; response aborted", x.path, e, sent)
+            return
+        if expected is None or sent == expected:
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            x.error = "upstream-short-body"
+            log.warning("%s: upstream sent %d of %s bytes; aborted", x.path, sent, expected)
 
-        tg.start_soon(stream_body)
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        tg.cancel_scope.cancel()
+    await until_disconnect(receive, stream_body)

@@ -22,15 +22,16 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 import httpx
-from starlette.types import Send
+from starlette.types import Receive, Send
 
 from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
 from cache.integrity import ChecksumMismatch, Digest
 from cache.store import STORE_ERRORS, ObjectRecord, Store
 from proxy.conditional import Selection, select
 from proxy.exchange import Exchange, Kind, Plan
+from proxy.streams import until_disconnect
 from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
-from upstreams.http import head, open_body
+from upstreams.http import open_body, probe
 from upstreams.memo import Memo
 
 T = TypeVar("T")
@@ -60,6 +61,10 @@ def _simple(x: Exchange, record: ObjectRecord) -> Selection | None:
     if start >= end or end > record.size:
         return None
     return Selection(206, ((start, end),))
+
+
+def _names(record: ObjectRecord) -> tuple[str, str]:
+    return record.dataset, record.path
 
 
 def _outdated(record: ObjectRecord, obj: UpstreamObject) -> bool:
@@ -185,13 +190,21 @@ class CacheDelivery:
         if record is not None:  # the catalogue now promises other bytes: start over
             log.info("cached %s/%s has an outdated checksum: evicted", dataset, path)
             await self.index("evicting an outdated object", self.store.evict, key)
-        meta = await head(self.client, obj)
+        meta = await probe(self.client, obj)  # sizes as the GETs will tell them
+        if obj.size is not None and obj.size != meta.size:
+            log.warning(
+                "%s/%s: the catalogue says %d bytes, the provider %d: using the provider's",
+                dataset,
+                path,
+                obj.size,
+                meta.size,
+            )
         now = self.clock()
         record = ObjectRecord(
             key=key,
             dataset=dataset,
             path=path,
-            size=obj.size if obj.size is not None else meta.size,
+            size=meta.size,
             block_size=self.block_size,
             etag=meta.etag,
             last_modified=meta.last_modified,
@@ -226,7 +239,9 @@ class CacheDelivery:
 
     # -- sending ------------------------------------------------------------------------
 
-    async def send(self, x: Exchange, plan: Plan, cache_control: bytes, send: Send) -> None:
+    async def send(
+        self, x: Exchange, plan: Plan, cache_control: bytes, receive: Receive, send: Send
+    ) -> None:
         record, selection = plan.record, plan.selection
         assert record is not None and self.store is not None and x.obj is not None
         headers = self._headers(record, cache_control)
@@ -259,7 +274,12 @@ class CacheDelivery:
             if missing is not None:  # (filled meanwhile: nothing to wait for)
                 await self._ensure_fill(record, x.obj, missing).started  # errors: problems
                 record = self.store.peek(record.key)[0] or record  # the fill may know more
-        if len(ranges) == 1:
+        obj = x.obj
+
+        async def body() -> None:
+            if len(ranges) > 1:
+                await self._multipart(record, obj, ranges, headers, send)
+                return
             start, end = ranges[0]
             if selection.status == 206:
                 headers.append(
@@ -269,10 +289,10 @@ class CacheDelivery:
             await send(
                 {"type": "http.response.start", "status": selection.status, "headers": headers}
             )
-            if await self._stream(record, x.obj, start, end, send):
+            if await self._stream(record, obj, start, end, send):
                 await send({"type": "http.response.body", "body": b""})
-            return
-        await self._multipart(record, x.obj, ranges, headers, send)
+
+        await until_disconnect(receive, body)  # a client that leaves fetches no more blocks
 
     async def _small_hit(
         self,
@@ -342,8 +362,8 @@ class CacheDelivery:
             b0, b1 = record.block_range(index)
             a, b = max(start, b0), min(end, b1)
             f = store.held_block(record.key, index)
-            if f is None and index in record.blocks:
-                f = await self.io(store.block_file, record.key, index)
+            if f is None and index in (store.peek(record.key)[0] or record).blocks:
+                f = await self.io(store.block_file, record.key, index)  # filled meanwhile
             if f is not None:
                 fd, pos = f.fileno(), a - b0
                 while a < b:
@@ -447,23 +467,37 @@ class CacheDelivery:
         assert self.store is not None
         b0, b1 = record.block_range(index)
         digest = Digest(record.checksum) if whole else None
+        asked = {"range": f"bytes={b0}-{b1 - 1}"}
+        if record.etag and not record.etag.startswith("W/"):
+            asked["if-match"] = record.etag  # this version's bytes, or a 412
         try:
-            body = await open_body(self.client, obj, {"range": f"bytes={b0}-{b1 - 1}"})
+            body = await open_body(self.client, obj, asked)
         except Exception as e:
-            if isinstance(e, ObjectNotFound):
-                with contextlib.suppress(*STORE_ERRORS):  # no such object: keep no record
+            if isinstance(e, ObjectNotFound) or getattr(e, "status", None) == 412:
+                log.warning("%s/%s is gone or changed upstream: record dropped", *_names(record))
+                with contextlib.suppress(*STORE_ERRORS):  # keep no record of that version
                     await self.io(self.store.evict, record.key)
             fill.fail(e)
             return
         try:
             await self._check_response(record, body.status, body.headers, b0, b1)
             fill.begin()
+            # an upstream that ignored Range sends it all: skip to the block, stop after it
+            skip = b0 if body.status == 200 else 0
             async for chunk in body.chunks():
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                if body.status == 200:
+                    chunk = chunk[: b1 - b0 - fill.written]
                 if fill.written + len(chunk) > b1 - b0:
                     raise FillFailed("upstream sent more bytes than the block holds")
-                fill.append(chunk)
-                if digest is not None:
-                    digest.update(chunk)
+                if chunk:
+                    fill.append(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
+                if fill.written == b1 - b0 and body.status == 200:
+                    break
             if fill.written != b1 - b0:
                 raise FillFailed(f"upstream sent {fill.written} of {b1 - b0} bytes")
             if digest is not None and not digest.matches():
@@ -507,12 +541,17 @@ class CacheDelivery:
     ) -> None:
         """The upstream must send exactly the block, of the object we think it is."""
         assert self.store is not None
-        if status == 206:
-            want = f"bytes {b0}-{b1 - 1}/{record.size}"
-            got = headers.get("content-range", "")
-            if got != want:
-                raise FillFailed(f"upstream sent {got or 'no Content-Range'}, expected {want}")
-        elif not (status == 200 and b0 == 0 and b1 == record.size):
+        want = f"bytes {b0}-{b1 - 1}/{record.size}"
+        got = headers.get("content-range", "") if status == 206 else None
+        length = headers.get("content-length")
+        total = got.rpartition("/")[2] if got else length if status == 200 else None
+        if total is not None and total.isdigit() and int(total) != record.size:
+            log.warning("%s/%s changed size upstream: record dropped", *_names(record))
+            await self.io(self.store.evict, record.key)
+            raise FillFailed(f"the object's size changed upstream (now {total} bytes)")
+        if status == 206 and got != want:
+            raise FillFailed(f"upstream sent {got or 'no Content-Range'}, expected {want}")
+        if status not in (200, 206):
             raise FillFailed(f"upstream answered {status} to a range request")
         etag, last_modified = headers.get("etag"), headers.get("last-modified")
         if record.etag and etag and etag != record.etag:

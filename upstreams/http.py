@@ -207,17 +207,44 @@ async def _send(
         await response.aclose()
 
 
+async def probe(client: httpx.AsyncClient, obj: UpstreamObject) -> Meta:
+    """Size and validators as the object's GETs will report them: a 1-byte ranged GET.
+
+    A HEAD can lie (an error page's length, a stale size); the `Content-Range` total of a
+    ranged GET is what every later block fetch is checked against. An upstream that ignores
+    Range answers 200: its Content-Length is the size, and the body is not read.
+    """
+    r = await _send(client, "GET", obj, {"range": "bytes=0-0"}, stream=True)
+    try:
+        _raise_for(r.status_code, "GET", r)
+        size = _size(r)
+        if size is None:
+            raise UpstreamUnavailable("upstream did not say the object's size")
+        return Meta(
+            size=size,
+            media_type=r.headers.get("content-type"),
+            etag=r.headers.get("etag"),
+            last_modified=r.headers.get("last-modified"),
+        )
+    finally:
+        await r.aclose()
+
+
+def _size(r: httpx.Response) -> int | None:
+    if r.status_code == 206:
+        total = r.headers.get("content-range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = r.headers.get("content-length")
+    return int(length) if length is not None and length.isdigit() else None
+
+
 async def head(client: httpx.AsyncClient, obj: UpstreamObject) -> Meta:
     """Size and validators of an object; falls back to a 1-byte GET where HEAD is refused."""
     r = await _send(client, "HEAD", obj, {})
     if r.status_code in (403, 405, 501) or "content-length" not in r.headers:
         r = await _send(client, "GET", obj, {"range": "bytes=0-0"})
     _raise_for(r.status_code, "HEAD", r)
-    if r.status_code == 206:
-        total = r.headers.get("content-range", "").rpartition("/")[2]
-        size = int(total) if total.isdigit() else None
-    else:
-        size = int(r.headers["content-length"]) if "content-length" in r.headers else None
+    size = _size(r)
     if size is None:
         raise UpstreamUnavailable("HEAD: upstream did not say the object's size")
     return Meta(

@@ -1,0 +1,94 @@
+"""The fill path against a lying and slow upstream: what it fetches, what it keeps."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+VISUAL = "demo-cogs/scene-c/visual.tif"
+BLOCK = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def fproxy(start_proxy, upstream_server, tmp_path_factory):
+    work = tmp_path_factory.mktemp("fills")
+    files = {"http": {"base_url": f"{upstream_server.url}/data/demo-cogs/"}}
+    return start_proxy(
+        {
+            "cache": {"store": str(work / "cache"), "block_size": "64KiB"},
+            "datasets": {"files": {"upstream": files}},
+        }
+    )
+
+
+def upstream_gets(upstream, path):
+    return [e for e in upstream.data_requests() if e["method"] == "GET" and path in e["path"]]
+
+
+def test_a_client_that_leaves_stops_the_fetching(fproxy, upstream):
+    size = len(upstream.file(VISUAL))
+    assert size > 40 * BLOCK
+    upstream.fault("scene-c/visual", method="GET", chunk_delay=0.2)
+    with httpx.stream("GET", f"{fproxy.url}/assets/files/scene-c/visual.tif") as r:
+        got = 0
+        for chunk in r.iter_raw():
+            got += len(chunk)
+            if got >= 100_000:
+                break  # and hang up
+    deadline = time.monotonic() + 15
+    while True:  # until every fetch that was started has ended
+        gets = upstream_gets(upstream, "scene-c/visual")
+        lengths = [
+            int(e["range"].split("-")[1]) - int(e["range"].split("=")[1].split("-")[0]) + 1
+            for e in gets
+        ]
+        if all(e["bytes"] >= n for e, n in zip(gets, lengths, strict=True)):
+            break
+        assert time.monotonic() < deadline, gets
+        time.sleep(0.1)
+    time.sleep(0.5)  # nothing new may start once the client has gone
+    gets = upstream_gets(upstream, "scene-c/visual")
+    fetched = sum(e["bytes"] for e in gets)
+    # the blocks sent before the hang-up was seen (socket buffers take some), plus read-ahead
+    assert len(gets) <= 8, [(e["range"], e["bytes"]) for e in gets]
+    assert fetched <= 8 * BLOCK < size / 4
+
+
+def test_a_lying_head_does_not_set_the_size(fproxy, upstream):
+    """A HEAD that answers 200 with a 26-byte error page: the size comes from the GETs."""
+    data = upstream.file("demo-cogs/scene-a/visual.tif")
+    upstream.fault("scene-a/visual", method="HEAD", status=200)
+    r = httpx.head(f"{fproxy.url}/assets/files/scene-a/visual.tif")
+    assert int(r.headers["content-length"]) == len(data)
+    got = httpx.get(f"{fproxy.url}/assets/files/scene-a/visual.tif")
+    assert got.status_code == 200 and got.content == data
+
+
+def test_an_upstream_that_ignores_range_still_fills_the_right_block(fproxy, upstream):
+    data = upstream.file("demo-cogs/scene-b/visual.tif")
+    upstream.fault("scene-b/visual", method="GET", ignore_range=True)
+    want = (5 * BLOCK + 100, 5 * BLOCK + 199)
+    url = f"{fproxy.url}/assets/files/scene-b/visual.tif"
+    r = httpx.get(url, headers={"range": f"bytes={want[0]}-{want[1]}"})
+    assert r.status_code == 206 and r.content == data[want[0] : want[1] + 1]
+    upstream.reset()
+    again = httpx.get(url, headers={"range": f"bytes={5 * BLOCK}-{6 * BLOCK - 1}"})
+    assert again.content == data[5 * BLOCK : 6 * BLOCK]
+    assert upstream_gets(upstream, "scene-b/visual") == []  # the block was cached, and right
+
+
+def test_an_object_replaced_upstream_is_never_mixed_with_its_old_blocks(fproxy, upstream):
+    from upstreams.demo.server import changed_bytes
+
+    data = upstream.file("demo-cogs/scene-a/B04.tif")
+    url = f"{fproxy.url}/assets/files/scene-a/B04.tif"
+    first = httpx.get(url, headers={"range": "bytes=0-99"})  # block 0 of the old version
+    assert first.content == data[:100]
+    upstream.fault("scene-a/B04", changed=True)  # a new version: new ETag, other bytes
+    later = httpx.get(url, headers={"range": f"bytes={2 * BLOCK}-{2 * BLOCK + 99}"})
+    assert later.status_code == 502  # the fill saw the new version: nothing mixed is served
+    new = changed_bytes(data)
+    whole = httpx.get(url)  # a new record of the new version, whole and consistent
+    assert whole.status_code == 200 and whole.content == new
