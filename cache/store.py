@@ -65,6 +65,8 @@ class ObjectRecord:
     hits: int = 0
     blocks: tuple[int, ...] = ()
     verified: bool = False
+    #: each stored block's own sha-256, checked whenever a block file is opened
+    block_sha256: dict[int, str] = field(default_factory=dict)
 
     @property
     def nblocks(self) -> int:
@@ -83,6 +85,15 @@ class ObjectRecord:
     def block_range(self, index: int) -> tuple[int, int]:
         start = index * self.block_size
         return start, min(self.size, start + self.block_size)
+
+
+def _sha256(f: io.BufferedReader) -> str:
+    """The sha-256 of a whole open file, read with pread (its position is left alone)."""
+    digest, pos, fd = hashlib.sha256(), 0, f.fileno()
+    while chunk := os.pread(fd, 1 << 20, pos):
+        digest.update(chunk)
+        pos += len(chunk)
+    return digest.hexdigest()
 
 
 def _decode(raw: dict[str, Any]) -> ObjectRecord:
@@ -109,6 +120,8 @@ class Store:
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._open_blocks = 0
         self._touched: dict[str, tuple[float, int]] = {}
+        #: blocks found not to match their sha-256 when opened (and evicted with their object)
+        self.corrupt_blocks = 0
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
             opts: dict[str, Any] = {
@@ -210,6 +223,13 @@ class Store:
         if not isinstance(value, io.BufferedReader):  # never: blocks are stored as files
             return None
         f = value  # read with os.pread(f.fileno(), ...): its buffer and position are unused
+        expected = held.record.block_sha256.get(index)
+        if expected is not None and _sha256(f) != expected:
+            f.close()
+            self.corrupt_blocks += 1
+            log.error("cached block %s/%d does not match its sha-256: object evicted", key, index)
+            self.evict(key)
+            return None
         held.files[index] = f
         self._open_blocks += 1
         if self._open_blocks > MAX_OPEN_BLOCKS:
@@ -219,6 +239,7 @@ class Store:
     def commit_block(self, key: str, index: int, tmp: Path) -> ObjectRecord | None:
         """Copy a finished, verified block into the store and mark it present."""
         with tmp.open("rb") as f:
+            sha = _sha256(f)
             self.blocks.set((key, index), f, read=True, tag=key)
         with self.objects.transact():
             raw = self.objects.get(key)
@@ -226,7 +247,8 @@ class Store:
                 self.blocks.delete((key, index))
                 return None
             blocks = tuple(sorted(set(raw["blocks"]) | {index}))
-            record = ObjectRecord(**{**raw, "blocks": blocks})
+            shas = {**raw.get("block_sha256", {}), index: sha}
+            record = ObjectRecord(**{**raw, "blocks": blocks, "block_sha256": shas})
             self.objects.set(key, asdict(record))
         held = self._held.get(key)
         if held is not None:
@@ -254,10 +276,12 @@ class Store:
         size = source.stat().st_size
         sha = hashlib.sha256()
         nblocks = max(1, -(-size // block_size))
+        shas: dict[int, str] = {}
         with source.open("rb") as f:
             for index in range(nblocks):
                 data = f.read(block_size)
                 sha.update(data)
+                shas[index] = hashlib.sha256(data).hexdigest()
                 self.blocks.set((key, index), io.BytesIO(data), read=True, tag=key)
         now = self.clock()
         record = ObjectRecord(
@@ -275,6 +299,7 @@ class Store:
             accessed=now,
             blocks=tuple(range(nblocks)),
             verified=checksum is not None,
+            block_sha256=shas,
         )
         self.put_record(record)
         return record

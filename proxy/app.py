@@ -56,7 +56,8 @@ async def readyz(request: Request) -> Response:
         "ok": delivery.store is not None and health.error is None,
         "store": str(settings.cache.store),
         "error": health.error,
-        "integrity_failures": health.integrity_failures,
+        "integrity_failures": health.integrity_failures
+        + (delivery.store.corrupt_blocks if delivery.store is not None else 0),
         **health.counters,
     }
     queue_problem = await request.app.state.queue.problem()

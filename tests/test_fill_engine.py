@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -92,3 +93,37 @@ def test_an_object_replaced_upstream_is_never_mixed_with_its_old_blocks(fproxy, 
     new = changed_bytes(data)
     whole = httpx.get(url)  # a new record of the new version, whole and consistent
     assert whole.status_code == 200 and whole.content == new
+
+
+def test_a_block_corrupted_on_disk_is_never_served(fproxy, upstream, tmp_path):
+    import yaml
+
+    from cache.store import Store, object_key
+    from tests.conftest import fdp_serve
+
+    data = upstream.file("demo-cogs/scene-c/B04.tif")
+    url = "/assets/files/scene-c/B04.tif"
+    assert httpx.get(fproxy.url + url).content == data  # every block cached
+    store = Path(yaml.safe_load(fproxy.config.read_text())["cache"]["store"])
+    opened = Store(store)  # as the proxies open it (its settings are shared)
+    try:
+        key = object_key("files", "scene-c/B04.tif")
+        assert 3 in opened.record(key).blocks
+        f = opened.blocks.get((key, 3), read=True)
+        path = f.name
+        f.close()
+    finally:
+        opened.close()
+    raw = bytearray(Path(path).read_bytes())
+    raw[100] ^= 0xFF  # one flipped bit of rust
+    Path(path).write_bytes(bytes(raw))
+    upstream.reset()
+    # a process that has never held the block open (as after a restart)
+    config = yaml.safe_load(fproxy.config.read_text())
+    fresh = fdp_serve(config, tmp_path, name="fdp-fresh")
+    with fresh.proc:
+        r = httpx.get(fresh.url + url, headers={"range": f"bytes={3 * BLOCK}-{3 * BLOCK + 999}"})
+        assert r.status_code == 206 and r.content == data[3 * BLOCK : 3 * BLOCK + 1000]
+        assert upstream_gets(upstream, "scene-c/B04"), "the corrupt block was not fetched again"
+        checks = httpx.get(f"{fresh.url}/readyz").json()["checks"]["cache"]
+        assert checks["integrity_failures"] >= 1
