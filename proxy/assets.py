@@ -196,7 +196,7 @@ class Assets:
         memo = (hashlib.sha256(x.authorization.encode()).hexdigest(), x.obj.href)
         if memo in self._allowed:
             return
-        await head(self.client, x.obj)  # raises UpstreamUnavailable(401/403): refusals()
+        await head(self.client, x.obj)  # a 401/403 raises: refused() makes it a 403
         self._allowed[memo] = True
 
     async def slow(self, x: Exchange, receive: Receive, send: Send) -> None:
