@@ -216,37 +216,29 @@ async def probe(client: httpx.AsyncClient, obj: UpstreamObject) -> Meta:
     """
     r = await _send(client, "GET", obj, {"range": "bytes=0-0"}, stream=True)
     try:
-        _raise_for(r.status_code, "GET", r)
-        size = _size(r)
-        if size is None:
-            raise UpstreamUnavailable("upstream did not say the object's size")
-        return Meta(
-            size=size,
-            media_type=r.headers.get("content-type"),
-            etag=r.headers.get("etag"),
-            last_modified=r.headers.get("last-modified"),
-        )
+        return _meta(r, "GET")
     finally:
         await r.aclose()
 
 
-def _size(r: httpx.Response) -> int | None:
-    if r.status_code == 206:
-        total = r.headers.get("content-range", "").rpartition("/")[2]
-        return int(total) if total.isdigit() else None
-    length = r.headers.get("content-length")
-    return int(length) if length is not None and length.isdigit() else None
-
-
 async def head(client: httpx.AsyncClient, obj: UpstreamObject) -> Meta:
-    """Size and validators of an object; falls back to a 1-byte GET where HEAD is refused."""
+    """Size and validators of an object; a 1-byte GET where HEAD is refused or says no size."""
     r = await _send(client, "HEAD", obj, {})
     if r.status_code in (403, 405, 501) or "content-length" not in r.headers:
-        r = await _send(client, "GET", obj, {"range": "bytes=0-0"})
-    _raise_for(r.status_code, "HEAD", r)
-    size = _size(r)
+        return await probe(client, obj)
+    return _meta(r, "HEAD")
+
+
+def _meta(r: httpx.Response, what: str) -> Meta:
+    _raise_for(r.status_code, what, r)
+    if r.status_code == 206:
+        total = r.headers.get("content-range", "").rpartition("/")[2]
+        size = int(total) if total.isdigit() else None
+    else:
+        length = r.headers.get("content-length")
+        size = int(length) if length is not None and length.isdigit() else None
     if size is None:
-        raise UpstreamUnavailable("HEAD: upstream did not say the object's size")
+        raise UpstreamUnavailable(f"{what}: upstream did not say the object's size")
     return Meta(
         size=size,
         media_type=r.headers.get("content-type"),
