@@ -76,6 +76,8 @@ class Fill:
         The reader gets its own descriptor now, so it can finish reading after the filler
         is done and has removed the temporary file.
         """
+        if self.error is not None:  # failed (and maybe closed) already
+            raise self.error
         return self._follow(os.dup(self.fd), start, end)
 
     async def _follow(self, fd: int, start: int, end: int) -> AsyncIterator[bytes]:

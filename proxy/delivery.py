@@ -1,40 +1,33 @@
 """Delivery from the online cache: hits straight from held files, misses filled block by block.
 
-A response is planned as a list of block slices. Cached slices are read with `os.pread`
-on held descriptors; missing ones join (or start) the single fill of their block and stream
-as it arrives. Headers go out only once the first missing block's upstream has answered,
+This module plans and sends; `cache.engine` fetches, checks and commits blocks. A response
+is planned as a list of block slices. Cached slices are read with `os.pread` on held
+descriptors; missing ones join (or start) the single fill of their block and stream as it
+arrives. Headers go out only once the first missing block's upstream has answered,
 so an upstream error is still a proper problem response, not a broken body.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
-import anyio
-import anyio.to_thread
 import httpx
 from starlette.types import Receive, Send
 
-from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
-from cache.integrity import ChecksumMismatch, Digest
+from cache.engine import FillEngine, outdated
+from cache.fill import CacheWriteFailed, FillFailed
 from cache.store import STORE_ERRORS, ObjectRecord, Store
 from proxy.conditional import Selection, select
 from proxy.exchange import Exchange, Kind, Plan
 from proxy.streams import until_disconnect
-from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
-from upstreams.http import open_body, probe
+from upstreams.base import UpstreamObject, UpstreamUnavailable
+from upstreams.http import open_body
 from upstreams.memo import Memo
-
-T = TypeVar("T")
 
 log = logging.getLogger("fdp.cache")
 
@@ -42,10 +35,6 @@ CHUNK = 1 << 20
 #: Blocks fetched ahead of the one being sent, in a response that spans several.
 READ_AHEAD = 2
 SIMPLE_RANGE = re.compile(r"bytes=(\d{1,18})-(\d{1,18})\Z")
-ERROR_LOG_INTERVAL = 60.0
-RETRY_CACHE_AFTER = 10.0  # seconds of pass-through after a cache failure before trying again
-#: Threads for index reads and writes (SQLite): a lock held elsewhere blocks only these.
-STORE_THREADS = 4
 
 
 def _simple(x: Exchange, record: ObjectRecord) -> Selection | None:
@@ -63,48 +52,9 @@ def _simple(x: Exchange, record: ObjectRecord) -> Selection | None:
     return Selection(206, ((start, end),))
 
 
-def _names(record: ObjectRecord) -> tuple[str, str]:
-    return record.dataset, record.path
-
-
-def _outdated(record: ObjectRecord, obj: UpstreamObject) -> bool:
-    """The catalogue now promises other bytes than the cached ones."""
-    return bool(record.checksum and obj.checksum and record.checksum != obj.checksum)
-
-
 async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
-
-
-@dataclass
-class Health:
-    """The cache's state for /readyz: the last store error, logged at most once a minute."""
-
-    error: str | None = None
-    since: float | None = None
-    last_failure: float = 0.0
-    logged: float = 0.0
-    integrity_failures: int = 0
-    counters: dict[str, int] = field(default_factory=lambda: {"hit": 0, "miss": 0})
-
-    def failed(self, what: str, exc: BaseException) -> None:
-        now = self.last_failure = time.monotonic()
-        self.error = f"{what}: {exc}"
-        self.since = self.since or time.time()
-        if now - self.logged > ERROR_LOG_INTERVAL:
-            self.logged = now
-            log.error("cache unavailable, serving pass-through: %s", self.error)
-
-    def recovered(self) -> None:
-        if self.error is not None:
-            log.info("cache writable again")
-        self.error, self.since = None, None
-
-    @property
-    def degraded(self) -> bool:
-        """Recently failed: skip the cache for a while rather than fail every request."""
-        return self.error is not None and time.monotonic() - self.last_failure < RETRY_CACHE_AFTER
 
 
 class CacheDelivery:
@@ -119,12 +69,8 @@ class CacheDelivery:
     ) -> None:
         self.store = store
         self.client = client
-        self.block_size = block_size
-        self.clock = clock
-        self.fills = Fills()
-        self.health = Health()
-        #: index reads and writes: a locked or slow SQLite holds these threads, not the loop
-        self.limiter = anyio.CapacityLimiter(STORE_THREADS)
+        self.engine = FillEngine(store, client, block_size, clock)
+        self.fills, self.health = self.engine.fills, self.engine.health
         self._revalidating: set[str] = set()
         self._header_memo: Memo[str, tuple[ObjectRecord, tuple[tuple[bytes, bytes], ...]]]
         self._header_memo = Memo(16384, 300.0)
@@ -132,19 +78,6 @@ class CacheDelivery:
     @property
     def usable(self) -> bool:
         return self.store is not None and not self.health.degraded
-
-    async def io(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a store call in a thread of the store's own limiter."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-
-    async def index(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        """A store call on a request's path: a failing index (locked, full) makes the
-        request go around the cache (CacheWriteFailed), never a 500."""
-        try:
-            return await self.io(fn, *args)
-        except STORE_ERRORS as e:
-            self.health.failed(what, e)
-            raise CacheWriteFailed(f"{what}: {type(e).__name__}") from None
 
     # -- the record: what we know of the object before any block ----------------------
 
@@ -160,7 +93,7 @@ class CacheDelivery:
             return record
         if record is not None and fresh:
             return record
-        return await self.index("reading the cache index", self.store.record, key)
+        return await self.engine.index("reading the cache index", self.store.record, key)
 
     def _held_for(self, record: ObjectRecord, x: Exchange) -> bool:
         assert self.store is not None
@@ -174,47 +107,23 @@ class CacheDelivery:
     async def _revalidate(self, key: str) -> None:
         assert self.store is not None
         try:
-            await self.io(self.store.record, key)
+            await self.engine.io(self.store.record, key)
         except STORE_ERRORS as e:
             self.health.failed("reading the cache index", e)
         finally:
             self._revalidating.discard(key)
 
     async def record(self, x: Exchange, obj: UpstreamObject) -> ObjectRecord:
-        """The object's record; a new one takes the upstream's size and validators (HEAD)."""
-        dataset, key, path = x.dataset, x.cache_key, x.rel
-        assert self.store is not None
-        record = await self.lookup(key, x)
-        if record is not None and not _outdated(record, obj):
+        """The object's record; a new one if there is none or the catalogue now promises
+        other bytes than the cached ones."""
+        record = await self.lookup(x.cache_key, x)
+        if record is not None and not outdated(record, obj):
             return record
-        if record is not None:  # the catalogue now promises other bytes: start over
-            log.info("cached %s/%s has an outdated checksum: evicted", dataset, path)
-            await self.index("evicting an outdated object", self.store.evict, key)
-        meta = await probe(self.client, obj)  # sizes as the GETs will tell them
-        if obj.size is not None and obj.size != meta.size:
-            log.warning(
-                "%s/%s: the catalogue says %d bytes, the provider %d: using the provider's",
-                dataset,
-                path,
-                obj.size,
-                meta.size,
-            )
-        now = self.clock()
-        record = ObjectRecord(
-            key=key,
-            dataset=dataset,
-            path=path,
-            size=meta.size,
-            block_size=self.block_size,
-            etag=meta.etag,
-            last_modified=meta.last_modified,
-            media_type=obj.media_type or meta.media_type,
-            checksum=obj.checksum,
-            created=now,
-            accessed=now,
-        )
-        await self.index("writing the cache index", self.store.put_record, record)
-        return record
+        assert self.store is not None
+        if record is not None:
+            log.info("cached %s/%s has an outdated checksum: evicted", x.dataset, x.rel)
+            await self.engine.index("evicting an outdated object", self.store.evict, x.cache_key)
+        return await self.engine.create_record(x.dataset, x.cache_key, x.rel, obj)
 
     # -- planning: hit or miss, before anything is sent ---------------------------------
 
@@ -223,7 +132,7 @@ class CacheDelivery:
         and the object is not wholly cached. Raises for 412/416 and malformed ranges."""
         assert x.obj is not None and self.store is not None
         record, fresh = self.store.peek(x.cache_key)  # the common case: no await at all
-        if not fresh or record is None or _outdated(record, x.obj):
+        if not fresh or record is None or outdated(record, x.obj):
             record = await self.record(x, x.obj) if create else await self.lookup(x.cache_key, x)
         if record is None or not (create or record.complete):
             return None
@@ -272,7 +181,7 @@ class CacheDelivery:
                 None,
             )
             if missing is not None:  # (filled meanwhile: nothing to wait for)
-                await self._ensure_fill(record, x.obj, missing).started  # errors: problems
+                await self.engine.ensure(record, x.obj, missing).started  # errors: problems
                 record = self.store.peek(record.key)[0] or record  # the fill may know more
         obj = x.obj
 
@@ -363,32 +272,23 @@ class CacheDelivery:
             a, b = max(start, b0), min(end, b1)
             f = store.held_block(record.key, index)
             if f is None and index in (store.peek(record.key)[0] or record).blocks:
-                f = await self.io(store.block_file, record.key, index)  # filled meanwhile
+                f = await self.engine.io(store.block_file, record.key, index)  # filled meanwhile
             if f is not None:
                 fd, pos = f.fileno(), a - b0
                 while a < b:
                     chunk = os.pread(fd, min(CHUNK, b - a), pos)
                     if not chunk:
                         log.error("cached block %s/%d is short: evicted", record.key, index)
-                        await self.io(store.evict, record.key)
+                        await self.engine.io(store.evict, record.key)
                         return False  # abort: the client sees an incomplete body
                     a += len(chunk)
                     pos += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
-            self._read_ahead(record, obj, index + 1, min(last, index + READ_AHEAD))
+            self.engine.read_ahead(record, obj, index + 1, min(last, index + READ_AHEAD))
             if not await self._stream_fill(record, obj, index, a, b, send):
                 return False
         return True
-
-    def _read_ahead(self, record: ObjectRecord, obj: UpstreamObject, first: int, last: int) -> None:
-        """Start the next missing blocks of a long response now, so their latency overlaps."""
-        assert self.store is not None
-        current = self.store.peek(record.key)[0] or record
-        for index in range(first, last + 1):
-            if index not in current.blocks:
-                with contextlib.suppress(CacheWriteFailed):
-                    self._ensure_fill(record, obj, index)
 
     async def _stream_fill(
         self, record: ObjectRecord, obj: UpstreamObject, index: int, a: int, b: int, send: Send
@@ -396,7 +296,7 @@ class CacheDelivery:
         b0 = index * record.block_size
         pos = a
         try:
-            fill = self._ensure_fill(record, obj, index)
+            fill = self.engine.ensure(record, obj, index)
             async for chunk in fill.follow(a - b0, b - b0):
                 pos += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -440,152 +340,3 @@ class CacheDelivery:
             headers.append((b"last-modified", record.last_modified.encode("latin-1")))
         headers.append((b"cache-control", cache_control))  # last: the memo checks it
         return tuple(headers)
-
-    # -- filling ----------------------------------------------------------------------
-
-    def _ensure_fill(self, record: ObjectRecord, obj: UpstreamObject, index: int) -> Fill:
-        fill = self.fills.get(record.key, index)
-        if fill is not None:
-            return fill
-        assert self.store is not None
-        b0, b1 = record.block_range(index)
-        whole = record.nblocks == 1
-        verify = whole and Digest(record.checksum).checkable
-        tmp = self.store.tmp / f"{record.key}.{index}.{os.getpid()}.part"
-        try:
-            fill = Fill(tmp, b1 - b0, holdback=1 if verify else 0)
-        except OSError as e:
-            self.health.failed("cannot create a fill file", e)
-            raise CacheWriteFailed(str(e)) from e
-        return self.fills.start(
-            record.key, index, fill, lambda f: self._fill(record, obj, index, f, whole)
-        )
-
-    async def _fill(
-        self, record: ObjectRecord, obj: UpstreamObject, index: int, fill: Fill, whole: bool
-    ) -> None:
-        assert self.store is not None
-        b0, b1 = record.block_range(index)
-        digest = Digest(record.checksum) if whole else None
-        asked = {"range": f"bytes={b0}-{b1 - 1}"}
-        if record.etag and not record.etag.startswith("W/"):
-            asked["if-match"] = record.etag  # this version's bytes, or a 412
-        try:
-            body = await open_body(self.client, obj, asked)
-        except Exception as e:
-            if isinstance(e, ObjectNotFound) or getattr(e, "status", None) == 412:
-                log.warning("%s/%s is gone or changed upstream: record dropped", *_names(record))
-                with contextlib.suppress(*STORE_ERRORS):  # keep no record of that version
-                    await self.io(self.store.evict, record.key)
-            fill.fail(e)
-            return
-        try:
-            await self._check_response(record, body.status, body.headers, b0, b1)
-            fill.begin()
-            # an upstream that ignored Range sends it all: skip to the block, stop after it
-            skip = b0 if body.status == 200 else 0
-            async for chunk in body.chunks():
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                if body.status == 200:
-                    chunk = chunk[: b1 - b0 - fill.written]
-                if fill.written + len(chunk) > b1 - b0:
-                    raise FillFailed("upstream sent more bytes than the block holds")
-                if chunk:
-                    fill.append(chunk)
-                    if digest is not None:
-                        digest.update(chunk)
-                if fill.written == b1 - b0 and body.status == 200:
-                    break
-            if fill.written != b1 - b0:
-                raise FillFailed(f"upstream sent {fill.written} of {b1 - b0} bytes")
-            if digest is not None and not digest.matches():
-                raise ChecksumMismatch(f"{record.dataset}/{record.path}: checksum mismatch")
-        except CacheWriteFailed as e:
-            self.health.failed("cannot write a fill", e)
-            fill.fail(e)
-            return
-        except ChecksumMismatch as e:
-            self.health.integrity_failures += 1
-            log.error("%s; not cached", e)
-            fill.fail(FillFailed(str(e)))
-            with contextlib.suppress(*STORE_ERRORS):
-                await self.io(self.store.evict, record.key)
-            return
-        except (FillFailed, UpstreamUnavailable) as e:
-            fill.fail(e)
-            return
-        finally:
-            await body.aclose()
-        fill.finish()
-        try:
-            updated = await self.io(self.store.commit_block, record.key, index, fill.path)
-            if updated is not None and digest is not None:
-                await self.io(
-                    functools.partial(
-                        self.store.update,
-                        record.key,
-                        sha256=digest.sha256.hexdigest(),
-                        verified=digest.checkable,
-                    )
-                )
-            elif updated is not None and updated.complete and not whole:
-                await self.io(self.verify_object, updated)
-            self.health.recovered()
-        except STORE_ERRORS as e:
-            self.health.failed("cannot store a block", e)
-
-    async def _check_response(
-        self, record: ObjectRecord, status: int, headers: dict[str, str], b0: int, b1: int
-    ) -> None:
-        """The upstream must send exactly the block, of the object we think it is."""
-        assert self.store is not None
-        want = f"bytes {b0}-{b1 - 1}/{record.size}"
-        got = headers.get("content-range", "") if status == 206 else None
-        length = headers.get("content-length")
-        total = got.rpartition("/")[2] if got else length if status == 200 else None
-        if total is not None and total.isdigit() and int(total) != record.size:
-            log.warning("%s/%s changed size upstream: record dropped", *_names(record))
-            await self.io(self.store.evict, record.key)
-            raise FillFailed(f"the object's size changed upstream (now {total} bytes)")
-        if status == 206 and got != want:
-            raise FillFailed(f"upstream sent {got or 'no Content-Range'}, expected {want}")
-        if status not in (200, 206):
-            raise FillFailed(f"upstream answered {status} to a range request")
-        etag, last_modified = headers.get("etag"), headers.get("last-modified")
-        if record.etag and etag and etag != record.etag:
-            await self.io(self.store.evict, record.key)
-            raise FillFailed("the object changed upstream (new ETag); cached blocks dropped")
-        if record.etag is None and etag:
-            await self.io(
-                functools.partial(
-                    self.store.update, record.key, etag=etag, last_modified=last_modified
-                )
-            )
-
-    def verify_object(self, record: ObjectRecord) -> None:
-        """Hash a multi-block object once all its blocks are in; a mismatch evicts it."""
-        assert self.store is not None
-        digest = Digest(record.checksum)
-        for index in range(record.nblocks):
-            f = self.store.block_file(record.key, index)
-            if f is None:
-                return  # evicted meanwhile
-            pos, (b0, b1) = 0, record.block_range(index)
-            while pos < b1 - b0:
-                chunk = os.pread(f.fileno(), min(CHUNK, b1 - b0 - pos), pos)
-                if not chunk:
-                    break
-                pos += len(chunk)
-                digest.update(chunk)
-        if not digest.matches():
-            self.health.integrity_failures += 1
-            log.error(
-                "%s/%s: checksum mismatch after the last block; evicted",
-                record.dataset,
-                record.path,
-            )
-            self.store.evict(record.key)
-            return
-        self.store.update(record.key, sha256=digest.sha256.hexdigest(), verified=digest.checkable)

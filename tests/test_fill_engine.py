@@ -130,3 +130,41 @@ def test_a_block_corrupted_on_disk_is_never_served(fproxy, upstream, tmp_path):
         assert upstream_gets(upstream, "scene-c/B04"), "the corrupt block was not fetched again"
         checks = httpx.get(f"{fresh.url}/readyz").json()["checks"]["cache"]
         assert checks["integrity_failures"] >= 1
+
+
+def test_a_fill_that_dies_of_any_error_releases_its_waiters(tmp_path):
+    """In-process: the fill's task raises something unexpected after bytes began to flow;
+    every reader gets FillFailed at once (no hang), and the fill is forgotten."""
+    import asyncio
+
+    from cache.fill import Fill, FillFailed, Fills
+
+    async def scenario() -> None:
+        fills = Fills()
+        gate = asyncio.Event()
+
+        async def run(fill: Fill) -> None:
+            fill.begin()
+            fill.append(b"x" * 10)
+            await gate.wait()
+            raise RuntimeError("a bug, not an upstream error")
+
+        fill = fills.start("k", 0, Fill(tmp_path / "f.part", 100), run)
+        await fill.started
+
+        async def read() -> bytes:
+            out = b""
+            async for chunk in fill.follow(0, 100):
+                out += chunk
+            return out
+
+        readers = [asyncio.ensure_future(read()) for _ in range(3)]
+        await asyncio.sleep(0)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), 5)
+        assert all(isinstance(r, FillFailed) for r in results), results
+        assert fills.get("k", 0) is None  # a new request starts a new fill
+        late = await asyncio.wait_for(asyncio.gather(read(), return_exceptions=True), 5)
+        assert isinstance(late[0], FillFailed)
+
+    asyncio.run(scenario())
