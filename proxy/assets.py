@@ -217,7 +217,7 @@ class Assets:
             info = await hold(queue, self.durations, info, seconds, self.stopping)
             if info.state == SUCCEEDED:
                 assert delivery.store is not None
-                await delivery.io(delivery.store.refresh, x.cache_key)
+                await delivery.engine.io(delivery.store.refresh, x.cache_key)
                 x.plan = await delivery.plan(x, create=False)
                 if x.plan is not None:
                     if policy.forward_token:
