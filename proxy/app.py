@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from cache.engine import FillEngine
 from cache.retention import Rule, sweep
 from cache.store import CacheUnavailable, Store
 from policies.config import Settings
@@ -174,7 +175,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with make_client(registry.timeouts) as client, anyio.create_task_group() as tg:
-            delivery = CacheDelivery(store, client, int(settings.cache.block_size), clock)
+            engine = FillEngine(store, client, int(settings.cache.block_size), clock)
+            delivery = CacheDelivery(engine)
             if store_error:
                 delivery.health.failed("opening the cache", Exception(store_error))
             app.state.delivery = assets.delivery = delivery

@@ -13,15 +13,12 @@ import logging
 import os
 import re
 import secrets
-import time
-from collections.abc import Callable
 
-import httpx
 from starlette.types import Receive, Send
 
 from cache.engine import FillEngine, outdated
 from cache.fill import CacheWriteFailed, FillFailed
-from cache.store import STORE_ERRORS, ObjectRecord, Store
+from cache.store import STORE_ERRORS, ObjectRecord
 from proxy.conditional import Selection, select
 from proxy.exchange import Exchange, Kind, Plan
 from proxy.streams import until_disconnect
@@ -60,17 +57,10 @@ async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]]) 
 class CacheDelivery:
     """Plans and sends responses from the cache; store I/O runs off the event loop."""
 
-    def __init__(
-        self,
-        store: Store | None,
-        client: httpx.AsyncClient,
-        block_size: int,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
-        self.client = client
-        self.engine = FillEngine(store, client, block_size, clock)
-        self.fills, self.health = self.engine.fills, self.engine.health
+    def __init__(self, engine: FillEngine) -> None:
+        self.engine = engine
+        self.store, self.client = engine.store, engine.client
+        self.fills, self.health = engine.fills, engine.health
         self._revalidating: set[str] = set()
         self._header_memo: Memo[str, tuple[ObjectRecord, tuple[tuple[bytes, bytes], ...]]]
         self._header_memo = Memo(16384, 300.0)
