@@ -43,6 +43,9 @@ CONCURRENCY = 32
 STREAM_TRIES = 3
 BUSY_CPUS = 0.15  # flag a run when other processes kept more CPUs than this busy
 FLAT_RSS_MIB = 64  # "memory flat": RSS growth below this while streaming the 1 GiB file
+COLD_MIB = 256  # the cold object streamed through a cache miss
+CAPPED_RATE = "50m"  # nginx limit_rate per connection, as remote providers do
+TOUCH_MIB = 2048  # memory written and freed first: this VM's first touch of a page is slow
 SERVERS = ("nginx", "proxy", "upstream")
 
 
@@ -298,7 +301,7 @@ def http_get(
         conn.close()
 
 
-def nginx_conf(work: Path, port: int) -> Path:
+def nginx_conf(work: Path, port: int, capped_port: int | None = None) -> Path:
     """An nginx config of our own: one process, sendfile, no access log, serving work/data.
 
     `master_process off` keeps nginx in the one process we started (its pid is the server),
@@ -312,6 +315,12 @@ def nginx_conf(work: Path, port: int) -> Path:
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     conf = ng / "nginx.conf"
+    capped = (
+        f"    server {{ listen 127.0.0.1:{capped_port}; root {work}/data; "
+        f"limit_rate {CAPPED_RATE}; }}\n"
+        if capped_port
+        else ""
+    )
     conf.write_text(
         f"""daemon off;
 master_process off;
@@ -330,7 +339,7 @@ http {{
         listen 127.0.0.1:{port};
         root {work}/data;
     }}
-}}
+{capped}}}
 """
     )
     return conf
@@ -339,13 +348,17 @@ http {{
 def make_servers(work: Path, tools: dict[str, str]) -> dict[str, Server]:
     """nginx, the demo upstream and the proxy, configured but not started."""
     logs = work / "logs"
-    ports = {name: free_port() for name in (*SERVERS, "lean")}
-    conf = nginx_conf(work, ports["nginx"])
+    ports = {name: free_port() for name in (*SERVERS, "lean", "capped")}
+    conf = nginx_conf(work, ports["nginx"], ports["capped"])
     (work / "fdp.yaml").write_text(
         f"cache: {{store: {work}/cache, block_size: 4MiB}}\n"
         "datasets:\n"
         "  bench: {upstream: {http: {base_url: "
         f'"http://127.0.0.1:{ports["upstream"]}/data/big/"}}}}}}\n'
+        "  nginx: {upstream: {http: {base_url: "
+        f'"http://127.0.0.1:{ports["nginx"]}/big/"}}}}}}\n'
+        "  capped: {upstream: {http: {base_url: "
+        f'"http://127.0.0.1:{ports["capped"]}/big/"}}}}}}\n'
     )
     return {
         "nginx": Server(
@@ -670,6 +683,8 @@ class Results:
     ranges: dict[str, Wrk] = field(default_factory=dict)
     memory: list[MemPass] = field(default_factory=list)
     warm_gbps: float = 0.0
+    #: cold object through a cache miss, GB/s: direct or through fdp, from nginx or capped nginx
+    cold: dict[str, float] = field(default_factory=dict)
     cache_after_warm: tuple[int, int] = (0, 0)
     background: tuple[float, list[str]] = (0.0, [])
     others: dict[str, Others] = field(default_factory=dict)  # phase -> CPU used by others
@@ -780,7 +795,20 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
             f"| {p.growth_mib:.0f} | {p.end_kib / 1024:.0f} |"
             for p in m
         ]
-    lines += ["", "## Targets (from the online-cache issue)", ""]
+    c = res.cold
+    if c:
+        lines += [
+            "",
+            f"## Cache miss: a cold {COLD_MIB} MiB object, curl as the client",
+            "",
+            "| upstream | direct GB/s | through fdp GB/s | fdp / direct |",
+            "|---|---:|---:|---:|",
+            f"| nginx | {c['nginx direct']:.2f} | {c['fdp from nginx']:.2f} | "
+            f"{_ratio(c['fdp from nginx'], c['nginx direct'])} |",
+            f"| nginx, `limit_rate {CAPPED_RATE}` | {c['capped direct']:.3f} | "
+            f"{c['fdp from capped']:.3f} | {_ratio(c['fdp from capped'], c['capped direct'])} |",
+        ]
+    lines += ["", "## Targets (from the online-cache and fill-engine issues)", ""]
     lines += ["| target | measured | |", "|---|---|---|"]
     if s:
         q = s[px][0] / s[ng][0]
@@ -790,6 +818,16 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
         lines.append(f"| 16 KiB ranges ≥ 0.5x nginx req/s | {q:.2f}x | {_met(q >= 0.5)} |")
         p99 = r[px].p99_ms
         lines.append(f"| 16 KiB ranges p99 ≤ 5 ms | {p99:.2f} ms | {_met(p99 <= 5.0)} |")
+    if r and "lean" in r:
+        q = r[px].rps / r["lean"].rps
+        lines.append(
+            f"| 16 KiB ranges ≥ 0.8x the minimal ASGI server | {q:.2f}x | {_met(q >= 0.8)} |"
+        )
+    if c:
+        q = c["fdp from nginx"] / c["nginx direct"]
+        lines.append(f"| cold miss ≥ 0.5x nginx direct | {q:.2f}x | {_met(q >= 0.5)} |")
+        q = c["fdp from capped"] / c["capped direct"]
+        lines.append(f"| cold miss ≥ 3x a capped nginx direct | {q:.2f}x | {_met(q >= 3.0)} |")
     if m:
         g = max(p.growth_mib for p in m)
         lines.append(
@@ -834,8 +872,18 @@ def run(args: argparse.Namespace) -> int:
         data = work / "data"
         big, mem = data / "big" / "big.bin", data / "big" / "mem.bin"
         log(f"work dir {work}; writing {args.size_mib} MiB + {MEM_FILE_MIB} MiB of random data")
+        touch = work / "touch.bin"
+        log(f"touching {TOUCH_MIB} MiB of memory first (written and freed)")
+        with touch.open("wb") as f:
+            for _ in range(TOUCH_MIB // 4):
+                f.write(bytes(4 * MIB))
+        touch.unlink()
         write_random(big, size)
         write_random(mem, MEM_FILE_MIB * MIB)
+        cold = data / "big" / "cold0.bin"
+        write_random(cold, COLD_MIB * MIB)
+        os.link(cold, data / "big" / "cold1.bin")
+        cold.chmod(0o644)
         (data / "catalog.json").write_text('{"collections": {}}\n')  # no demo COGs, please
         for p in (data, data / "big"):
             p.chmod(0o755)
@@ -876,6 +924,19 @@ def run(args: argparse.Namespace) -> int:
                 res.ranges[name] = run_wrk(tools["wrk"], url(name), script, args.duration)
             res.others[f"ranges {name}"] = others
             (work / "logs" / f"wrk-{name}.txt").write_text(res.ranges[name].raw)
+
+        log(f"cache miss: a cold {COLD_MIB} MiB object, nginx and capped nginx, direct and via fdp")
+        cold_size = COLD_MIB * MIB
+        for label, got in (
+            ("nginx direct", f"http://127.0.0.1:{servers['nginx'].port}/big/cold0.bin"),
+            ("fdp from nginx", url("proxy", "/assets/nginx/cold0.bin")),
+            ("capped direct", f"http://127.0.0.1:{servers['capped'].port}/big/cold0.bin"),
+            ("fdp from capped", url("proxy", "/assets/capped/cold1.bin")),
+        ):
+            c = curl_get(tools["curl"], got, timeout=300)
+            if c.status != 200 or c.size != cold_size:
+                raise BenchError(f"cold {label}: got {c.status} with {c.size} of {cold_size} bytes")
+            res.cold[label] = c.gbps
 
         mem_url = url("proxy", "/assets/bench/mem.bin")
         for label in ("1st (cache miss: from upstream)", "2nd (cache hit when cached)"):

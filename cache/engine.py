@@ -1,31 +1,39 @@
-"""The fill engine: fetch a block from its upstream, check it, commit it, release its waiters.
+"""The fill engine: claim a block, fetch it, check it, commit it, release its waiters.
 
-Store reads and writes run in threads of the engine's own limiter (a locked or slow SQLite
-holds those threads, never the event loop). Every block fill is tied to the object version
-it began with: fetched with `If-Match`, checked against the record's size and ETag, and a
-change drops the record instead of mixing versions.
+Fetching runs in threads (`cache.fetch`), store reads and writes in threads of the engine's
+own limiter (a locked or slow SQLite holds those threads, never the event loop). Every
+block fill is tied to the object version it began with: fetched with `If-Match`, checked
+against the record's size and ETag, and a change drops the record instead of mixing
+versions. The claim on a block is a lock on its part file, so processes sharing a cache
+folder fetch each block once between them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 import httpx
+import urllib3
 
+from cache.fetch import ObjectChanged, fetch_span, names, new_record, verify_object
 from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
 from cache.integrity import ChecksumMismatch, Digest
-from cache.store import STORE_ERRORS, ObjectRecord, Store
-from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
-from upstreams.http import open_body, probe
+from cache.store import STORE_ERRORS, ObjectRecord, Store, version_tag
+from upstreams.base import UpstreamError, UpstreamObject
+from upstreams.http import make_pool, probe_sync
+from upstreams.memo import Memo
 
 T = TypeVar("T")
 
@@ -36,10 +44,10 @@ ERROR_LOG_INTERVAL = 60.0
 RETRY_CACHE_AFTER = 10.0  # seconds of pass-through after a cache failure before trying again
 #: Threads for index reads and writes (SQLite): a lock held elsewhere blocks only these.
 STORE_THREADS = 4
-
-
-def names(record: ObjectRecord) -> tuple[str, str]:
-    return record.dataset, record.path
+#: Threads fetching blocks from one origin at a time.
+FETCH_THREADS = 8
+#: Seconds between looks at a part file another process is filling.
+FOLLOW_POLL = 0.002
 
 
 def outdated(record: ObjectRecord, obj: UpstreamObject) -> bool:
@@ -77,6 +85,30 @@ class Health:
         return self.error is not None and time.monotonic() - self.last_failure < RETRY_CACHE_AFTER
 
 
+class _FillSink:
+    """A fetching thread's view of a Fill: each event is handed to the event loop."""
+
+    def __init__(self, fill: Fill) -> None:
+        self.fill = fill
+        self.loop = asyncio.get_running_loop()
+        self.sha256 = ""
+
+    def begin(self, etag: str | None, last_modified: str | None) -> None:
+        self.loop.call_soon_threadsafe(self.fill.begin)
+
+    def part(self, index: int) -> int:
+        return self.fill.fd
+
+    def wrote(self, index: int, written: int) -> None:
+        self.loop.call_soon_threadsafe(self.fill.grew, written)
+
+    def done(self, index: int, sha256: str) -> None:
+        self.sha256 = sha256
+
+    def stopped(self) -> bool:
+        return self.fill.stop
+
+
 class FillEngine:
     def __init__(
         self,
@@ -84,14 +116,17 @@ class FillEngine:
         client: httpx.AsyncClient,
         block_size: int,
         clock: Callable[[], float] = time.time,
+        pool: urllib3.PoolManager | None = None,
     ) -> None:
         self.store = store
         self.client = client
+        self.pool = pool or make_pool()
         self.block_size = block_size
         self.clock = clock
         self.fills = Fills()
         self.health = Health()
         self.limiter = anyio.CapacityLimiter(STORE_THREADS)
+        self._limiters: Memo[str, anyio.CapacityLimiter] = Memo(1024, 3600.0)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call in a thread of the store's own limiter."""
@@ -111,31 +146,11 @@ class FillEngine:
     ) -> ObjectRecord:
         """A new record: size and validators as the upstream's GETs report them."""
         assert self.store is not None
-        meta = await probe(self.client, obj)  # sizes as the GETs will tell them
-        if obj.size is not None and obj.size != meta.size:
-            log.warning(
-                "%s/%s: the catalogue says %d bytes, the provider %d: using the provider's",
-                dataset,
-                path,
-                obj.size,
-                meta.size,
-            )
-        now = self.clock()
-        record = ObjectRecord(
-            key=key,
-            dataset=dataset,
-            path=path,
-            size=meta.size,
-            block_size=self.block_size,
-            etag=meta.etag,
-            last_modified=meta.last_modified,
-            media_type=obj.media_type or meta.media_type,
-            checksum=obj.checksum,
-            created=now,
-            accessed=now,
+        meta = await anyio.to_thread.run_sync(
+            probe_sync, self.pool, obj, limiter=self._limiter(obj)
         )
-        await self.index("writing the cache index", self.store.put_record, record)
-        return record
+        record = new_record(meta, obj, key, dataset, path, self.block_size, self.clock())
+        return await self.index("writing the cache index", self.store.add_record, record)
 
     def read_ahead(self, record: ObjectRecord, obj: UpstreamObject, first: int, last: int) -> None:
         """Start the next missing blocks of a long response now, so their latency overlaps."""
@@ -147,149 +162,169 @@ class FillEngine:
                     self.ensure(record, obj, index)
 
     def ensure(self, record: ObjectRecord, obj: UpstreamObject, index: int) -> Fill:
-        """The fill of block `index`: the one running, or a new one (single flight)."""
+        """The fill of block `index`: the one running, or a new one (single flight).
+
+        Across processes the part file is the claim: whoever holds its lock fetches, the
+        others tail the file as it grows, and take over if the owner dies.
+        """
         fill = self.fills.get(record.key, index)
         if fill is not None:
             return fill
         assert self.store is not None
         b0, b1 = record.block_range(index)
-        whole = record.nblocks == 1
-        verify = whole and Digest(record.checksum).checkable
-        tmp = self.store.tmp / f"{record.key}.{index}.{os.getpid()}.part"
+        verify = record.nblocks == 1 and Digest(record.checksum).checkable
+        tag = version_tag(record.size, record.etag, record.last_modified)
+        path = self.store.tmp / f"{record.key}.{index}.{tag}.part"
         try:
-            fill = Fill(tmp, b1 - b0, holdback=1 if verify else 0)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             self.health.failed("cannot create a fill file", e)
             raise CacheWriteFailed(str(e)) from e
-        return self.fills.start(
-            record.key, index, fill, lambda f: self._fill(record, obj, index, f, whole)
-        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            owner = True
+        except BlockingIOError:
+            owner = False
+        # a follower elsewhere cannot tell verified bytes from others: it waits for the end
+        holdback = (1 if owner else b1 - b0) if verify else 0
+        fill = Fill(path, b1 - b0, holdback, fd)
+        run = self._own if owner else self._follow
+        return self.fills.start(record.key, index, fill, lambda f: run(record, obj, index, f))
 
-    async def _fill(
-        self, record: ObjectRecord, obj: UpstreamObject, index: int, fill: Fill, whole: bool
-    ) -> None:
+    async def _own(self, record: ObjectRecord, obj: UpstreamObject, index: int, fill: Fill) -> None:
+        """Fetch the block (resuming what a dead owner left), commit it, release the claim."""
         assert self.store is not None
-        b0, b1 = record.block_range(index)
-        digest = Digest(record.checksum) if whole else None
-        asked = {"range": f"bytes={b0}-{b1 - 1}"}
-        if record.etag and not record.etag.startswith("W/"):
-            asked["if-match"] = record.etag  # this version's bytes, or a 412
+        committed = False
         try:
-            body = await open_body(self.client, obj, asked)
-        except Exception as e:
-            if isinstance(e, ObjectNotFound) or getattr(e, "status", None) == 412:
-                log.warning("%s/%s is gone or changed upstream: record dropped", *names(record))
-                with contextlib.suppress(*STORE_ERRORS):  # keep no record of that version
-                    await self.io(self.store.evict, record.key)
+            resume = os.fstat(fill.fd).st_size
+            if resume == 0 and await self._committed_elsewhere(record, index, fill):
+                committed = True
+                return
+            if resume >= fill.size:
+                os.ftruncate(fill.fd, 0)
+                resume = 0
+            fill.grew(resume)
+            digest = Digest(record.checksum) if record.nblocks == 1 else None
+            sink = _FillSink(fill)
+            await anyio.to_thread.run_sync(
+                fetch_span,
+                *(self.pool, record, obj, index, index, sink, resume, digest),
+                limiter=self._limiter(obj),
+            )
+            fill.finish()
+            committed = await self._commit(record, index, fill.path, sink.sha256, digest)
+        except ObjectChanged as e:
+            log.warning("%s/%s: %s: record dropped", record.dataset, record.path, e)
+            with contextlib.suppress(*STORE_ERRORS):  # keep no record of that version
+                await self.io(self.store.evict, record.key)
             fill.fail(e)
-            return
-        try:
-            await self._check_response(record, body.status, body.headers, b0, b1)
-            fill.begin()
-            # an upstream that ignored Range sends it all: skip to the block, stop after it
-            skip = b0 if body.status == 200 else 0
-            async for chunk in body.chunks():
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                if body.status == 200:
-                    chunk = chunk[: b1 - b0 - fill.written]
-                if fill.written + len(chunk) > b1 - b0:
-                    raise FillFailed("upstream sent more bytes than the block holds")
-                if chunk:
-                    fill.append(chunk)
-                    if digest is not None:
-                        digest.update(chunk)
-                if fill.written == b1 - b0 and body.status == 200:
-                    break
-            if fill.written != b1 - b0:
-                raise FillFailed(f"upstream sent {fill.written} of {b1 - b0} bytes")
-            if digest is not None and not digest.matches():
-                raise ChecksumMismatch(f"{record.dataset}/{record.path}: checksum mismatch")
-        except CacheWriteFailed as e:
-            self.health.failed("cannot write a fill", e)
-            fill.fail(e)
-            return
         except ChecksumMismatch as e:
             self.health.integrity_failures += 1
             log.error("%s; not cached", e)
             fill.fail(FillFailed(str(e)))
             with contextlib.suppress(*STORE_ERRORS):
                 await self.io(self.store.evict, record.key)
-            return
-        except (FillFailed, UpstreamUnavailable) as e:
+        except CacheWriteFailed as e:
+            self.health.failed("cannot write a fill", e)
             fill.fail(e)
-            return
+        except (FillFailed, UpstreamError) as e:
+            fill.fail(e)
         finally:
-            await body.aclose()
+            if not committed:
+                with contextlib.suppress(OSError):
+                    fill.path.unlink()
+            with contextlib.suppress(OSError):
+                fcntl.flock(fill.fd, fcntl.LOCK_UN)
+
+    async def _committed_elsewhere(self, record: ObjectRecord, index: int, fill: Fill) -> bool:
+        """A fresh claim on a block another process has just committed: read that instead."""
+        assert self.store is not None
+        current = await self.io(self.store.refresh, record.key)
+        if current is None or index not in current.blocks or current.etag != record.etag:
+            return False
+        f = await self.io(self.store.block_file, record.key, index)
+        if f is None:
+            return False
+        os.unlink(fill.path)
+        old, fill.fd = fill.fd, os.dup(f.fileno())
+        fcntl.flock(old, fcntl.LOCK_UN)
+        os.close(old)
+        fill.begin()
+        fill.grew(fill.size)
         fill.finish()
+        return True
+
+    async def _commit(
+        self,
+        record: ObjectRecord,
+        index: int,
+        part: Path,
+        sha256: str,
+        digest: Digest | None,
+    ) -> bool:
+        """Move the block into the store; record the object's hash when it is whole."""
+        assert self.store is not None
         try:
-            updated = await self.io(self.store.commit_block, record.key, index, fill.path)
+            updated = await self.io(self.store.commit_block, record, index, part, sha256)
             if updated is not None and digest is not None:
+                sha = digest.sha256.hexdigest()
                 await self.io(
                     functools.partial(
-                        self.store.update,
-                        record.key,
-                        sha256=digest.sha256.hexdigest(),
-                        verified=digest.checkable,
+                        self.store.update, record.key, sha256=sha, verified=digest.checkable
                     )
                 )
-            elif updated is not None and updated.complete and not whole:
-                await self.io(self.verify_object, updated)
+            elif updated is not None and updated.complete:  # hash it whole, check if we can
+                try:
+                    await self.io(verify_object, self.store, updated)
+                except ChecksumMismatch as e:
+                    self.health.integrity_failures += 1
+                    log.error("%s", e)
             self.health.recovered()
+            return True
         except STORE_ERRORS as e:
             self.health.failed("cannot store a block", e)
+            return False
 
-    async def _check_response(
-        self, record: ObjectRecord, status: int, headers: dict[str, str], b0: int, b1: int
+    async def _follow(
+        self, record: ObjectRecord, obj: UpstreamObject, index: int, fill: Fill
     ) -> None:
-        """The upstream must send exactly the block, of the object we think it is."""
+        """Tail another process's fill of the block; take over if that process dies."""
         assert self.store is not None
-        want = f"bytes {b0}-{b1 - 1}/{record.size}"
-        got = headers.get("content-range", "") if status == 206 else None
-        length = headers.get("content-length")
-        total = got.rpartition("/")[2] if got else length if status == 200 else None
-        if total is not None and total.isdigit() and int(total) != record.size:
-            log.warning("%s/%s changed size upstream: record dropped", *names(record))
-            await self.io(self.store.evict, record.key)
-            raise FillFailed(f"the object's size changed upstream (now {total} bytes)")
-        if status == 206 and got != want:
-            raise FillFailed(f"upstream sent {got or 'no Content-Range'}, expected {want}")
-        if status not in (200, 206):
-            raise FillFailed(f"upstream answered {status} to a range request")
-        etag, last_modified = headers.get("etag"), headers.get("last-modified")
-        if record.etag and etag and etag != record.etag:
-            await self.io(self.store.evict, record.key)
-            raise FillFailed("the object changed upstream (new ETag); cached blocks dropped")
-        if record.etag is None and etag:
-            await self.io(
-                functools.partial(
-                    self.store.update, record.key, etag=etag, last_modified=last_modified
-                )
-            )
-
-    def verify_object(self, record: ObjectRecord) -> None:
-        """Hash a multi-block object once all its blocks are in; a mismatch evicts it."""
-        assert self.store is not None
-        digest = Digest(record.checksum)
-        for index in range(record.nblocks):
-            f = self.store.block_file(record.key, index)
-            if f is None:
-                return  # evicted meanwhile
-            pos, (b0, b1) = 0, record.block_range(index)
-            while pos < b1 - b0:
-                chunk = os.pread(f.fileno(), min(CHUNK, b1 - b0 - pos), pos)
-                if not chunk:
-                    break
-                pos += len(chunk)
-                digest.update(chunk)
-        if not digest.matches():
-            self.health.integrity_failures += 1
-            log.error(
-                "%s/%s: checksum mismatch after the last block; evicted",
-                record.dataset,
-                record.path,
-            )
-            self.store.evict(record.key)
+        verify = fill.holdback == fill.size
+        while True:
+            if fill.stop:
+                raise FillFailed("stopped")
+            size = os.fstat(fill.fd).st_size
+            if size > fill.written and not verify:
+                fill.begin()
+                fill.grew(size)
+            try:
+                fcntl.flock(fill.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break  # the owner has let go: done, failed or killed
+            except BlockingIOError:
+                await asyncio.sleep(FOLLOW_POLL)
+        current = None
+        with contextlib.suppress(*STORE_ERRORS):
+            current = await self.io(self.store.refresh, record.key)
+        st = os.fstat(fill.fd)
+        if current is not None and index in current.blocks and st.st_size == fill.size:
+            fcntl.flock(fill.fd, fcntl.LOCK_UN)
+            fill.begin()
+            fill.grew(fill.size)
+            fill.finish()
             return
-        self.store.update(record.key, sha256=digest.sha256.hexdigest(), verified=digest.checkable)
+        if st.st_nlink == 0 or current is None or current.etag != record.etag:
+            fcntl.flock(fill.fd, fcntl.LOCK_UN)
+            fill.fail(FillFailed("the fill in another process failed"))
+            return
+        log.warning("%s/%s block %d: its filler died; taking over", *names(record), index)
+        fill.holdback = 1 if verify else 0
+        await self._own(record, obj, index, fill)
+
+    def _limiter(self, obj: UpstreamObject) -> anyio.CapacityLimiter:
+        """Threads fetching from one origin: a slow provider holds only its own."""
+        origin = obj.href.split("/", 3)[2] if "://" in obj.href else ""
+        limiter = self._limiters.get(origin)
+        if limiter is None:
+            limiter = self._limiters[origin] = anyio.CapacityLimiter(FETCH_THREADS)
+        return limiter

@@ -1,7 +1,7 @@
 """Fills in progress: one upstream fetch per missing block, followed by any number of readers.
 
-The filler appends to a temporary file; readers tail it while it grows, so every client
-streams from the first byte and the upstream is asked once however many clients wait.
+The filler writes a part file; readers tail it while it grows, so every client streams
+from the first byte and the upstream is asked once however many clients wait.
 """
 
 from __future__ import annotations
@@ -26,33 +26,40 @@ class CacheWriteFailed(FillFailed):
 
 
 class Fill:
-    def __init__(self, path: Path, size: int, holdback: int = 0) -> None:
+    """One block's bytes as they arrive in its part file.
+
+    Whoever fetches (a thread of this process, or the owner in another process) writes the
+    file; `grew` announces bytes on the event loop and every reader tails the file. The
+    descriptor stays open until the fill has ended and its last reader is done, so readers
+    finish after the file has been renamed into the store or removed.
+    """
+
+    def __init__(self, path: Path, size: int, holdback: int = 0, fd: int | None = None) -> None:
         """`holdback` bytes are withheld from readers until the fill is verified and done."""
         self.path = path
         self.size = size
         self.holdback = holdback
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600) if fd is None else fd
         self.written = 0
         self.done = False
         self.error: FillFailed | None = None
+        #: set when the process stops: the fetching thread gives up at its next chunk
+        self.stop = False
         #: resolved once the upstream has answered (or failed before sending a byte)
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
+        self._readers = 0
+        self._ended = False
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def append(self, chunk: bytes) -> None:
-        try:
-            view = memoryview(chunk)
-            while view:
-                n = os.pwrite(self.fd, view, self.written)
-                self.written += n
-                view = view[n:]
-        except OSError as e:
-            raise CacheWriteFailed(f"cache write failed: {e.strerror}") from e
-        self._wake()
+    def grew(self, written: int) -> None:
+        """`written` bytes of the block are in the file."""
+        if written > self.written:
+            self.written = written
+            self._wake()
 
     def finish(self) -> None:
         self.done = True
@@ -71,23 +78,21 @@ class Fill:
         self._wake()
 
     def follow(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the block as they arrive; raises FillFailed on failure.
-
-        The reader gets its own descriptor now, so it can finish reading after the filler
-        is done and has removed the temporary file.
-        """
+        """Bytes [start, end) of the block as they arrive; raises FillFailed on failure."""
         if self.error is not None:  # failed (and maybe closed) already
             raise self.error
-        return self._follow(os.dup(self.fd), start, end)
+        self._readers += 1
+        return self._follow(start, end)
 
-    async def _follow(self, fd: int, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _follow(self, start: int, end: int) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._tail(fd, start, end):
+            async for chunk in self._tail(start, end):
                 yield chunk
         finally:
-            os.close(fd)
+            self._readers -= 1
+            self._close_if_unused()
 
-    async def _tail(self, fd: int, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _tail(self, start: int, end: int) -> AsyncIterator[bytes]:
         pos = start
         while pos < end:
             if self.error is not None:
@@ -96,7 +101,7 @@ class Fill:
             if ready > pos:
                 n = min(end, ready) - pos
                 while n > 0:
-                    chunk = os.pread(fd, min(n, CHUNK), pos)
+                    chunk = os.pread(self.fd, min(n, CHUNK), pos)
                     if not chunk:
                         raise FillFailed("fill file shorter than announced")
                     pos += len(chunk)
@@ -108,10 +113,15 @@ class Fill:
             await self._changed.wait()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        """The fill has ended; the descriptor goes once no reader needs it."""
+        self._ended = True
+        self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if self._ended and self._readers == 0 and self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
 class Fills:
@@ -158,6 +168,8 @@ class Fills:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
+        for fill in self._active.values():
+            fill.stop = True  # threads that fetch give up at their next chunk
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

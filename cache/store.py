@@ -10,6 +10,7 @@ a response that is being served.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import io
@@ -42,6 +43,31 @@ STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
 def object_key(dataset: str, path: str) -> str:
     """The cache key: the dataset and the object's path in it (stable across re-resolution)."""
     return hashlib.sha256(f"{dataset}\0{path}".encode()).hexdigest()[:40]
+
+
+def version_tag(size: int, etag: str | None, last_modified: str | None) -> str:
+    """A short name for one version of an object (part files of other versions never mix)."""
+    return hashlib.sha256(f"{size}\0{etag}\0{last_modified}".encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """A finished block file to move into the store: a rename, not a copy."""
+
+    path: Path
+    size: int
+
+
+class BlockDisk(diskcache.Disk):
+    """diskcache's Disk that can also take a file over by renaming it into its folder."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if isinstance(value, Adopt):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            os.rename(value.path, full_path)
+            return value.size, diskcache.core.MODE_BINARY, filename, None
+        return super().store(value, read, key)
 
 
 class CacheUnavailable(Exception):
@@ -131,7 +157,9 @@ class Store:
                 "timeout": 10,
             }
             self.objects = diskcache.Cache(str(self.root / "objects"), **opts)
-            self.blocks = diskcache.Cache(str(self.root / "blocks"), disk_min_file_size=0, **opts)
+            self.blocks = diskcache.Cache(
+                str(self.root / "blocks"), disk=BlockDisk, disk_min_file_size=0, **opts
+            )
             self.blocks.create_tag_index()  # evict(object key) removes its blocks
         except STORE_ERRORS as e:
             raise CacheUnavailable(f"cache folder {self.root}: {e}") from e
@@ -182,6 +210,22 @@ class Store:
     def put_record(self, record: ObjectRecord) -> None:
         self.objects.set(record.key, asdict(record))
         self._forget(record.key)
+
+    def add_record(self, record: ObjectRecord) -> ObjectRecord:
+        """Store a new record, unless another process has just stored one of the same
+        version: then that one (with the blocks it may have by now) is the record."""
+        with self.objects.transact():
+            raw = self.objects.get(record.key)
+            if raw is not None and (raw["size"], raw["etag"], raw["last_modified"]) == (
+                record.size,
+                record.etag,
+                record.last_modified,
+            ):
+                record = _decode(raw)
+            else:
+                self.objects.set(record.key, asdict(record))
+        self._forget(record.key)
+        return record
 
     def update(self, key: str, **changes: Any) -> ObjectRecord | None:
         """Read-modify-write one record in a transaction (other processes may write too)."""
@@ -236,23 +280,39 @@ class Store:
             self._shed()
         return f
 
-    def commit_block(self, key: str, index: int, tmp: Path) -> ObjectRecord | None:
-        """Copy a finished, verified block into the store and mark it present."""
-        with tmp.open("rb") as f:
-            sha = _sha256(f)
-            self.blocks.set((key, index), f, read=True, tag=key)
+    def commit_block(
+        self, record: ObjectRecord, index: int, part: Path, sha256: str
+    ) -> ObjectRecord | None:
+        """Move a finished, checked block file into the store and mark it present.
+
+        Only into the version it was fetched for: if the index now describes another
+        version, or no longer has the object, the block is dropped (None).
+        """
+        size = part.stat().st_size
+        b0, b1 = record.block_range(index)
+        if size != b1 - b0:
+            raise OSError(f"block file of {size} bytes, expected {b1 - b0}")
+        key = record.key
+        self.blocks.set((key, index), Adopt(part, size), read=True, tag=key)
         with self.objects.transact():
             raw = self.objects.get(key)
-            if raw is None:  # evicted while we filled: do not resurrect it
-                self.blocks.delete((key, index))
+            if raw is None or (raw["size"], raw["etag"]) != (record.size, record.etag):
+                self.blocks.delete((key, index))  # evicted or replaced while we filled
                 return None
             blocks = tuple(sorted(set(raw["blocks"]) | {index}))
-            shas = {**raw.get("block_sha256", {}), index: sha}
+            shas = {**raw.get("block_sha256", {}), index: sha256}
             record = ObjectRecord(**{**raw, "blocks": blocks, "block_sha256": shas})
             self.objects.set(key, asdict(record))
         held = self._held.get(key)
         if held is not None:
             held.record, held.checked = record, time.monotonic()
+            if index not in held.files:  # hashed as it was written: held without a re-read
+                value = self.blocks.get((key, index), read=True)
+                if isinstance(value, io.BufferedReader):
+                    held.files[index] = value
+                    self._open_blocks += 1
+                    if self._open_blocks > MAX_OPEN_BLOCKS:
+                        self._shed()
         return record
 
     def ingest(
@@ -334,15 +394,21 @@ class Store:
     # -- housekeeping ---------------------------------------------------------------------
 
     def clean_tmp(self, older_than: float = 3600.0) -> int:
-        """Remove temporary files left by killed fills and workers; returns how many."""
+        """Remove part files left by killed fills and workers; returns how many.
+
+        A part file whose fill is alive is locked by its owner and stays.
+        """
         cutoff = time.time() - older_than
         removed = 0
         for path in self.tmp.glob("*.part"):
             try:
-                if path.stat().st_mtime < cutoff:
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                with path.open("rb") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     path.unlink()
-                    removed += 1
-            except FileNotFoundError:
+                removed += 1
+            except (FileNotFoundError, BlockingIOError):
                 continue
         return removed
 

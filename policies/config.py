@@ -65,6 +65,8 @@ class CacheConfig(Strict):
     max_bytes: ByteSize = ByteSize(50 * 2**30)
     block_size: ByteSize = Field(ByteSize(4 * 2**20), ge=64 * 2**10)
     sweep_seconds: float = Field(60.0, gt=0)  # how often retention runs
+    #: blocks fetched ahead of the one a long response is sending (in parallel)
+    read_ahead: int = Field(4, ge=0, le=64)
 
 
 class QueueConfig(Strict):

@@ -30,7 +30,7 @@ from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.delivery import CacheDelivery
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
 from proxy.server import LimitedProtocol
-from upstreams.http import make_client
+from upstreams.http import make_client, make_pool
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
 from workers.queue import make_queue
@@ -175,8 +175,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with make_client(registry.timeouts) as client, anyio.create_task_group() as tg:
-            engine = FillEngine(store, client, int(settings.cache.block_size), clock)
-            delivery = CacheDelivery(engine)
+            pool = make_pool(registry.timeouts)
+            engine = FillEngine(store, client, int(settings.cache.block_size), clock, pool)
+            delivery = CacheDelivery(engine, settings.cache.read_ahead)
             if store_error:
                 delivery.health.failed("opening the cache", Exception(store_error))
             app.state.delivery = assets.delivery = delivery
@@ -194,6 +195,7 @@ def create_app(
                 await delivery.fills.drain()
                 if store is not None:
                     store.close()
+                pool.clear()
                 registry.close()
 
     starlette = Starlette(

@@ -29,8 +29,6 @@ from upstreams.memo import Memo
 log = logging.getLogger("fdp.cache")
 
 CHUNK = 1 << 20
-#: Blocks fetched ahead of the one being sent, in a response that spans several.
-READ_AHEAD = 2
 SIMPLE_RANGE = re.compile(r"bytes=(\d{1,18})-(\d{1,18})\Z")
 
 
@@ -57,8 +55,10 @@ async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]]) 
 class CacheDelivery:
     """Plans and sends responses from the cache; store I/O runs off the event loop."""
 
-    def __init__(self, engine: FillEngine) -> None:
+    def __init__(self, engine: FillEngine, read_ahead: int = 4) -> None:
         self.engine = engine
+        #: blocks fetched ahead of the one being sent, in a response that spans several
+        self.read_ahead = read_ahead
         self.store, self.client = engine.store, engine.client
         self.fills, self.health = engine.fills, engine.health
         self._revalidating: set[str] = set()
@@ -275,7 +275,7 @@ class CacheDelivery:
                     pos += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
-            self.engine.read_ahead(record, obj, index + 1, min(last, index + READ_AHEAD))
+            self.engine.read_ahead(record, obj, index + 1, min(last, index + self.read_ahead))
             if not await self._stream_fill(record, obj, index, a, b, send):
                 return False
         return True

@@ -18,7 +18,7 @@ def fproxy(start_proxy, upstream_server, tmp_path_factory):
     files = {"http": {"base_url": f"{upstream_server.url}/data/demo-cogs/"}}
     return start_proxy(
         {
-            "cache": {"store": str(work / "cache"), "block_size": "64KiB"},
+            "cache": {"store": str(work / "cache"), "block_size": "64KiB", "read_ahead": 2},
             "datasets": {"files": {"upstream": files}},
         }
     )
@@ -136,6 +136,7 @@ def test_a_fill_that_dies_of_any_error_releases_its_waiters(tmp_path):
     """In-process: the fill's task raises something unexpected after bytes began to flow;
     every reader gets FillFailed at once (no hang), and the fill is forgotten."""
     import asyncio
+    import os
 
     from cache.fill import Fill, FillFailed, Fills
 
@@ -145,7 +146,8 @@ def test_a_fill_that_dies_of_any_error_releases_its_waiters(tmp_path):
 
         async def run(fill: Fill) -> None:
             fill.begin()
-            fill.append(b"x" * 10)
+            os.pwrite(fill.fd, b"x" * 10, 0)
+            fill.grew(10)
             await gate.wait()
             raise RuntimeError("a bug, not an upstream error")
 

@@ -23,14 +23,7 @@ from tests.conftest import NO_CACHE, Proxy, Upstream
 from tests.harness.oidc_issuer import OidcIssuer
 from tests.harness.procs import PYTHON, ServerProcess, free_port, http_ok
 from upstreams.base import OriginNotAllowed, Origins, UpstreamObject, origin_of
-from upstreams.http import (
-    head,
-    make_client,
-    make_sync_client,
-    map_transport_errors,
-    open_body,
-    stream_sync,
-)
+from upstreams.http import head, make_client, make_pool, open_body, open_sync
 
 B04 = "demo-cogs/scene-a/B04.tif"
 SECRET = "Bearer provider-secret"
@@ -137,17 +130,20 @@ def test_allowed_redirect_leaves_the_credentials_behind(ab):
     assert [e["authorization"] for e in b.data_requests()] == [False, False]
 
 
-def test_blocking_fetch_for_workers_follows_the_same_rules(ab):
+def test_blocking_fetch_for_fills_and_workers_follows_the_same_rules(ab):
     a, b = ab
     a.fault("scene-a/B04", redirect=f"{b.url}{{path}}")
     obj = UpstreamObject(href=f"{a.url}/data/{B04}", headers={"authorization": SECRET})
-    with make_sync_client() as client:
-        with pytest.raises(OriginNotAllowed), stream_sync(client, obj):
+    with make_pool() as pool:
+        with pytest.raises(OriginNotAllowed), open_sync(pool, obj):
             pass
         assert b.log() == []
         allowed = replace(obj, origins=Origins.of(a.url, b.url))
-        with stream_sync(client, allowed) as r, map_transport_errors("GET body"):
-            assert r.read() == b.file(B04)
+        with open_sync(pool, allowed) as body:
+            got = bytearray()
+            while chunk := body.read(1 << 20):
+                got += chunk
+            assert bytes(got) == b.file(B04)
     assert [e["authorization"] for e in a.data_requests()] == [True, True]
     assert [e["authorization"] for e in b.data_requests()] == [False]
 

@@ -12,7 +12,7 @@ from typing import Any
 from cache.store import Store
 from policies.config import Settings
 from upstreams.base import Orderable, UpstreamError
-from upstreams.http import make_sync_client
+from upstreams.http import make_pool
 from upstreams.registry import Registry
 from workers.retrieval import Progress, RetrievalFailed, Target, fetch_into_cache
 
@@ -65,10 +65,10 @@ class Context:
         self.settings = settings
         self.registry = Registry(settings)
         self.store = Store(settings.cache.store)
-        self.client = make_sync_client(self.registry.timeouts)
+        self.pool = make_pool(self.registry.timeouts)
 
     def close(self) -> None:
-        self.client.close()
+        self.pool.clear()
         self.store.close()
         self.registry.close()
 
@@ -85,7 +85,7 @@ def retrieve(context: Context, dataset: str, path: str, progress: Progress) -> N
             raise RetrievalFailed("the object is offline and its provider takes no orders")
         obj = entry.resolver.order(path, progress)
     target = Target(dataset, path, int(context.settings.cache.block_size))
-    fetch_into_cache(context.store, target, obj, progress, context.client)
+    fetch_into_cache(context.store, target, obj, progress, context.pool)
 
 
 def describe(exc: BaseException) -> str:

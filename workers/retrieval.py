@@ -1,24 +1,30 @@
 """One retrieval: bring an object from a slow upstream into the cache, whole and verified.
 
-Runs in a worker (an RQ worker process or the embedded runner's thread). The object lands in
-a temporary file first and enters the cache only once complete and verified, so a worker
-killed half-way leaves no cache entry behind, only a temporary file that retention removes.
+Runs in a worker (an RQ worker process or the embedded runner's thread) and writes with
+the fill engine's own code (`cache.fetch`): one GET of the whole object, each block checked,
+hashed and committed as it completes, the whole checked against the catalogue before the
+last block is. A worker killed half-way leaves the blocks it finished and at most one part
+file, which retention removes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-import httpx
+import urllib3
 
-from cache.integrity import Digest
-from cache.store import ObjectRecord, Store
+from cache.fetch import check_response, new_record, write_blocks
+from cache.fill import FillFailed
+from cache.integrity import ChecksumMismatch, Digest
+from cache.store import ObjectRecord, Store, object_key
 from upstreams.base import UpstreamObject
-from upstreams.http import map_transport_errors, stream_sync
+from upstreams.http import meta_of, open_sync
 
 log = logging.getLogger("fdp.workers")
 
@@ -36,45 +42,85 @@ class Target:
     block_size: int
 
 
+class _JobSink:
+    """Each block of the span goes to its own part file and into the store once complete."""
+
+    def __init__(self, store: Store, record: ObjectRecord, progress: Progress) -> None:
+        self.store, self.record, self.progress = store, record, progress
+        self.fd = -1
+        self.path: Path | None = None
+
+    def begin(self, etag: str | None, last_modified: str | None) -> None:
+        pass
+
+    def part(self, index: int) -> int:
+        self.close()
+        self.path = self.store.tmp / f"{self.record.key}.{index}.job-{os.getpid()}.part"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        return self.fd
+
+    def wrote(self, index: int, written: int) -> None:
+        self.progress(self.record.block_range(index)[0] + written, self.record.size)
+
+    def done(self, index: int, sha256: str) -> None:
+        assert self.path is not None
+        os.close(self.fd)
+        self.fd = -1
+        if self.store.commit_block(self.record, index, self.path, sha256) is None:
+            raise RetrievalFailed("the object changed or was evicted during the retrieval")
+        self.path = None
+
+    def stopped(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
 def fetch_into_cache(
     store: Store,
     target: Target,
     obj: UpstreamObject,
     progress: Progress,
-    client: httpx.Client,
+    pool: urllib3.PoolManager,
 ) -> ObjectRecord:
-    """Download the whole object to a temporary file, verify it, then ingest it."""
-    tmp = store.tmp / f"job-{os.getpid()}-{time.monotonic_ns()}.part"
-    digest = Digest(obj.checksum)  # the sha256 itself is recorded by ingest()
-    done = 0
-    try:
-        # the proxy's rules: allowed origins only, credentials never cross to another one
-        with stream_sync(client, obj) as r, map_transport_errors("GET body"):
-            total = obj.size or int(r.headers.get("content-length") or 0) or None
-            progress(0, total)
-            with tmp.open("wb") as f:
-                for chunk in r.iter_raw(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    progress(done, total)
-            etag, last_modified = r.headers.get("etag"), r.headers.get("last-modified")
-            media_type = obj.media_type or r.headers.get("content-type")
-        if total is not None and done != total:
-            raise RetrievalFailed(f"upstream sent {done} of {total} bytes")
-        if not digest.matches():
-            raise RetrievalFailed("the retrieved bytes do not match the catalogue checksum")
-        record = store.ingest(
-            target.dataset,
-            target.path,
-            tmp,
-            target.block_size,
-            media_type,
-            etag=etag,
-            last_modified=last_modified,
-            checksum=obj.checksum,
-        )
-        log.info("retrieved %s/%s: %d bytes", target.dataset, target.path, done)
-        return record
-    finally:
-        tmp.unlink(missing_ok=True)
+    """One GET of the whole object, written block by block, verified, returns its record.
+
+    Archives answer slowly: the record is made from that GET's own answer, not a probe.
+    """
+    key = object_key(target.dataset, target.path)
+    with open_sync(pool, obj) as body:
+        meta = meta_of(body.status, body.headers, "GET")
+        fresh = new_record(meta, obj, key, target.dataset, target.path, target.block_size, 0)
+        fresh = replace(fresh, created=time.time(), accessed=time.time())
+        store.evict(key)  # whatever was cached of it goes: this is the version now
+        store.put_record(fresh)
+        record = fresh
+        progress(0, record.size)
+        digest = Digest(record.checksum)
+        sink = _JobSink(store, record, progress)
+        try:
+            check_response(record, body.status, body.headers, 0, record.size)
+            first = sink.part(0)
+            last = record.nblocks - 1
+            write_blocks(body, record, 0, last, sink, first, hashlib.sha256(), digest=digest)
+        except ChecksumMismatch:
+            store.evict(key)
+            raise RetrievalFailed(
+                "the retrieved bytes do not match the catalogue checksum"
+            ) from None
+        except FillFailed as e:
+            store.evict(key)
+            raise RetrievalFailed(str(e)) from None
+        finally:
+            sink.close()
+    done = store.update(key, sha256=digest.sha256.hexdigest(), verified=digest.checkable)
+    if done is None or not done.complete:
+        raise RetrievalFailed("the object was evicted during the retrieval")
+    log.info("retrieved %s/%s: %d bytes", target.dataset, target.path, done.size)
+    return done
