@@ -240,6 +240,7 @@ class Server:
     cwd: Path  # the work dir, so nothing a server writes lands in the repo
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    capped_port: int | None = None  # nginx: a second server capped per connection
 
     def start(self, ready_path: str = "/", timeout: float = 60.0) -> None:
         """Start and wait (bounded) until it answers any HTTP status on `ready_path`."""
@@ -368,6 +369,7 @@ def make_servers(work: Path, tools: dict[str, str]) -> dict[str, Server]:
             "/big/big.bin",
             logs / "nginx.log",
             work,
+            capped_port=ports["capped"],
         ),
         "upstream": Server(
             "upstream",
@@ -930,7 +932,7 @@ def run(args: argparse.Namespace) -> int:
         for label, got in (
             ("nginx direct", f"http://127.0.0.1:{servers['nginx'].port}/big/cold0.bin"),
             ("fdp from nginx", url("proxy", "/assets/nginx/cold0.bin")),
-            ("capped direct", f"http://127.0.0.1:{servers['capped'].port}/big/cold0.bin"),
+            ("capped direct", f"http://127.0.0.1:{servers['nginx'].capped_port}/big/cold0.bin"),
             ("fdp from capped", url("proxy", "/assets/capped/cold1.bin")),
         ):
             c = curl_get(tools["curl"], got, timeout=300)

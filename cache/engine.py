@@ -117,8 +117,15 @@ class FillEngine:
         block_size: int,
         clock: Callable[[], float] = time.time,
         pool: urllib3.PoolManager | None = None,
+        verify_max_bytes: int = 2**30,
+        window: int = 4,
     ) -> None:
         self.store = store
+        #: objects with a catalogue checksum up to this size are completed to be verified
+        self.verify_max_bytes = verify_max_bytes
+        #: blocks fetched at once by a background completion
+        self.window = max(1, window)
+        self._completing: set[str] = set()
         self.client = client
         self.pool = pool or make_pool()
         self.block_size = block_size
@@ -194,11 +201,9 @@ class FillEngine:
     async def _own(self, record: ObjectRecord, obj: UpstreamObject, index: int, fill: Fill) -> None:
         """Fetch the block (resuming what a dead owner left), commit it, release the claim."""
         assert self.store is not None
-        committed = False
         try:
             resume = os.fstat(fill.fd).st_size
-            if resume == 0 and await self._committed_elsewhere(record, index, fill):
-                committed = True
+            if resume == 0 and await self._read_stored(record, index, fill):
                 return
             if resume >= fill.size:
                 os.ftruncate(fill.fd, 0)
@@ -212,7 +217,9 @@ class FillEngine:
                 limiter=self._limiter(obj),
             )
             fill.finish()
-            committed = await self._commit(record, index, fill.path, sink.sha256, digest)
+            updated = await self._commit(record, index, fill.path, sink.sha256, digest)
+            if updated is not None:
+                self._complete_later(updated, obj)
         except ObjectChanged as e:
             log.warning("%s/%s: %s: record dropped", record.dataset, record.path, e)
             with contextlib.suppress(*STORE_ERRORS):  # keep no record of that version
@@ -230,14 +237,17 @@ class FillEngine:
         except (FillFailed, UpstreamError) as e:
             fill.fail(e)
         finally:
-            if not committed:
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                # not in the store (and still ours, not a newer claim at the same path): a
+                # failed fill leaves nothing to resume
+                if os.stat(fill.path).st_ino == os.fstat(fill.fd).st_ino:
                     fill.path.unlink()
             with contextlib.suppress(OSError):
                 fcntl.flock(fill.fd, fcntl.LOCK_UN)
 
-    async def _committed_elsewhere(self, record: ObjectRecord, index: int, fill: Fill) -> bool:
-        """A fresh claim on a block another process has just committed: read that instead."""
+    async def _read_stored(self, record: ObjectRecord, index: int, fill: Fill) -> bool:
+        """If the store has the block now (another process committed it), the fill reads
+        that file instead of fetching it."""
         assert self.store is not None
         current = await self.io(self.store.refresh, record.key)
         if current is None or index not in current.blocks or current.etag != record.etag:
@@ -245,8 +255,10 @@ class FillEngine:
         f = await self.io(self.store.block_file, record.key, index)
         if f is None:
             return False
-        os.unlink(fill.path)
-        old, fill.fd = fill.fd, os.dup(f.fileno())
+        old, fill.fd = fill.fd, os.dup(f.fileno())  # readers pread whatever fd is current
+        with contextlib.suppress(OSError):
+            if os.stat(fill.path).st_ino == os.fstat(old).st_ino and os.fstat(old).st_size == 0:
+                fill.path.unlink()  # the empty file of our own claim
         fcntl.flock(old, fcntl.LOCK_UN)
         os.close(old)
         fill.begin()
@@ -261,8 +273,8 @@ class FillEngine:
         part: Path,
         sha256: str,
         digest: Digest | None,
-    ) -> bool:
-        """Move the block into the store; record the object's hash when it is whole."""
+    ) -> ObjectRecord | None:
+        """Move the block into the store; hash the object when it is whole."""
         assert self.store is not None
         try:
             updated = await self.io(self.store.commit_block, record, index, part, sha256)
@@ -279,11 +291,61 @@ class FillEngine:
                 except ChecksumMismatch as e:
                     self.health.integrity_failures += 1
                     log.error("%s", e)
+                    return None
             self.health.recovered()
-            return True
+            return updated
         except STORE_ERRORS as e:
             self.health.failed("cannot store a block", e)
+            return None
+
+    def _complete_later(self, record: ObjectRecord, obj: UpstreamObject) -> None:
+        """Fetch the rest of a multi-block object with a catalogue checksum, so the whole
+        can be verified (up to `verify_max_bytes`)."""
+        if record.complete or record.key in self._completing or not self.checkable(record):
+            return
+        self._completing.add(record.key)
+        self.fills.spawn(self._complete(record, obj))
+
+    async def _complete(self, record: ObjectRecord, obj: UpstreamObject) -> None:
+        assert self.store is not None
+        try:
+            pending: list[int] = []
+            for index in range(record.nblocks):
+                current = self.store.peek(record.key)[0] or record
+                if index in current.blocks:
+                    continue
+                self.ensure(record, obj, index)
+                pending.append(index)
+                if len(pending) >= self.window:
+                    await self.fills.settled(record.key, pending.pop(0))
+            await self.fills.settled(record.key)  # the last commit verifies the whole
+        except CacheWriteFailed:
+            return
+        finally:
+            self._completing.discard(record.key)
+
+    def checkable(self, record: ObjectRecord) -> bool:
+        """It has a catalogue checksum we can verify, and is not too big to."""
+        return record.size <= self.verify_max_bytes and Digest(record.checksum).checkable
+
+    async def verified(self, record: ObjectRecord) -> bool:
+        """Whether the object's bytes match its catalogue checksum, once the fills under way
+        have ended (a whole-object response waits for this before its last byte)."""
+        assert self.store is not None
+        await self.fills.settled(record.key)
+        try:
+            current = await self.io(self.store.refresh, record.key)
+            if current is not None and current.complete and not current.verified:
+                await self.io(verify_object, self.store, current)
+                current = await self.io(self.store.refresh, record.key)
+        except ChecksumMismatch as e:
+            self.health.integrity_failures += 1
+            log.error("%s", e)
             return False
+        except STORE_ERRORS as e:
+            self.health.failed("reading the cache index", e)
+            return False
+        return current is not None and current.verified
 
     async def _follow(
         self, record: ObjectRecord, obj: UpstreamObject, index: int, fill: Fill
@@ -303,17 +365,11 @@ class FillEngine:
                 break  # the owner has let go: done, failed or killed
             except BlockingIOError:
                 await asyncio.sleep(FOLLOW_POLL)
-        current = None
         with contextlib.suppress(*STORE_ERRORS):
-            current = await self.io(self.store.refresh, record.key)
+            if await self._read_stored(record, index, fill):
+                return
         st = os.fstat(fill.fd)
-        if current is not None and index in current.blocks and st.st_size == fill.size:
-            fcntl.flock(fill.fd, fcntl.LOCK_UN)
-            fill.begin()
-            fill.grew(fill.size)
-            fill.finish()
-            return
-        if st.st_nlink == 0 or current is None or current.etag != record.etag:
+        if st.st_nlink == 0:
             fcntl.flock(fill.fd, fcntl.LOCK_UN)
             fill.fail(FillFailed("the fill in another process failed"))
             return

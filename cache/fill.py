@@ -129,6 +129,7 @@ class Fills:
 
     def __init__(self) -> None:
         self._active: dict[tuple[str, int], Fill] = {}
+        self._runners: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, key: str, index: int) -> Fill | None:
@@ -150,12 +151,21 @@ class Fills:
                 log.error("fill of %s/%d failed", key, index, exc_info=e)
             finally:
                 self._active.pop((key, index), None)
+                self._runners.pop((key, index), None)
                 fill.close()
 
         task = asyncio.get_running_loop().create_task(runner())
+        self._runners[(key, index)] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fill
+
+    async def settled(self, key: str, index: int | None = None) -> None:
+        """Until the fill of that block (every block of `key` if None) has ended, committed
+        or not. Waiting does not cancel it."""
+        runners = [t for (k, i), t in self._runners.items() if k == key and index in (None, i)]
+        if runners:
+            await asyncio.wait([asyncio.shield(t) for t in runners])
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run background work (a re-read of the index) that `drain()` also stops."""

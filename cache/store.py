@@ -412,6 +412,33 @@ class Store:
                 continue
         return removed
 
+    def scrub(self, budget: int, after: str | None = None) -> str | None:
+        """Re-hash stored blocks against their recorded sha-256, about `budget` bytes of
+        them, in key order from `after`; returns where to go on next time (None: from the
+        start). A block that does not match evicts its object and is counted."""
+        keys = sorted(k for k in self.objects.iterkeys() if after is None or k > after)
+        for key in keys:
+            raw = self.objects.get(key)
+            if raw is None:
+                continue
+            record = _decode(raw)
+            for index in record.blocks:
+                expected = record.block_sha256.get(index)
+                f = self.blocks.get((key, index), read=True) if expected else None
+                if not isinstance(f, io.BufferedReader):
+                    continue
+                with f:
+                    ok = _sha256(f) == expected
+                if not ok:
+                    self.corrupt_blocks += 1
+                    log.error("scrub: block %s/%d does not match its sha-256: evicted", key, index)
+                    self.evict(key)
+                    break
+            budget -= record.stored_bytes
+            if budget <= 0:
+                return key
+        return None
+
     def _forget(self, key: str) -> None:
         held = self._held.pop(key, None)
         if held is not None:

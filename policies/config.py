@@ -67,6 +67,11 @@ class CacheConfig(Strict):
     sweep_seconds: float = Field(60.0, gt=0)  # how often retention runs
     #: blocks fetched ahead of the one a long response is sending (in parallel)
     read_ahead: int = Field(4, ge=0, le=64)
+    #: multi-block objects with a catalogue checksum up to this size are completed and
+    #: verified in the background once their first block is cached
+    verify_max_bytes: ByteSize = ByteSize(2**30)
+    #: cached bytes re-hashed against their recorded sha-256 per retention sweep
+    scrub_bytes: ByteSize = ByteSize(256 * 2**20)
 
 
 class QueueConfig(Strict):

@@ -161,12 +161,16 @@ def create_app(
         """Batch access-time writes and run retention, off the request path."""
         assert store is not None
         last_sweep = 0.0
+        scrubbed: str | None = None  # where the scrub goes on at the next sweep
         while True:
             await anyio.sleep(min(FLUSH_SECONDS, settings.cache.sweep_seconds))
             try:
                 if time.monotonic() - last_sweep >= settings.cache.sweep_seconds:
                     last_sweep = time.monotonic()
                     await anyio.to_thread.run_sync(sweep, store, rules, max_bytes, clock())
+                    scrubbed = await anyio.to_thread.run_sync(
+                        store.scrub, int(settings.cache.scrub_bytes), scrubbed
+                    )
                 else:
                     await anyio.to_thread.run_sync(store.flush)
             except Exception as e:  # a full disk must not stop housekeeping for good
@@ -176,7 +180,15 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with make_client(registry.timeouts) as client, anyio.create_task_group() as tg:
             pool = make_pool(registry.timeouts)
-            engine = FillEngine(store, client, int(settings.cache.block_size), clock, pool)
+            engine = FillEngine(
+                store,
+                client,
+                int(settings.cache.block_size),
+                clock,
+                pool,
+                verify_max_bytes=int(settings.cache.verify_max_bytes),
+                window=settings.cache.read_ahead,
+            )
             delivery = CacheDelivery(engine, settings.cache.read_ahead)
             if store_error:
                 delivery.health.failed("opening the cache", Exception(store_error))

@@ -204,7 +204,9 @@ def test_checksum_mismatch_is_never_served_nor_cached(cproxy, upstream):
 def test_multi_block_checksum_mismatch_evicts_the_object(small_blocks, upstream):
     url = f"{small_blocks.url}/assets/scenes/scene-c/visual"
     upstream.fault("scene-c/visual", corrupt=True)
-    httpx.get(url)  # every block corrupt; only the whole-object hash can tell
+    # every block corrupt; only the whole-object hash can tell, so the last byte waits for it
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(url)
     deadline = time.monotonic() + 10
     while (
         httpx.get(f"{small_blocks.url}/readyz").json()["checks"]["cache"]["integrity_failures"] < 1
@@ -213,8 +215,17 @@ def test_multi_block_checksum_mismatch_evicts_the_object(small_blocks, upstream)
         time.sleep(0.1)
     upstream.reset()
     r = httpx.get(url, headers={"Range": "bytes=0-99"})
-    assert r.content == upstream.file("demo-cogs/scene-c/visual.tif")[:100]
-    assert len(data_gets(upstream)) == 1  # evicted: fetched again
+    want = upstream.file("demo-cogs/scene-c/visual.tif")
+    assert r.content == want[:100]  # evicted: fetched again
+    # and completed in the background so the whole can be verified: each block once
+    blocks = -(-len(want) // (256 * 1024))
+    deadline = time.monotonic() + 10
+    while len(data_gets(upstream)) < blocks:
+        assert time.monotonic() < deadline, data_gets(upstream)
+        time.sleep(0.05)
+    assert len({e["range"] for e in data_gets(upstream)}) == blocks
+    assert httpx.get(url).content == want  # verified: the whole answer is not held back
+    assert len(data_gets(upstream)) == blocks
 
 
 def test_gdal_reads_a_multi_block_cog_then_only_the_cache(small_blocks, upstream):

@@ -170,3 +170,84 @@ def test_a_fill_that_dies_of_any_error_releases_its_waiters(tmp_path):
         assert isinstance(late[0], FillFailed)
 
     asyncio.run(scenario())
+
+
+def test_the_scrub_finds_a_block_rotting_on_disk(start_proxy, upstream, tmp_path):
+    """A block whose file changes on disk while the proxy holds it is found by the
+    background scrub, its object evicted and counted, and fetched again on the next read."""
+    from cache.store import Store, object_key
+
+    files = {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}
+    proxy = start_proxy(
+        {
+            "cache": {"store": str(tmp_path / "c"), "block_size": "64KiB", "sweep_seconds": 0.3},
+            "datasets": {"files": {"upstream": files}},
+        }
+    )
+    data = upstream.file("demo-cogs/scene-c/B04.tif")
+    url = f"{proxy.url}/assets/files/scene-c/B04.tif"
+    assert httpx.get(url).content == data
+    opened = Store(tmp_path / "c")
+    try:
+        key = object_key("files", "scene-c/B04.tif")
+        deadline = time.monotonic() + 10
+        while not ((r := opened.refresh(key)) and r.complete and r.sha256):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        f = opened.blocks.get((key, 3), read=True)
+        path = Path(f.name)
+        f.close()
+        with path.open("r+b") as rot:  # the same file the proxy holds open
+            rot.seek(100)
+            byte = rot.read(1)
+            rot.seek(100)
+            rot.write(bytes([byte[0] ^ 0xFF]))
+        upstream.reset()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{proxy.url}/readyz").json()["checks"]["cache"]["integrity_failures"] < 1:
+            assert time.monotonic() < deadline, "the scrub did not find the rotten block"
+            time.sleep(0.1)
+        assert opened.refresh(key) is None  # evicted
+    finally:
+        opened.close()
+    r = httpx.get(url, headers={"range": f"bytes={3 * BLOCK}-{3 * BLOCK + 999}"})
+    assert r.status_code == 206 and r.content == data[3 * BLOCK : 3 * BLOCK + 1000]
+    assert upstream_gets(upstream, "scene-c/B04"), "the rotten block was not fetched again"
+
+
+def test_a_corrupt_multi_block_object_is_found_by_background_verification(
+    start_proxy, upstream, tmp_path
+):
+    """A ranged read of one block of an object with a catalogue checksum starts its
+    completion; the whole does not match, so every block goes and later reads fetch again."""
+    from proxy.demo import providers_yaml
+
+    (tmp_path / "providers.yml").write_text(providers_yaml(upstream.url))
+    proxy = start_proxy(
+        {
+            "cache": {"store": str(tmp_path / "c"), "block_size": "256KiB"},
+            "eodag": {"providers_file": str(tmp_path / "providers.yml")},
+            "datasets": {
+                "scenes": {
+                    "upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}}
+                }
+            },
+        }
+    )
+    url = f"{proxy.url}/assets/scenes/scene-a/visual"
+    want = upstream.file("demo-cogs/scene-a/visual.tif")
+    upstream.fault("scene-a/visual", method="GET", corrupt=True)
+    r = httpx.get(url, headers={"range": "bytes=1000-1999"})
+    assert r.status_code == 206  # served as a pass-through would serve it
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{proxy.url}/readyz").json()["checks"]["cache"]["integrity_failures"] < 1:
+        assert time.monotonic() < deadline, "the background verification did not run"
+        time.sleep(0.1)
+    gets = upstream_gets(upstream, "scene-a/visual")
+    assert len({e["range"] for e in gets if e["range"] != "bytes=0-0"}) == -(
+        -len(want) // (1 << 18)
+    )
+    upstream.reset()
+    r = httpx.get(url, headers={"range": "bytes=1000-1999"})
+    assert r.content == want[1000:2000]
+    assert upstream_gets(upstream, "scene-a/visual"), "the corrupt block was served from cache"
