@@ -45,6 +45,8 @@ BUSY_CPUS = 0.15  # flag a run when other processes kept more CPUs than this bus
 FLAT_RSS_MIB = 64  # "memory flat": RSS growth below this while streaming the 1 GiB file
 COLD_MIB = 256  # the cold object streamed through a cache miss
 CAPPED_RATE = "50m"  # nginx limit_rate per connection, as remote providers do
+COG_SIDE = 16384  # the COG: 16384² pixels, 4 bands of uint8 = 1 GiB, 512² tiles
+PIXEL_TRIES = 3
 TOUCH_MIB = 2048  # memory written and freed first: this VM's first touch of a page is slow
 SERVERS = ("nginx", "proxy", "upstream")
 
@@ -108,6 +110,63 @@ def ensure_tools() -> dict[str, str]:
     if tools["curl"] is None:
         raise BenchError("curl is missing (Debian: apt-get install -y curl)")
     return {k: v for k, v in tools.items() if v}
+
+
+FIRST_PIXEL = """
+import sys, time, rasterio
+from rasterio.windows import Window
+t = time.perf_counter()
+env = rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", VSI_CACHE="FALSE")
+with env, rasterio.open(sys.argv[1]) as src:
+    src.read(window=Window(8192, 8192, 512, 512))
+print(time.perf_counter() - t)
+"""
+
+
+def write_cog(path: Path) -> None:
+    """A 1 GiB tiled GeoTIFF of random pixels, written a row of tiles at a time."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    rng = np.random.default_rng(1)
+    profile = {
+        "driver": "GTiff",
+        "width": COG_SIDE,
+        "height": COG_SIDE,
+        "count": 4,
+        "dtype": "uint8",
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "BIGTIFF": "YES",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        for row in range(0, COG_SIDE, 512):
+            tile_row = rng.integers(0, 256, (4, 512, COG_SIDE), dtype=np.uint8)
+            dst.write(tile_row, window=Window(0, row, COG_SIDE, 512))
+
+
+def first_pixel(url: str) -> float:
+    """Seconds from open to the first 512² window of the COG, in a fresh process."""
+    r = subprocess.run(
+        [str(BIN / "python"), "-c", FIRST_PIXEL, url], capture_output=True, text=True, timeout=120
+    )
+    if r.returncode != 0:
+        raise BenchError(f"first pixel {url}: {r.stderr.strip()[-500:]}")
+    return float(r.stdout.strip())
+
+
+def fresh_write_gbps(path: Path, size: int) -> float:
+    """GB/s of writing `size` bytes to a new file (page cache only, as a cache fill must)."""
+    zeros = bytes(4 * MIB)
+    t = time.perf_counter()
+    with path.open("wb") as f:
+        for _ in range(size // len(zeros)):
+            f.write(zeros)
+    seconds = time.perf_counter() - t
+    path.unlink()
+    return size / seconds / 1e9
 
 
 def write_random(path: Path, size: int) -> None:
@@ -687,6 +746,8 @@ class Results:
     warm_gbps: float = 0.0
     #: cold object through a cache miss, GB/s: direct or through fdp, from nginx or capped nginx
     cold: dict[str, float] = field(default_factory=dict)
+    #: seconds to the first window of a cold 1 GiB COG, per try: direct and through fdp
+    pixel: dict[str, list[float]] = field(default_factory=dict)
     cache_after_warm: tuple[int, int] = (0, 0)
     background: tuple[float, list[str]] = (0.0, [])
     others: dict[str, Others] = field(default_factory=dict)  # phase -> CPU used by others
@@ -803,12 +864,31 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
             "",
             f"## Cache miss: a cold {COLD_MIB} MiB object, curl as the client",
             "",
+            f"Writing {COLD_MIB} MiB to a new file just before (what a fill must do at least, "
+            f"page cache only): {c['fresh write']:.2f} GB/s.",
+            "",
             "| upstream | direct GB/s | through fdp GB/s | fdp / direct |",
             "|---|---:|---:|---:|",
             f"| nginx | {c['nginx direct']:.2f} | {c['fdp from nginx']:.2f} | "
             f"{_ratio(c['fdp from nginx'], c['nginx direct'])} |",
             f"| nginx, `limit_rate {CAPPED_RATE}` | {c['capped direct']:.3f} | "
             f"{c['fdp from capped']:.3f} | {_ratio(c['fdp from capped'], c['capped direct'])} |",
+        ]
+    px_ = res.pixel
+    if px_:
+        d, f = sorted(px_["nginx direct"]), sorted(px_["fdp (cold)"])
+        lines += [
+            "",
+            "## Time to first pixel: a 512² window of a cold 1 GiB COG (GDAL, fresh process)",
+            "",
+            "| | median ms | runs, ms |",
+            "|---|---:|---|",
+            f"| nginx direct | {d[len(d) // 2] * 1000:.0f} | "
+            + ", ".join(f"{v * 1000:.0f}" for v in px_["nginx direct"])
+            + " |",
+            f"| through fdp, cold | {f[len(f) // 2] * 1000:.0f} | "
+            + ", ".join(f"{v * 1000:.0f}" for v in px_["fdp (cold)"])
+            + " |",
         ]
     lines += ["", "## Targets (from the online-cache and fill-engine issues)", ""]
     lines += ["| target | measured | |", "|---|---|---|"]
@@ -830,6 +910,11 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
         lines.append(f"| cold miss ≥ 0.5x nginx direct | {q:.2f}x | {_met(q >= 0.5)} |")
         q = c["fdp from capped"] / c["capped direct"]
         lines.append(f"| cold miss ≥ 3x a capped nginx direct | {q:.2f}x | {_met(q >= 3.0)} |")
+    if px_:
+        q = f[len(f) // 2] / d[len(d) // 2]
+        lines.append(
+            f"| first pixel of a cold COG ≤ 1.5x nginx direct | {q:.2f}x | {_met(q <= 1.5)} |"
+        )
     if m:
         g = max(p.growth_mib for p in m)
         lines.append(
@@ -886,6 +971,12 @@ def run(args: argparse.Namespace) -> int:
         write_random(cold, COLD_MIB * MIB)
         os.link(cold, data / "big" / "cold1.bin")
         cold.chmod(0o644)
+        log("writing a 1 GiB COG")
+        cog = data / "big" / "cog.tif"
+        write_cog(cog)
+        cog.chmod(0o644)
+        for i in range(PIXEL_TRIES):
+            os.link(cog, data / "big" / f"cog{i}.tif")  # a cold object each time
         (data / "catalog.json").write_text('{"collections": {}}\n')  # no demo COGs, please
         for p in (data, data / "big"):
             p.chmod(0o755)
@@ -929,6 +1020,7 @@ def run(args: argparse.Namespace) -> int:
 
         log(f"cache miss: a cold {COLD_MIB} MiB object, nginx and capped nginx, direct and via fdp")
         cold_size = COLD_MIB * MIB
+        res.cold["fresh write"] = fresh_write_gbps(work / "fresh.bin", cold_size)
         for label, got in (
             ("nginx direct", f"http://127.0.0.1:{servers['nginx'].port}/big/cold0.bin"),
             ("fdp from nginx", url("proxy", "/assets/nginx/cold0.bin")),
@@ -939,6 +1031,13 @@ def run(args: argparse.Namespace) -> int:
             if c.status != 200 or c.size != cold_size:
                 raise BenchError(f"cold {label}: got {c.status} with {c.size} of {cold_size} bytes")
             res.cold[label] = c.gbps
+
+        log("time to first pixel: a 1 GiB COG, fresh process each, nginx direct and via fdp")
+        nginx_cog = f"http://127.0.0.1:{servers['nginx'].port}/big/cog.tif"
+        res.pixel["nginx direct"] = [first_pixel(nginx_cog) for _ in range(PIXEL_TRIES)]
+        res.pixel["fdp (cold)"] = [
+            first_pixel(url("proxy", f"/assets/nginx/cog{i}.tif")) for i in range(PIXEL_TRIES)
+        ]
 
         mem_url = url("proxy", "/assets/bench/mem.bin")
         for label in ("1st (cache miss: from upstream)", "2nd (cache hit when cached)"):
