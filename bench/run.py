@@ -274,6 +274,16 @@ def others_cpu(pids: list[int]) -> Iterator[Others]:
         out.top = _top(procs0, procs1, out.seconds, ours)
 
 
+def children(pid: int) -> list[int]:
+    """A process's children and theirs (uvicorn's workers and their helpers)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                out += [int(child), *children(int(child))]
+    return out
+
+
 def rss_kib(pid: int) -> int | None:
     """VmRSS of a process in KiB, None once it is gone."""
     try:
@@ -408,7 +418,7 @@ http {{
 def make_servers(work: Path, tools: dict[str, str]) -> dict[str, Server]:
     """nginx, the demo upstream and the proxy, configured but not started."""
     logs = work / "logs"
-    ports = {name: free_port() for name in (*SERVERS, "lean", "capped")}
+    ports = {name: free_port() for name in (*SERVERS, "lean", "capped", "proxy2")}
     conf = nginx_conf(work, ports["nginx"], ports["capped"])
     (work / "fdp.yaml").write_text(
         f"cache: {{store: {work}/cache, block_size: 4MiB}}\n"
@@ -452,6 +462,18 @@ def make_servers(work: Path, tools: dict[str, str]) -> dict[str, Server]:
             logs / "proxy.log",
             work,
             env={"FDP_LOG_LEVEL": "WARNING"},  # nginx runs with access_log off too
+        ),
+        "proxy2": Server(  # the same cache, two worker processes
+            "proxy2",
+            [
+                *(str(BIN / "fdp"), "serve", "--config", str(work / "fdp.yaml")),
+                *("--port", str(ports["proxy2"]), "--workers", "2"),
+            ],
+            ports["proxy2"],
+            "/assets/bench/big.bin",
+            logs / "proxy2.log",
+            work,
+            env={"FDP_LOG_LEVEL": "WARNING"},
         ),
         "lean": Server(
             "lean",
@@ -833,6 +855,14 @@ def render(res: Results, info: dict[str, str], wall: float) -> str:
                 f"{_ratio(lean.rps, r[ng].rps)} nginx; the proxy reached "
                 f"{_ratio(r[px].rps, lean.rps)} of it.",
             ]
+        if "proxy2" in r:
+            two = r["proxy2"]
+            lines += [
+                "",
+                f"`fdp serve --workers 2` (same cache, both CPUs): {two.rps:.0f} req/s, p99 "
+                f"{two.p99_ms:.2f} ms = {_ratio(two.rps, r[px].rps)} of `--workers 1`, "
+                f"{_ratio(two.rps, r[ng].rps)} nginx.",
+            ]
     if s:
         lines += [
             "",
@@ -984,7 +1014,7 @@ def run(args: argparse.Namespace) -> int:
             p.chmod(0o644)
 
         servers = make_servers(work, tools)
-        for name in ("nginx", "upstream", "proxy", "lean"):
+        for name in ("nginx", "upstream", "proxy", "lean"):  # proxy2 starts when its turn comes
             ready = "/healthz" if name == "proxy" else "/"
             servers[name].start(ready)
             log(f"{name} on 127.0.0.1:{servers[name].port} (pid {servers[name].proc.pid})")
@@ -1017,6 +1047,18 @@ def run(args: argparse.Namespace) -> int:
                 res.ranges[name] = run_wrk(tools["wrk"], url(name), script, args.duration)
             res.others[f"ranges {name}"] = others
             (work / "logs" / f"wrk-{name}.txt").write_text(res.ranges[name].raw)
+        two = servers["proxy2"]
+        log("ranges proxy --workers 2: start, a 3 s warm-up run, then wrk")
+        two.start("/healthz")
+        try:
+            run_wrk(tools["wrk"], url("proxy2"), script, 3)  # each worker opens its blocks
+            assert two.proc is not None
+            family = [*pids, two.proc.pid, *children(two.proc.pid)]
+            with others_cpu(family) as others:
+                res.ranges["proxy2"] = run_wrk(tools["wrk"], url("proxy2"), script, args.duration)
+            res.others["ranges proxy --workers 2"] = others
+        finally:
+            two.stop()
 
         log(f"cache miss: a cold {COLD_MIB} MiB object, nginx and capped nginx, direct and via fdp")
         cold_size = COLD_MIB * MIB

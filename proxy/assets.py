@@ -101,7 +101,7 @@ class Assets:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange.start(scope)
-        send = x.tracking(send)
+        tracked = x.tracking(send)  # cache hits and misses track what they send themselves
         try:
             x.read_headers(scope)
             if x.method not in ("GET", "HEAD"):
@@ -111,14 +111,14 @@ class Assets:
             await self.resolve(x)
             await self.plan(x)
             self.admit(x)
-            await self.deliver(x, receive, send)
+            await self.deliver(x, receive, send, tracked)
         except Exception as exc:  # mapped in one table; unknown errors are logged there
             exc = refused(x, exc)
             x.error = slug_of(exc)
             if x.status:  # too late for a problem: leave the response incomplete
                 log.warning("%s: %s after the response started; aborted", x.path, exc)
             else:
-                await error_response(exc, x.path)(scope, receive, send)
+                await error_response(exc, x.path)(scope, receive, tracked)
         finally:
             self.access_log.write(x)
 
@@ -171,12 +171,14 @@ class Assets:
     def admit(self, x: Exchange) -> None:
         """QoS: may this plan go ahead? Everything is admitted until limits are configured."""
 
-    async def deliver(self, x: Exchange, receive: Receive, send: Send) -> None:
+    async def deliver(self, x: Exchange, receive: Receive, raw: Send, send: Send) -> None:
+        """Send the planned response; `send` notes status and bytes in `x`, `raw` does not
+        (the cache notes them itself, to keep a hit short)."""
         assert x.entry is not None and x.plan is not None and x.obj is not None
         plan = x.plan
         if plan.kind in (Kind.HIT, Kind.MISS):
             assert self.delivery is not None
-            await self.delivery.send(x, plan, cache_control(x.entry.policy), receive, send)
+            await self.delivery.send(x, plan, cache_control(x.entry.policy), receive, raw)
         elif plan.kind in (Kind.PRESIGN, Kind.REDIRECT):
             assert plan.location is not None
             await redirect(send, plan.location)

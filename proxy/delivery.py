@@ -146,18 +146,26 @@ class CacheDelivery:
         headers = self._headers(record, cache_control)
         self.store.touch(record.key)
         if selection.status == 304:
-            await _respond(send, 304, headers)
+            await _respond(x.tracking(send), 304, headers)
             return
         if x.method == "HEAD":
             headers.append((b"content-length", str(record.size).encode()))
-            await _respond(send, 200, headers)
+            await _respond(x.tracking(send), 200, headers)
             return
         ranges = selection.ranges or ((0, record.size),)
         if plan.kind == Kind.HIT:
             self.health.counters["hit"] += 1
-            if len(ranges) == 1 and await self._small_hit(
-                record, ranges[0], selection.status, headers, send
-            ):
+            chunk = self._small_hit(record, ranges) if len(ranges) == 1 else None
+            if chunk is not None:  # the common case, kept short: one pread, two sends
+                start, end = ranges[0]
+                if selection.status == 206:
+                    headers.append(
+                        (b"content-range", f"bytes {start}-{end - 1}/{record.size}".encode())
+                    )
+                headers.append((b"content-length", str(end - start).encode()))
+                x.status, x.sent = selection.status, len(chunk)  # (`send` is not tracked)
+                await send({"type": "http.response.start", "status": x.status, "headers": headers})
+                await send({"type": "http.response.body", "body": chunk})
                 return
         else:
             self.health.counters["miss"] += 1
@@ -174,6 +182,7 @@ class CacheDelivery:
                 await self.engine.ensure(record, x.obj, missing).started  # errors: problems
                 record = self.store.peek(record.key)[0] or record  # the fill may know more
         obj = x.obj
+        send = x.tracking(send)
 
         async def body() -> None:
             if len(ranges) > 1:
@@ -212,32 +221,18 @@ class CacheDelivery:
             and self.engine.checkable(record)
         )
 
-    async def _small_hit(
-        self,
-        record: ObjectRecord,
-        span: tuple[int, int],
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        send: Send,
-    ) -> bool:
-        """The common case, kept short: one range inside one held block, one pread."""
-        start, end = span
+    def _small_hit(self, record: ObjectRecord, ranges: tuple[tuple[int, int], ...]) -> bytes | None:
+        """The bytes of one range inside one held block, or None for the general path."""
+        start, end = ranges[0]
         index = start // record.block_size
         if (end - 1) // record.block_size != index or end - start > CHUNK:
-            return False
+            return None
         assert self.store is not None
         f = self.store.held_block(record.key, index)
         if f is None:
-            return False
+            return None
         chunk = os.pread(f.fileno(), end - start, start - index * record.block_size)
-        if len(chunk) != end - start:
-            return False  # the general path notices and evicts
-        if status == 206:
-            headers.append((b"content-range", f"bytes {start}-{end - 1}/{record.size}".encode()))
-        headers.append((b"content-length", str(end - start).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": chunk})
-        return True
+        return chunk if len(chunk) == end - start else None  # short: the general path evicts
 
     async def _multipart(
         self,
