@@ -108,9 +108,13 @@ def test_a_single_block_that_fails_its_checksum_is_withheld_and_not_stored(upstr
     run(scenario, tmp_path / "c")
 
 
-def _part(store: Store, record, index: int) -> Path:
+def _claim(store: Store, record, index: int) -> tuple[Path, int]:
+    """Claim a block as another process would: its part file, opened and locked."""
     tag = version_tag(record.size, record.etag, record.last_modified)
-    return store.tmp / f"{record.key}.{index}.{tag}.part"
+    path = store.tmp / f"{record.key}.{index}.{tag}.part"
+    owner = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(owner, fcntl.LOCK_EX)
+    return path, owner
 
 
 def test_a_claim_held_elsewhere_is_followed_then_taken_over(upstream, obj, tmp_path):
@@ -122,9 +126,7 @@ def test_a_claim_held_elsewhere_is_followed_then_taken_over(upstream, obj, tmp_p
     async def scenario(engine: FillEngine, store: Store) -> None:
         record = await engine.create_record("d", object_key("d", "b04"), "b04", obj)
         upstream.reset()
-        path = _part(store, record, 1)
-        owner = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(owner, fcntl.LOCK_EX)
+        _, owner = _claim(store, record, 1)
         os.pwrite(owner, data[BLOCK : BLOCK + 1000], 0)
         fill = engine.ensure(record, obj, 1)
         reader = asyncio.ensure_future(read(fill))
@@ -147,9 +149,7 @@ def test_a_claim_held_elsewhere_and_committed_is_read_from_the_store(upstream, o
     async def scenario(engine: FillEngine, store: Store) -> None:
         record = await engine.create_record("d", object_key("d", "b04"), "b04", obj)
         upstream.reset()
-        path = _part(store, record, 0)
-        owner = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(owner, fcntl.LOCK_EX)
+        path, owner = _claim(store, record, 0)
         fill = engine.ensure(record, obj, 0)
         reader = asyncio.ensure_future(read(fill))
         block = data[:BLOCK]
@@ -167,9 +167,7 @@ def test_a_claim_held_elsewhere_and_committed_is_read_from_the_store(upstream, o
 def test_a_failed_owner_elsewhere_fails_its_followers(upstream, obj, tmp_path):
     async def scenario(engine: FillEngine, store: Store) -> None:
         record = await engine.create_record("d", object_key("d", "b04"), "b04", obj)
-        path = _part(store, record, 0)
-        owner = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(owner, fcntl.LOCK_EX)
+        path, owner = _claim(store, record, 0)
         fill = engine.ensure(record, obj, 0)
         reader = asyncio.ensure_future(read(fill))
         os.unlink(path)  # the owner's fetch failed: it removes its file, then lets go
