@@ -46,6 +46,8 @@ RETRY_CACHE_AFTER = 10.0  # seconds of pass-through after a cache failure before
 STORE_THREADS = 4
 #: Threads fetching blocks from one origin at a time.
 FETCH_THREADS = 8
+#: Seconds before another background completion of the same object is tried.
+RETRY_COMPLETION = 60.0
 #: Seconds between looks at a part file another process is filling.
 FOLLOW_POLL = 0.002
 
@@ -125,7 +127,8 @@ class FillEngine:
         self.verify_max_bytes = verify_max_bytes
         #: blocks fetched at once by a background completion
         self.window = max(1, window)
-        self._completing: set[str] = set()
+        #: objects whose completion was tried lately (a failing upstream is not hammered)
+        self._attempted: Memo[tuple[str, float], bool] = Memo(4096, RETRY_COMPLETION)
         self.client = client
         self.pool = pool or make_pool()
         self.block_size = block_size
@@ -219,7 +222,7 @@ class FillEngine:
             fill.finish()
             updated = await self._commit(record, index, fill.path, sink.sha256, digest)
             if updated is not None:
-                self._complete_later(updated, obj)
+                self.complete_later(updated, obj)
         except ObjectChanged as e:
             log.warning("%s/%s: %s: record dropped", record.dataset, record.path, e)
             with contextlib.suppress(*STORE_ERRORS):  # keep no record of that version
@@ -298,31 +301,30 @@ class FillEngine:
             self.health.failed("cannot store a block", e)
             return None
 
-    def _complete_later(self, record: ObjectRecord, obj: UpstreamObject) -> None:
-        """Fetch the rest of a multi-block object with a catalogue checksum, so the whole
-        can be verified (up to `verify_max_bytes`)."""
-        if record.complete or record.key in self._completing or not self.checkable(record):
+    def complete_later(self, record: ObjectRecord, obj: UpstreamObject) -> None:
+        """Fetch the rest of a multi-block object with a catalogue checksum and verify the
+        whole (up to `verify_max_bytes`); one attempt per record a minute at most."""
+        attempt = (record.key, record.created)  # a new record of it is tried anew
+        if record.verified or attempt in self._attempted or not self.checkable(record):
             return
-        self._completing.add(record.key)
+        self._attempted[attempt] = True
         self.fills.spawn(self._complete(record, obj))
 
     async def _complete(self, record: ObjectRecord, obj: UpstreamObject) -> None:
         assert self.store is not None
-        try:
-            pending: list[int] = []
-            for index in range(record.nblocks):
-                current = self.store.peek(record.key)[0] or record
-                if index in current.blocks:
-                    continue
+        pending: list[int] = []
+        for index in range(record.nblocks):
+            current = self.store.peek(record.key)[0] or record
+            if index in current.blocks:
+                continue
+            try:
                 self.ensure(record, obj, index)
-                pending.append(index)
-                if len(pending) >= self.window:
-                    await self.fills.settled(record.key, pending.pop(0))
-            await self.fills.settled(record.key)  # the last commit verifies the whole
-        except CacheWriteFailed:
-            return
-        finally:
-            self._completing.discard(record.key)
+            except CacheWriteFailed:
+                return
+            pending.append(index)
+            if len(pending) >= self.window:
+                await self.fills.settled(record.key, pending.pop(0))
+        await self.verified(record)  # (the last commit has verified it, as a rule)
 
     def checkable(self, record: ObjectRecord) -> bool:
         """It has a catalogue checksum we can verify, and is not too big to."""

@@ -251,3 +251,65 @@ def test_a_corrupt_multi_block_object_is_found_by_background_verification(
     r = httpx.get(url, headers={"range": "bytes=1000-1999"})
     assert r.content == want[1000:2000]
     assert upstream_gets(upstream, "scene-a/visual"), "the corrupt block was served from cache"
+
+
+def test_a_background_verification_cut_by_a_restart_is_finished_after_it(upstream, tmp_path):
+    """Stopped half-way through completing a checksummed object, the next process finishes
+    the job when the object is next read: only the missing blocks, then the whole verified."""
+    import yaml
+
+    from cache.store import Store, object_key
+    from proxy.demo import providers_yaml
+    from tests.conftest import fdp_serve
+
+    (tmp_path / "providers.yml").write_text(providers_yaml(upstream.url))
+    config = {
+        "cache": {"store": str(tmp_path / "c"), "block_size": "256KiB", "read_ahead": 1},
+        "eodag": {"providers_file": str(tmp_path / "providers.yml")},
+        "datasets": {
+            "scenes": {"upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}}}
+        },
+    }
+    want = upstream.file("demo-cogs/scene-a/visual.tif")
+    key = object_key("scenes", "scene-a/visual")
+    upstream.fault("scene-a/visual", method="GET", chunk_delay=0.3)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = fdp_serve(yaml.safe_load(yaml.safe_dump(config)), tmp_path / "a")
+    store = Store(tmp_path / "c")
+    try:
+        with first.proc:
+            r = httpx.get(
+                f"{first.url}/assets/scenes/scene-a/visual", headers={"range": "bytes=0-999"}
+            )
+            assert r.content == want[:1000]
+            deadline = time.monotonic() + 20
+            while len((store.refresh(key) or ObjectRecordStub).blocks) < 3:
+                assert time.monotonic() < deadline, "the background completion did not start"
+                time.sleep(0.05)
+        cut = store.refresh(key)
+        assert cut is not None and not cut.complete and not cut.verified
+        upstream.reset()
+        second = fdp_serve(config, tmp_path / "b")
+        with second.proc:
+            r = httpx.get(
+                f"{second.url}/assets/scenes/scene-a/visual", headers={"range": "bytes=0-999"}
+            )
+            assert r.content == want[:1000]
+            deadline = time.monotonic() + 20
+            while not (store.refresh(key) or ObjectRecordStub).verified:
+                assert time.monotonic() < deadline, "the verification was not finished"
+                time.sleep(0.05)
+            fetched = {e["range"] for e in upstream_gets(upstream, "scene-a/visual")}
+            had = {f"bytes={i * (1 << 18)}-" for i in cut.blocks}
+            assert not {f for f in fetched if any(f.startswith(h) for h in had)}, fetched
+            assert httpx.get(f"{second.url}/assets/scenes/scene-a/visual").content == want
+    finally:
+        store.close()
+
+
+class ObjectRecordStub:
+    """What a missing record looks like to the polling loops above."""
+
+    blocks: tuple[int, ...] = ()
+    verified = False
