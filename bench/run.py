@@ -46,7 +46,7 @@ FLAT_RSS_MIB = 64  # "memory flat": RSS growth below this while streaming the 1 
 COLD_MIB = 256  # the cold object streamed through a cache miss
 CAPPED_RATE = "50m"  # nginx limit_rate per connection, as remote providers do
 COG_SIDE = 16384  # the COG: 16384² pixels, 4 bands of uint8 = 1 GiB, 512² tiles
-PIXEL_TRIES = 3
+PIXEL_TRIES = 7
 TOUCH_MIB = 2048  # memory written and freed first: this VM's first touch of a page is slow
 SERVERS = ("nginx", "proxy", "upstream")
 

@@ -16,6 +16,7 @@ import fcntl
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,12 +95,28 @@ class _FillSink:
         self.fill = fill
         self.loop = asyncio.get_running_loop()
         self.sha256 = ""
+        #: pieces not yet handed over; one wake-up of the loop takes all there are by then
+        self._arrivals: list[tuple[int, memoryview]] = []
+        self._lock = threading.Lock()
 
     def begin(self, etag: str | None, last_modified: str | None) -> None:
         self.loop.call_soon_threadsafe(self.fill.begin)
 
     def part(self, index: int) -> int:
         return self.fill.fd
+
+    def arrived(self, index: int, pos: int, data: memoryview) -> None:
+        with self._lock:
+            self._arrivals.append((pos, data))
+            wake = len(self._arrivals) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            arrivals, self._arrivals = self._arrivals, []
+        for pos, data in arrivals:
+            self.fill.arrived(pos, data)
 
     def wrote(self, index: int, written: int) -> None:
         self.loop.call_soon_threadsafe(self.fill.grew, written)
@@ -305,7 +322,12 @@ class FillEngine:
         """Fetch the rest of a multi-block object with a catalogue checksum and verify the
         whole (up to `verify_max_bytes`); one attempt per record a minute at most."""
         attempt = (record.key, record.created)  # a new record of it is tried anew
-        if record.verified or attempt in self._attempted or not self.checkable(record):
+        if (
+            record.verified
+            or record.nblocks == 1  # (its own fill verifies it)
+            or attempt in self._attempted
+            or not self.checkable(record)
+        ):
             return
         self._attempted[attempt] = True
         self.fills.spawn(self._complete(record, obj))

@@ -7,6 +7,7 @@ from the first byte and the upstream is asked once however many clients wait.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -26,12 +27,14 @@ class CacheWriteFailed(FillFailed):
 
 
 class Fill:
-    """One block's bytes as they arrive in its part file.
+    """One block's bytes as they arrive: in memory first (`arrived`), then in its part file
+    (`grew`).
 
-    Whoever fetches (a thread of this process, or the owner in another process) writes the
-    file; `grew` announces bytes on the event loop and every reader tails the file. The
-    descriptor stays open until the fill has ended and its last reader is done, so readers
-    finish after the file has been renamed into the store or removed.
+    A fetching thread of this process announces each piece as it comes off the network and
+    writes the block to the file once it is whole; the owner in another process is only
+    seen through the file. Readers take what is announced from memory, or from the file
+    once it is there. The descriptor stays open until the fill has ended and its last
+    reader is done, so readers finish after the file has been renamed into the store.
     """
 
     def __init__(self, path: Path, size: int, holdback: int = 0, fd: int | None = None) -> None:
@@ -40,7 +43,12 @@ class Fill:
         self.size = size
         self.holdback = holdback
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600) if fd is None else fd
+        #: bytes readers may have (a prefix of the block), and how many are in the file
         self.written = 0
+        self.on_disk = 0
+        #: pieces in memory that are not in the file yet: their offsets, and the pieces
+        self._starts: list[int] = []
+        self._pieces: list[memoryview] = []
         self.done = False
         self.error: FillFailed | None = None
         #: set when the process stops: the fetching thread gives up at its next chunk
@@ -55,8 +63,20 @@ class Fill:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def arrived(self, pos: int, data: memoryview) -> None:
+        """Bytes [pos, pos + len(data)) have come in (the next ones after `written`)."""
+        if pos != self.written or not data:
+            return
+        self._starts.append(pos)
+        self._pieces.append(data)
+        self.written = pos + len(data)
+        self._wake()
+
     def grew(self, written: int) -> None:
-        """`written` bytes of the block are in the file."""
+        """`written` bytes of the block are in the file (pieces in memory may go)."""
+        self.on_disk = max(self.on_disk, written)
+        while self._starts and self._starts[0] + len(self._pieces[0]) <= self.on_disk:
+            del self._starts[0], self._pieces[0]
         if written > self.written:
             self.written = written
             self._wake()
@@ -77,14 +97,14 @@ class Fill:
         self.error = error if isinstance(error, FillFailed) else FillFailed(str(error))
         self._wake()
 
-    def follow(self, start: int, end: int) -> AsyncIterator[bytes]:
+    def follow(self, start: int, end: int) -> AsyncIterator[bytes | memoryview]:
         """Bytes [start, end) of the block as they arrive; raises FillFailed on failure."""
         if self.error is not None:  # failed (and maybe closed) already
             raise self.error
         self._readers += 1
         return self._follow(start, end)
 
-    async def _follow(self, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _follow(self, start: int, end: int) -> AsyncIterator[bytes | memoryview]:
         try:
             async for chunk in self._tail(start, end):
                 yield chunk
@@ -92,21 +112,24 @@ class Fill:
             self._readers -= 1
             self._close_if_unused()
 
-    async def _tail(self, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _tail(self, start: int, end: int) -> AsyncIterator[bytes | memoryview]:
         pos = start
         while pos < end:
             if self.error is not None:
                 raise self.error
             ready = self.written if self.done else self.written - self.holdback
             if ready > pos:
-                n = min(end, ready) - pos
-                while n > 0:
-                    chunk = os.pread(self.fd, min(n, CHUNK), pos)
+                upto = min(end, ready)
+                if pos >= self.on_disk:  # from memory: the piece that holds `pos`
+                    i = bisect.bisect_right(self._starts, pos) - 1
+                    at, piece = self._starts[i], self._pieces[i]
+                    chunk = piece[pos - at : upto - at]
+                else:
+                    chunk = os.pread(self.fd, min(upto, self.on_disk, pos + CHUNK) - pos, pos)
                     if not chunk:
                         raise FillFailed("fill file shorter than announced")
-                    pos += len(chunk)
-                    n -= len(chunk)
-                    yield chunk
+                pos += len(chunk)
+                yield chunk
                 continue
             if self.done:
                 raise FillFailed(f"fill ended at {self.written} of {self.size} bytes")

@@ -145,8 +145,8 @@ class CacheDelivery:
         assert record is not None and self.store is not None and x.obj is not None
         headers = self._headers(record, cache_control)
         self.store.touch(record.key)
-        if record.checksum and not record.verified:  # (after a restart, say) finish it
-            self.engine.complete_later(record, x.obj)
+        if record.checksum and not record.verified and x.method == "GET":
+            self.engine.complete_later(record, x.obj)  # (cut by a restart, say) finish it
         if selection.status == 304:
             await _respond(x.tracking(send), 304, headers)
             return

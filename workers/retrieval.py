@@ -59,8 +59,11 @@ class _JobSink:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         return self.fd
 
+    def arrived(self, index: int, pos: int, data: memoryview) -> None:
+        self.progress(self.record.block_range(index)[0] + pos + len(data), self.record.size)
+
     def wrote(self, index: int, written: int) -> None:
-        self.progress(self.record.block_range(index)[0] + written, self.record.size)
+        pass
 
     def done(self, index: int, sha256: str) -> None:
         assert self.path is not None
