@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import urllib3
@@ -28,8 +27,6 @@ CHUNK = 1 << 20
 #: The most one socket read takes: below glibc's mmap threshold (128 KiB), so each buffer
 #: comes from the reused heap, not from fresh pages (slow to fault in on a VM).
 READ = 120 * 1024
-#: Pieces the writer may lag behind the network (memory held: at most this many READs).
-BEHIND = 64
 
 
 class ObjectChanged(FillFailed):
@@ -156,52 +153,41 @@ def write_blocks(
     """Copy an open answer's bytes into blocks `first`..`last` (the first one at `fd`,
     already holding `pos` bytes hashed into `block`), skipping `skip` bytes first.
 
-    Each piece is announced as it comes off the network; a writer thread of this span
-    hashes and writes it behind, in order. So readers here get bytes at the network's pace,
-    not the hash's or the disk's, and readers in other processes see the file grow.
+    Each piece is announced as it comes off the network, before it is hashed and written:
+    readers here need not wait for the disk, and readers in other processes see the file
+    grow piece by piece.
     """
     index = first
     b0, b1 = record.block_range(index)
-    with ThreadPoolExecutor(1, thread_name_prefix="fdp-write") as writer:
-        written: list[Future[None]] = []
-
-        def store(index: int, fd: int, at: int, piece: memoryview, block: Any) -> None:
+    while index <= last:
+        if sink.stopped():
+            raise FillFailed("stopped")
+        data = memoryview(body.read(READ))
+        n = len(data)
+        if n == 0:
+            raise FillFailed(f"upstream sent {pos} of {b1 - b0} bytes of block {index}")
+        if skip:
+            cut = min(skip, n)
+            data, skip = data[cut:], skip - cut
+        while data and index <= last:
+            piece = data[: b1 - b0 - pos]
+            sink.arrived(index, pos, piece)
             block.update(piece)
             if digest is not None:
                 digest.update(piece)
-            _write(fd, piece, at)
-            sink.wrote(index, at + len(piece))
-
-        while index <= last:
-            if sink.stopped():
-                raise FillFailed("stopped")
-            data = memoryview(body.read(READ))
-            n = len(data)
-            if n == 0:
-                raise FillFailed(f"upstream sent {pos} of {b1 - b0} bytes of block {index}")
-            if skip:
-                cut = min(skip, n)
-                data, skip = data[cut:], skip - cut
-            while data and index <= last:
-                piece = data[: b1 - b0 - pos]
-                sink.arrived(index, pos, piece)
-                written.append(writer.submit(store, index, fd, pos, piece, block))
-                pos += len(piece)
-                data = data[len(piece) :]
-                while written and (written[0].done() or len(written) > BEHIND):
-                    written.pop(0).result()  # (a failed write stops the fetch)
-                if pos < b1 - b0:
-                    continue
-                for w in written:  # the block is whole once it is hashed and written
-                    w.result()
-                written.clear()
-                if index == last and digest is not None and not digest.matches():
-                    raise ChecksumMismatch(f"{record.dataset}/{record.path}: checksum mismatch")
-                sink.done(index, block.hexdigest())
-                index += 1
-                if index <= last:
-                    b0, b1 = record.block_range(index)
-                    fd, pos, block = sink.part(index), 0, hashlib.sha256()
+            _write(fd, piece, pos)
+            pos += len(piece)
+            data = data[len(piece) :]
+            sink.wrote(index, pos)
+            if pos < b1 - b0:
+                continue
+            if index == last and digest is not None and not digest.matches():
+                raise ChecksumMismatch(f"{record.dataset}/{record.path}: checksum mismatch")
+            sink.done(index, block.hexdigest())
+            index += 1
+            if index <= last:
+                b0, b1 = record.block_range(index)
+                fd, pos, block = sink.part(index), 0, hashlib.sha256()
 
 
 def new_record(
