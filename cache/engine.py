@@ -324,7 +324,7 @@ class FillEngine:
         attempt = (record.key, record.created)  # a new record of it is tried anew
         if (
             record.verified
-            or record.nblocks == 1  # (its own fill verifies it)
+            or record.nblocks <= 1  # (its own fill verifies it)
             or attempt in self._attempted
             or not self.checkable(record)
         ):

@@ -271,6 +271,8 @@ class CacheDelivery:
     ) -> bool:
         """Send bytes [start, end) from cached blocks and fills; False when aborted."""
         assert self.store is not None
+        if start >= end:
+            return True
         store = self.store
         first, last = start // record.block_size, max(start, end - 1) // record.block_size
         for index in range(first, last + 1):

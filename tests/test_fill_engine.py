@@ -313,3 +313,19 @@ class ObjectRecordStub:
 
     blocks: tuple[int, ...] = ()
     verified = False
+
+
+def test_an_empty_object_is_cached_and_served_as_empty(fproxy, upstream):
+    """A zero-byte object (a `_SUCCESS` marker, say): 200 with no body, HEAD says 0, any
+    range is a 416 with `bytes */0`, and the second read asks the upstream nothing."""
+    (upstream.data / "demo-cogs" / "scene-c" / "_SUCCESS").write_bytes(b"")
+    url = f"{fproxy.url}/assets/files/scene-c/_SUCCESS"
+    r = httpx.get(url)
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == "0"
+    h = httpx.head(url)
+    assert h.status_code == 200 and h.headers["content-length"] == "0"
+    ranged = httpx.get(url, headers={"range": "bytes=0-"})
+    assert ranged.status_code == 416 and ranged.headers["content-range"] == "bytes */0"
+    upstream.reset()
+    assert httpx.get(url).content == b""
+    assert upstream_gets(upstream, "_SUCCESS") == []

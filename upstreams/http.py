@@ -255,7 +255,10 @@ async def head(client: httpx.AsyncClient, obj: UpstreamObject) -> Meta:
 
 
 def meta_of(status: int, headers: Mapping[str, str], what: str) -> Meta:
-    """Size and validators from an answer to a GET (a 206's total) or a HEAD."""
+    """Size and validators from an answer to a GET (a 206's total) or a HEAD. A ranged GET
+    of an empty object is a 416 with `bytes */0`: its size is 0."""
+    if status == 416 and headers.get("content-range", "").strip() == "bytes */0":
+        return Meta(0, headers.get("content-type"), headers.get("etag"), None)
     _raise_for(status, what, headers)
     if status == 206:
         total = headers.get("content-range", "").rpartition("/")[2]
@@ -375,8 +378,13 @@ def open_sync(
 
 def probe_sync(pool: urllib3.PoolManager, obj: UpstreamObject) -> Meta:
     """`probe` for threads and workers."""
-    with open_sync(pool, obj, {"range": "bytes=0-0"}) as body:
-        return meta_of(body.status, body.headers, "GET")
+    try:
+        with open_sync(pool, obj, {"range": "bytes=0-0"}) as body:
+            return meta_of(body.status, body.headers, "GET")
+    except RangeNotSatisfiable as e:
+        if e.size == 0:  # an empty object
+            return Meta(0, None, None, None)
+        raise
 
 
 def _discard(response: urllib3.BaseHTTPResponse) -> None:
