@@ -30,11 +30,11 @@ class Fill:
     """One block's bytes as they arrive: in memory first (`arrived`), then in its part file
     (`grew`).
 
-    A fetching thread of this process announces each piece as it comes off the network and
-    writes the block to the file once it is whole; the owner in another process is only
-    seen through the file. Readers take what is announced from memory, or from the file
-    once it is there. The descriptor stays open until the fill has ended and its last
-    reader is done, so readers finish after the file has been renamed into the store.
+    A fetching thread of this process announces each piece as it comes off the network,
+    then hashes and writes it; the owner in another process is only seen through the file.
+    Readers take what is announced from memory, or from the file once it is there. The
+    descriptor stays open until the fill has ended and its last reader is done, so readers
+    finish after the file has been renamed into the store.
     """
 
     def __init__(self, path: Path, size: int, holdback: int = 0, fd: int | None = None) -> None:
