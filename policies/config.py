@@ -14,6 +14,7 @@ from pydantic import (
     AfterValidator,
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
@@ -58,6 +59,9 @@ class ServerConfig(Strict):
     max_header_bytes: ByteSize = Field(ByteSize(64 * 2**10), ge=1024)
     #: seconds a client may take to send its headers (and may pause within a body)
     request_timeout: float = Field(10.0, gt=0)
+    #: the header a trusted reverse proxy puts the client's address in (e.g.
+    #: x-forwarded-for: its last entry counts); without it, the connection's address
+    trusted_proxy_header: str | None = None
 
 
 class CacheConfig(Strict):
@@ -242,11 +246,63 @@ class Retention(Strict):
         return self
 
 
-class Qos(Strict):
-    requests_per_minute: PositiveInt | None = None
-    miss_requests_per_minute: PositiveInt | None = None
-    bytes_per_day: ByteSize | None = None
-    miss_bytes_per_day: ByteSize | None = None
+#: periods a limit may be given per, in seconds (`requests_per_minute`, `per: 1m`, `per: 90s`)
+PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: the limit kinds: requests and cache-miss requests (counted), bytes and miss bytes (sized)
+LIMIT_KINDS = ("requests", "miss_requests", "bytes", "miss_bytes")
+
+
+def _seconds(value: Any) -> Any:
+    """`90`, `"90s"`, `"1m"`, `"2h"`, `"1d"` or a period name -> seconds."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in PERIODS:
+            return PERIODS[text]
+        number, unit = text[:-1], text[-1:]
+        if unit in _UNITS and number.replace(".", "", 1).isdigit():
+            return float(number) * _UNITS[unit]
+    return value
+
+
+class Rate(Strict):
+    """`limit` units (requests, or bytes for byte kinds) per `per` seconds."""
+
+    limit: ByteSize = Field(gt=0)
+    per: Annotated[float, BeforeValidator(_seconds), Field(ge=1, le=31 * 86400)] = 60
+
+
+class Limits(Strict):
+    """The four limit kinds; each also as `<kind>_per_<second|minute|hour|day>: N`."""
+
+    requests: Rate | None = None
+    miss_requests: Rate | None = None
+    bytes: Rate | None = None
+    miss_bytes: Rate | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = {}
+        for key, value in data.items():
+            kind, _, period = str(key).partition("_per_")
+            if period and kind in LIMIT_KINDS and period in PERIODS:
+                if kind in data:
+                    raise ValueError(f"'{key}' and '{kind}' both set")
+                out[kind] = {"limit": value, "per": PERIODS[period]}
+            else:
+                out[key] = value
+        return out
+
+
+class Qos(Limits):
+    """The top-level limits apply to each user (and each anonymous address, unless
+    `anonymous` says otherwise); a group's limits are one budget for all its members."""
+
+    groups: dict[str, Limits] = {}
+    anonymous: Limits | None = None
 
 
 class AsyncPolicy(Strict):
@@ -286,7 +342,16 @@ class LogConfig(Strict):
     format: Literal["text", "json"] = "text"  # json: one JSON object per line
 
 
+class QosService(Strict):
+    #: a Redis that does not answer: admit everyone (open) or refuse with 503 (closed)
+    on_redis_error: Literal["open", "closed"] = "open"
+    #: how long one limiter call may take before Redis counts as not answering
+    timeout_seconds: float = Field(0.5, gt=0, le=10)
+
+
 class Settings(Strict):
+    qos_defaults: Qos = Qos()  # for every dataset, kind by kind, unless it sets its own
+    qos: QosService = QosService()
     server: ServerConfig = ServerConfig()
     cache: CacheConfig = CacheConfig()
     queue: QueueConfig = QueueConfig()

@@ -23,6 +23,7 @@ from cache.retention import Rule, sweep
 from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import load_settings
+from policies.qos import Limiter
 from proxy import stac
 from proxy.accesslog import AccessLog, configure_logging
 from proxy.assets import Assets
@@ -229,6 +230,9 @@ def create_app(
     starlette.state.queue = queue
     assets = Assets(registry, public_url, AccessLog())
     assets.queue = queue
+    assets.limiter = Limiter(settings.qos, settings.queue.redis_url)
+    header = settings.server.trusted_proxy_header
+    assets.trusted_proxy_header = header.lower().encode("latin-1") if header else None
     starlette.state.identify = assets.identify
     return App(starlette, assets)
 

@@ -20,12 +20,14 @@ from werkzeug.http import parse_content_range_header
 
 from cache.fill import CacheWriteFailed
 from policies.config import Dataset
+from policies.qos import Limiter, applicable
 from proxy.accesslog import AccessLog
 from proxy.auth import ANONYMOUS, Authenticator, Identity, check
 from proxy.conditional import select
 from proxy.delivery import CacheDelivery
-from proxy.exchange import Exchange, Kind, Plan
+from proxy.exchange import MISSES, Exchange, Kind, Plan
 from proxy.problems import MethodNotAllowed, error_response, slug_of
+from proxy.ratelimit import forwarded_client, with_ratelimit
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
 from proxy.streams import until_disconnect
 from upstreams.base import (
@@ -89,6 +91,9 @@ class Assets:
         self.queue: JobQueue | None = None
         self.auth: Authenticator | None = None
         self.durations = Durations()
+        self.limiter: Limiter | None = None
+        #: the header a trusted reverse proxy writes the client's address in, if any
+        self.trusted_proxy_header: bytes | None = None
         #: set when the server begins to stop: held requests answer "come back later" now
         self.stopping = asyncio.Event()
         self._heads: Memo[str, Meta] = Memo(MEMO_SIZE, HEAD_TTL)
@@ -104,13 +109,18 @@ class Assets:
         tracked = x.tracking(send)  # cache hits and misses track what they send themselves
         try:
             x.read_headers(scope)
+            if self.trusted_proxy_header is not None:
+                x.client = forwarded_client(scope, self.trusted_proxy_header) or x.client
             if x.method not in ("GET", "HEAD"):
                 raise MethodNotAllowed("use GET or HEAD", headers={"allow": "GET, HEAD"})
             await self.authenticate(x)
             self.authorize(x)
             await self.resolve(x)
             await self.plan(x)
-            self.admit(x)
+            await self.admit(x)
+            if x.standing is not None:  # admitted under a limit: say where its budget stands
+                send = with_ratelimit(send, x.standing)
+                tracked = x.tracking(send)
             await self.deliver(x, receive, send, tracked)
         except Exception as exc:  # mapped in one table; unknown errors are logged there
             exc = refused(x, exc)
@@ -159,8 +169,8 @@ class Assets:
             try:
                 if self.queue is not None and is_slow(policy, x.obj):
                     x.plan = await delivery.plan(x, create=False) or Plan(Kind.SLOW)
-                elif caches(policy):
-                    x.plan = await delivery.plan(x)
+                elif caches(policy):  # an object not cached yet: its record after admission
+                    x.plan = await delivery.plan(x, create=False, whole=False) or Plan(Kind.MISS)
                 else:
                     x.plan = Plan(Kind.PASSTHROUGH)
             except CacheWriteFailed:  # the cache cannot be used right now: go around it
@@ -168,8 +178,18 @@ class Assets:
         if policy.forward_token and x.plan.kind in (Kind.HIT, Kind.MISS):
             await self.recheck(x)
 
-    def admit(self, x: Exchange) -> None:
-        """QoS: may this plan go ahead? Everything is admitted until limits are configured."""
+    async def admit(self, x: Exchange) -> None:
+        """QoS: may this plan go ahead? Misses count against miss budgets, hits do not."""
+        if self.limiter is None:
+            return
+        assert x.entry is not None and x.plan is not None
+        kinds = ("requests", "miss_requests") if x.plan.kind in MISSES else ("requests",)
+        defaults = self.registry.qos_defaults
+        who = x.who
+        applied = applicable(
+            x.dataset, x.entry.policy.qos, defaults, kinds, who.subject, who.groups, x.client
+        )
+        x.standing = await self.limiter.admit(applied)
 
     async def deliver(self, x: Exchange, receive: Receive, raw: Send, send: Send) -> None:
         """Send the planned response; `send` notes status and bytes in `x`, `raw` does not
@@ -178,6 +198,8 @@ class Assets:
         plan = x.plan
         if plan.kind in (Kind.HIT, Kind.MISS):
             assert self.delivery is not None
+            if plan.record is None:  # admitted: now the upstream may be asked for its size
+                x.plan = plan = await self.delivery.plan(x) or plan
             await self.delivery.send(x, plan, cache_control(x.entry.policy), receive, raw)
         elif plan.kind in (Kind.PRESIGN, Kind.REDIRECT):
             assert plan.location is not None

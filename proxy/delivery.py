@@ -117,14 +117,17 @@ class CacheDelivery:
 
     # -- planning: hit or miss, before anything is sent ---------------------------------
 
-    async def plan(self, x: Exchange, create: bool = True) -> Plan | None:
-        """HIT when every byte asked for is cached, else MISS; None when `create` is False
-        and the object is not wholly cached. Raises for 412/416 and malformed ranges."""
+    async def plan(self, x: Exchange, create: bool = True, whole: bool = True) -> Plan | None:
+        """HIT when every byte asked for is cached, else MISS. Without `create`, None when
+        there is no usable record (and, with `whole`, unless the object is wholly cached):
+        nothing is asked of the upstream. Raises for 412/416 and malformed ranges."""
         assert x.obj is not None and self.store is not None
         record, fresh = self.store.peek(x.cache_key)  # the common case: no await at all
         if not fresh or record is None or outdated(record, x.obj):
             record = await self.record(x, x.obj) if create else await self.lookup(x.cache_key, x)
-        if record is None or not (create or record.complete):
+        if record is None:
+            return None
+        if not create and (outdated(record, x.obj) or (whole and not record.complete)):
             return None
         selection = _simple(x, record) or select(x, record.size, record.etag, record.last_modified)
         if x.method == "HEAD" or selection.status == 304 or record.complete:

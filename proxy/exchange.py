@@ -13,6 +13,7 @@ from enum import StrEnum
 from starlette.types import Message, Scope, Send
 
 from cache.store import ObjectRecord, object_key
+from policies.qos import Standing
 from proxy.auth import ANONYMOUS, Identity
 from proxy.conditional import WHOLE, Selection
 from proxy.problems import BadRequest
@@ -41,6 +42,10 @@ class Kind(StrEnum):
     PRESIGN = "presign"  # 307 to a presigned object-store URL
     REDIRECT = "redirect"  # 307 to the provider's own href
     PASSTHROUGH = "pass-through"  # relayed from the upstream, nothing kept
+
+
+#: The kinds that ask the upstream for bytes: they count against miss budgets.
+MISSES = frozenset({Kind.MISS, Kind.SLOW, Kind.PASSTHROUGH})
 
 
 @dataclass(slots=True)
@@ -72,6 +77,7 @@ class Exchange:
     entry: Entry | None = None
     obj: UpstreamObject | None = None
     plan: Plan | None = None
+    standing: Standing | None = None  # the tightest QoS budget it was admitted under
     status: int = 0
     sent: int = 0
     error: str | None = None

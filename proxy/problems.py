@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cache.fill import FillFailed
+from policies.qos import QosUnavailable, RateLimited
 from proxy.retrieval import RetrievalError
 from upstreams.base import (
     BadPath,
@@ -110,6 +111,8 @@ RULES: dict[type[BaseException], Rule] = {
         503, "queue-unavailable", lambda e: {"retry-after": "30"}, level=logging.ERROR
     ),
     RetrievalError: Rule(502, "retrieval-failed", level=logging.WARNING),
+    RateLimited: Rule(429, "rate-limited", lambda e: e.headers),
+    QosUnavailable: Rule(503, "qos-unavailable", lambda e: {"retry-after": "5"}),
 }
 
 

@@ -44,7 +44,9 @@ def test_good_config_loads_with_sizes_and_defaults(tmp_path):
     assert s.cache.block_size == 4 * 2**20
     assert s.datasets["s2"].retention.days == 30
     assert s.datasets["s2"].async_.not_ready_status == 503
-    assert s.datasets["s2"].qos.bytes_per_day == 50 * 2**30
+    qos = s.datasets["s2"].qos  # the shorthand, in the general form
+    assert qos.bytes is not None and (qos.bytes.limit, qos.bytes.per) == (50 * 2**30, 86400)
+    assert qos.requests is not None and (qos.requests.limit, qos.requests.per) == (600, 60)
     assert s.datasets["files"].delivery == "redirect"
     assert str(s.datasets["files"].upstream.http.base_url) == "http://files.example/data/"
     assert s.datasets["files"].access.public is True  # the default

@@ -46,6 +46,8 @@ class Registry:
 
     def __init__(self, settings: Settings, source: str = "the config") -> None:
         self.entries: dict[str, Entry] = {}
+        #: QoS limits for datasets that set none of a kind (read at each request)
+        self.qos_defaults = settings.qos_defaults
         self.gateway: Any = None
         self._workdir: EodagWorkdir | None = None
         #: `upstream_defaults` as Timeouts: for the shared HTTP client (`make_client`)

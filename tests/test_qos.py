@@ -1,0 +1,151 @@
+"""QoS through real proxies: request and miss limits per user, group and address, in
+memory and shared by two processes through one Redis, and what a failing Redis does."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import fdp_serve
+
+B04 = "scene-a/B04.tif"
+
+
+def config(upstream, tmp_path, limits: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """One cached `http` dataset (a fresh name, so budgets never meet across tests)."""
+    name = "q" + secrets.token_hex(4)
+    return {
+        "cache": {"store": str(tmp_path / "cache")},
+        "datasets": {
+            name: {
+                "upstream": {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}},
+                "qos": limits,
+            }
+        },
+        **extra,
+    }
+
+
+def dataset_of(cfg: dict[str, Any]) -> str:
+    return next(iter(cfg["datasets"]))
+
+
+def assert_limited(r: httpx.Response, policy: str, quota: int, window: int) -> None:
+    assert r.status_code == 429, r.text
+    if r.request.method != "HEAD":
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["type"].endswith("/rate-limited")
+    assert 1 <= int(r.headers["retry-after"]) <= window
+    assert r.headers["ratelimit-policy"] == f'"{policy}";q={quota};w={window}'
+    assert r.headers["ratelimit"].startswith(f'"{policy}";r=0;t=')
+
+
+def test_a_request_limit_per_address_with_ratelimit_fields(start_proxy, upstream, tmp_path):
+    cfg = config(upstream, tmp_path, {"requests_per_minute": 3})
+    proxy = start_proxy(cfg)
+    url = f"{proxy.url}/assets/{dataset_of(cfg)}/{B04}"
+    for left in (2, 1, 0):
+        r = httpx.get(url, headers={"range": "bytes=0-99"})
+        assert r.status_code == 206
+        assert r.headers["ratelimit-policy"] == '"requests-anonymous";q=3;w=60'
+        assert r.headers["ratelimit"].startswith(f'"requests-anonymous";r={left};t=')
+    assert_limited(httpx.get(url), "requests-anonymous", 3, 60)
+    assert_limited(httpx.head(url), "requests-anonymous", 3, 60)  # HEAD counts too
+
+
+def test_a_spent_miss_budget_refuses_misses_and_serves_hits(start_proxy, upstream, tmp_path):
+    cfg = config(upstream, tmp_path, {"miss_requests": {"limit": 1, "per": "1h"}})
+    proxy = start_proxy(cfg)
+    base = f"{proxy.url}/assets/{dataset_of(cfg)}"
+    assert httpx.get(f"{base}/{B04}").status_code == 200  # a miss: fills the cache
+    upstream.reset()
+    for _ in range(3):  # hits keep flowing
+        assert httpx.get(f"{base}/{B04}", headers={"range": "bytes=0-9"}).status_code == 206
+    assert_limited(httpx.get(f"{base}/scene-b/B04.tif"), "miss-requests-anonymous", 1, 3600)
+    assert upstream.data_requests() == []  # the refused miss never reached the upstream
+
+
+def test_a_forged_forwarding_header_counts_for_nothing_unless_trusted(
+    start_proxy, upstream, tmp_path
+):
+    cfg = config(upstream, tmp_path / "a", {"requests_per_minute": 2})
+    proxy = start_proxy(cfg)
+    url = f"{proxy.url}/assets/{dataset_of(cfg)}/{B04}"
+    for forged in ("10.0.0.1", "10.0.0.2"):
+        assert httpx.get(url, headers={"x-forwarded-for": forged}).status_code == 200
+    assert httpx.get(url, headers={"x-forwarded-for": "10.0.0.3"}).status_code == 429
+
+    trusted = config(
+        upstream,
+        tmp_path / "b",
+        {"requests_per_minute": 2},
+        server={"trusted_proxy_header": "X-Forwarded-For"},
+    )
+    behind = start_proxy(trusted)
+    url = f"{behind.url}/assets/{dataset_of(trusted)}/{B04}"
+    for _ in range(2):  # the client forges the first entry; the proxy appended the last
+        forged = {"x-forwarded-for": f"1.2.3.{secrets.randbelow(250)}, 10.0.0.7"}
+        assert httpx.get(url, headers=forged).status_code == 200
+    assert httpx.get(url, headers={"x-forwarded-for": "10.0.0.7"}).status_code == 429
+    assert httpx.get(url, headers={"x-forwarded-for": "10.0.0.8"}).status_code == 200
+
+
+def test_user_and_group_limits_combine(start_proxy, upstream, oidc, tmp_path):
+    qos = {"requests_per_minute": 3, "groups": {"eo": {"requests_per_minute": 4}}}
+    cfg = config(upstream, tmp_path, qos, auth={"oidc_issuer": oidc.issuer})
+    proxy = start_proxy(cfg)
+    url = f"{proxy.url}/assets/{dataset_of(cfg)}/{B04}"
+
+    def get(token: str) -> httpx.Response:
+        return httpx.get(url, headers={"authorization": f"Bearer {token}", "range": "bytes=0-9"})
+
+    ann, bob, eve = (oidc.token(sub=s, groups=["eo"]) for s in ("ann", "bob", "eve"))
+    carl = oidc.token(sub="carl", groups=[])
+    assert [get(ann).status_code for _ in range(3)] == [206, 206, 206]
+    assert_limited(get(ann), "requests-user", 3, 60)  # ann's own limit (the group has 1 left)
+    assert get(bob).status_code == 206  # the group's 4th
+    assert_limited(get(eve), "requests-group", 4, 60)  # eve's own budget is untouched
+    assert get(carl).status_code == 206  # not in the group: only his own limit
+
+
+def test_two_processes_share_one_budget_through_redis(upstream, redis_url, tmp_path):
+    cfg = config(upstream, tmp_path, {"requests_per_minute": 10}, queue={"redis_url": redis_url})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = fdp_serve(cfg, tmp_path / "a"), fdp_serve(cfg, tmp_path / "b")
+    path = f"/assets/{dataset_of(cfg)}/{B04}"
+    with a.proc, b.proc:
+        codes = [httpx.get((a, b)[i % 2].url + path).status_code for i in range(10)]
+        assert codes == [200] * 10
+        assert_limited(httpx.get(a.url + path), "requests-anonymous", 10, 60)
+        assert_limited(httpx.get(b.url + path), "requests-anonymous", 10, 60)
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_redis_that_never_answers_admits_or_refuses_at_once(
+    start_proxy, upstream, blackhole, tmp_path, mode
+):
+    cfg = config(
+        upstream,
+        tmp_path,
+        {"requests_per_minute": 10},
+        queue={"redis_url": blackhole.redis_url, "timeout_seconds": 1},
+        qos={"on_redis_error": mode, "timeout_seconds": 0.3},
+    )
+    proxy = start_proxy(cfg)
+    url = f"{proxy.url}/assets/{dataset_of(cfg)}/{B04}"
+    for _ in range(3):
+        t = time.monotonic()
+        r = httpx.get(url, timeout=10)
+        assert time.monotonic() - t < 2.0  # bounded by qos.timeout_seconds, never a stall
+        if mode == "open":
+            assert r.status_code == 200 and r.content == upstream.file(f"demo-cogs/{B04}")
+        else:
+            assert r.status_code == 503 and r.headers["retry-after"]
+            assert r.json()["type"].endswith("/qos-unavailable")
+    assert "QoS counters unavailable" in proxy.proc.log_text()
+    assert proxy.proc.log_text().count("QoS counters unavailable") == 1  # once a minute
