@@ -130,6 +130,8 @@ class Assets:
             else:
                 await error_response(exc, x.path)(scope, receive, tracked)
         finally:
+            if x.applied and self.limiter is not None:  # account: the bytes that went out
+                await self.limiter.spend(x.applied, x.sent)
             self.access_log.write(x)
 
     # -- the stages, in order --------------------------------------------------------------
@@ -183,13 +185,14 @@ class Assets:
         if self.limiter is None:
             return
         assert x.entry is not None and x.plan is not None
-        kinds = ("requests", "miss_requests") if x.plan.kind in MISSES else ("requests",)
+        miss = x.plan.kind in MISSES
+        kinds = ("requests", "bytes", *(("miss_requests", "miss_bytes") if miss else ()))
         defaults = self.registry.qos_defaults
         who = x.who
-        applied = applicable(
+        x.applied = applicable(
             x.dataset, x.entry.policy.qos, defaults, kinds, who.subject, who.groups, x.client
         )
-        x.standing = await self.limiter.admit(applied)
+        x.standing = await self.limiter.admit(x.applied)
 
     async def deliver(self, x: Exchange, receive: Receive, raw: Send, send: Send) -> None:
         """Send the planned response; `send` notes status and bytes in `x`, `raw` does not

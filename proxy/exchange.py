@@ -13,7 +13,7 @@ from enum import StrEnum
 from starlette.types import Message, Scope, Send
 
 from cache.store import ObjectRecord, object_key
-from policies.qos import Standing
+from policies.qos import Applied, Standing
 from proxy.auth import ANONYMOUS, Identity
 from proxy.conditional import WHOLE, Selection
 from proxy.problems import BadRequest
@@ -77,6 +77,7 @@ class Exchange:
     entry: Entry | None = None
     obj: UpstreamObject | None = None
     plan: Plan | None = None
+    applied: list[Applied] | None = None  # the QoS limits it falls under
     standing: Standing | None = None  # the tightest QoS budget it was admitted under
     status: int = 0
     sent: int = 0

@@ -149,3 +149,20 @@ def test_a_redis_that_never_answers_admits_or_refuses_at_once(
             assert r.json()["type"].endswith("/qos-unavailable")
     assert "QoS counters unavailable" in proxy.proc.log_text()
     assert proxy.proc.log_text().count("QoS counters unavailable") == 1  # once a minute
+
+
+def test_a_byte_budget_finishes_the_response_that_crosses_it(start_proxy, upstream, tmp_path):
+    body = upstream.file(f"demo-cogs/{B04}")
+    cfg = config(upstream, tmp_path, {"bytes": {"limit": len(body) + 1000, "per": "1h"}})
+    proxy = start_proxy(cfg)
+    url = f"{proxy.url}/assets/{dataset_of(cfg)}/{B04}"
+    first = httpx.get(url)
+    assert first.content == body
+    assert first.headers["ratelimit-policy"].endswith(';qu="content-bytes"')
+    second = httpx.get(url)  # 1000 bytes were left: admitted, and never cut short
+    assert second.status_code == 200 and second.content == body
+    third = httpx.get(url)
+    assert third.status_code == 429 and third.content.startswith(b"{")  # before any body byte
+    policy = f'"bytes-anonymous";q={len(body) + 1000};w=3600;qu="content-bytes"'
+    assert third.headers["ratelimit-policy"] == policy
+    assert third.headers["ratelimit"].startswith('"bytes-anonymous";r=0;t=')
