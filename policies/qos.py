@@ -54,6 +54,9 @@ class Applied:
         return (self.dataset, self.kind, self.scope, self.who)
 
 
+KINDS = (*COUNTED, *SIZED)
+
+
 @dataclass(frozen=True)
 class Standing:
     """Where a budget stands after this request: for the `RateLimit` fields."""
@@ -69,6 +72,19 @@ class Standing:
 
     def field(self) -> str:
         return f'"{self.applied.name}";r={max(0, self.remaining)};t={max(0, self.reset)}'
+
+    def public(self) -> dict[str, object]:
+        """What `GET /me/usage` shows of it."""
+        a = self.applied
+        return {
+            "kind": a.kind,
+            "scope": a.scope,
+            **({"group": a.who} if a.scope == "group" else {}),
+            "limit": int(a.rate.limit),
+            "per_seconds": int(a.rate.per),
+            "remaining": max(0, self.remaining),
+            "reset_seconds": max(0, self.reset),
+        }
 
 
 class RateLimited(Exception):
@@ -195,6 +211,16 @@ class Limiter:
         self.admitted += 1
         standings = [await self._standing(a) for a in applied]
         return min(standings, key=lambda s: s.remaining / int(s.applied.rate.limit))
+
+    async def usage(self, applied: list[Applied]) -> list[Standing]:
+        """Where each of these budgets stands now (nothing is counted); raises
+        QosUnavailable when the counters do not answer in time."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(self._standing(a) for a in applied)), self.config.timeout_seconds
+            )
+        except Exception as e:  # (whatever Redis did, there is nothing to show)
+            raise QosUnavailable(f"the QoS counters do not answer ({type(e).__name__})") from None
 
     async def spend(self, applied: list[Applied], sent: int) -> None:
         """Count the bytes a response sent against its byte budgets. A response that

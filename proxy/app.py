@@ -31,6 +31,7 @@ from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.delivery import CacheDelivery
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
 from proxy.server import LimitedProtocol
+from proxy.usage import my_usage
 from upstreams.http import make_client, make_pool
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
@@ -216,6 +217,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/jobs/{job_id}", job_status),
+            Route("/me/usage", my_usage),
             *stac.routes,
         ],
         exception_handlers=exception_handlers(),
@@ -229,6 +231,7 @@ def create_app(
     queue = make_queue(settings)
     starlette.state.queue = queue
     assets = Assets(registry, public_url, AccessLog())
+    starlette.state.assets = assets
     assets.queue = queue
     assets.limiter = Limiter(settings.qos, settings.queue.redis_url)
     header = settings.server.trusted_proxy_header

@@ -166,3 +166,27 @@ def test_a_byte_budget_finishes_the_response_that_crosses_it(start_proxy, upstre
     policy = f'"bytes-anonymous";q={len(body) + 1000};w=3600;qu="content-bytes"'
     assert third.headers["ratelimit-policy"] == policy
     assert third.headers["ratelimit"].startswith('"bytes-anonymous";r=0;t=')
+
+
+def test_callers_see_their_own_usage(start_proxy, upstream, oidc, tmp_path):
+    body = upstream.file(f"demo-cogs/{B04}")
+    limits = {"requests_per_minute": 5, "bytes_per_hour": 10 * len(body)}
+    cfg = config(upstream, tmp_path, limits, auth={"oidc_issuer": oidc.issuer})
+    name = dataset_of(cfg)
+    hidden = {"upstream": cfg["datasets"][name]["upstream"], "access": {"groups": ["secret"]}}
+    cfg["datasets"]["hidden" + secrets.token_hex(3)] = {**hidden, "qos": limits}
+    proxy = start_proxy(cfg)
+    for _ in range(2):
+        assert httpx.get(f"{proxy.url}/assets/{name}/{B04}").content == body
+    mine = httpx.get(f"{proxy.url}/me/usage").json()
+    assert mine["caller"] == {"address": "127.0.0.1"}
+    assert list(mine["datasets"]) == [name]  # a dataset it cannot read is not shown
+    kinds = {u["kind"]: u for u in mine["datasets"][name]}
+    assert kinds["requests"]["remaining"] == 3 and kinds["requests"]["limit"] == 5
+    assert kinds["bytes"]["remaining"] == 8 * len(body)
+    assert kinds["requests"]["scope"] == "address"
+    token = oidc.token(sub="ann")
+    hers = httpx.get(f"{proxy.url}/me/usage", headers={"authorization": f"Bearer {token}"})
+    assert hers.json()["caller"] == {"subject": "ann"}
+    fresh = {u["kind"]: u["remaining"] for u in hers.json()["datasets"][name]}
+    assert fresh["requests"] == 5  # her own budget, untouched by the address's requests
