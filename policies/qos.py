@@ -1,9 +1,10 @@
 """QoS: per-user, per-group and per-address limits, one budget across every replica.
 
 The counting is `limits`' sliding-window counter (one atomic `INCRBY` per window in Redis,
-or in memory for one process): it takes costs, so the byte kinds will use it too. Every
-call is bounded by `qos.timeout_seconds`; a Redis that fails or does not answer admits
-everyone (`on_redis_error: open`, logged once a minute and counted) or refuses with 503.
+or in memory for one process). Requests count when admitted; bytes are spent, as a cost,
+when a response has been sent. Every call is bounded by `qos.timeout_seconds`; a Redis that
+fails or does not answer admits everyone (`on_redis_error: open`, logged once a minute and
+counted) or refuses with 503.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Applied:
     """One limit that applies to a request: whose budget, of what kind, how large."""
 
     dataset: str
-    kind: str  # requests | miss_requests
+    kind: str  # requests | miss_requests | bytes | miss_bytes
     scope: str  # user | group | address
     who: str  # the subject, group name or address
     rate: Rate
@@ -157,7 +158,6 @@ class Limiter:
 
     def __init__(self, config: QosService, redis_url: str | None) -> None:
         self.config = config
-        self.shared = redis_url is not None
         storage: Storage
         if redis_url is not None:
             uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
