@@ -303,6 +303,8 @@ class Qos(Limits):
 
     groups: dict[str, Limits] = {}
     anonymous: Limits | None = None
+    #: pace each response to this rate instead of refusing (a slow shared link)
+    max_bytes_per_second: ByteSize | None = Field(None, ge=1024)
 
 
 class AsyncPolicy(Strict):

@@ -27,7 +27,7 @@ from proxy.conditional import select
 from proxy.delivery import CacheDelivery
 from proxy.exchange import MISSES, Exchange, Kind, Plan
 from proxy.problems import MethodNotAllowed, error_response, slug_of
-from proxy.ratelimit import forwarded_client, with_ratelimit
+from proxy.ratelimit import forwarded_client, paced, with_ratelimit
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
 from proxy.streams import until_disconnect
 from upstreams.base import (
@@ -120,6 +120,9 @@ class Assets:
             await self.admit(x)
             if x.standing is not None:  # admitted under a limit: say where its budget stands
                 send = with_ratelimit(send, x.standing)
+                tracked = x.tracking(send)
+            if x.entry is not None and (rate := x.entry.policy.qos.max_bytes_per_second):
+                send = paced(send, int(rate))  # shaped, not refused
                 tracked = x.tracking(send)
             await self.deliver(x, receive, send, tracked)
         except Exception as exc:  # mapped in one table; unknown errors are logged there

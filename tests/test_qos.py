@@ -190,3 +190,20 @@ def test_callers_see_their_own_usage(start_proxy, upstream, oidc, tmp_path):
     assert hers.json()["caller"] == {"subject": "ann"}
     fresh = {u["kind"]: u["remaining"] for u in hers.json()["datasets"][name]}
     assert fresh["requests"] == 5  # her own budget, untouched by the address's requests
+
+
+def test_a_paced_dataset_streams_at_its_rate(start_proxy, upstream, tmp_path):
+    """Shaping instead of refusing: 4 MiB at 1 MiB/s takes 4 s (±15%), bytes intact."""
+    import os
+
+    data = os.urandom(4 << 20)
+    (upstream.data / "demo-cogs" / "paced.bin").write_bytes(data)
+    cfg = config(upstream, tmp_path, {"max_bytes_per_second": "1MiB"})
+    proxy = start_proxy(cfg)
+    url = f"{proxy.url}/assets/{dataset_of(cfg)}/paced.bin"
+    for _ in range(2):  # a miss, then a hit: both paced
+        t = time.monotonic()
+        r = httpx.get(url, timeout=30)
+        took = time.monotonic() - t
+        assert r.content == data
+        assert 4 * 0.85 <= took <= 4 * 1.15, took
