@@ -306,6 +306,18 @@ class Qos(Limits):
     #: pace each response to this rate instead of refusing (a slow shared link)
     max_bytes_per_second: ByteSize | None = Field(None, ge=1024)
 
+    @property
+    def limited(self) -> bool:
+        """Any limit at all: a dataset without one costs its requests nothing here."""
+        return bool(
+            self.requests
+            or self.miss_requests
+            or self.bytes
+            or self.miss_bytes
+            or self.groups
+            or self.anonymous
+        )
+
 
 class AsyncPolicy(Strict):
     hold_seconds: float = Field(25.0, ge=0, le=3600)

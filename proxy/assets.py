@@ -185,16 +185,14 @@ class Assets:
 
     async def admit(self, x: Exchange) -> None:
         """QoS: may this plan go ahead? Misses count against miss budgets, hits do not."""
-        if self.limiter is None:
-            return
         assert x.entry is not None and x.plan is not None
+        defaults, qos = self.registry.qos_defaults, x.entry.policy.qos
+        if self.limiter is None or not (qos.limited or defaults.limited):
+            return
         miss = x.plan.kind in MISSES
         kinds = ("requests", "bytes", *(("miss_requests", "miss_bytes") if miss else ()))
-        defaults = self.registry.qos_defaults
         who = x.who
-        x.applied = applicable(
-            x.dataset, x.entry.policy.qos, defaults, kinds, who.subject, who.groups, x.client
-        )
+        x.applied = applicable(x.dataset, qos, defaults, kinds, who.subject, who.groups, x.client)
         x.standing = await self.limiter.admit(x.applied)
 
     async def deliver(self, x: Exchange, receive: Receive, raw: Send, send: Send) -> None:
