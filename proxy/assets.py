@@ -118,12 +118,8 @@ class Assets:
             await self.resolve(x)
             await self.plan(x)
             await self.admit(x)
-            if x.standing is not None:  # admitted under a limit: say where its budget stands
-                send = with_ratelimit(send, x.standing)
-                tracked = x.tracking(send)
-            if x.entry is not None and (rate := x.entry.policy.qos.max_bytes_per_second):
-                send = paced(send, int(rate))  # shaped, not refused
-                tracked = x.tracking(send)
+            send = self.shaped(x, send)
+            tracked = x.tracking(send)
             await self.deliver(x, receive, send, tracked)
         except Exception as exc:  # mapped in one table; unknown errors are logged there
             exc = refused(x, exc)
@@ -194,6 +190,15 @@ class Assets:
         who = x.who
         x.applied = applicable(x.dataset, qos, defaults, kinds, who.subject, who.groups, x.client)
         x.standing = await self.limiter.admit(x.applied)
+
+    def shaped(self, x: Exchange, send: Send) -> Send:
+        """`send` with the QoS fields of the budget it was admitted under, paced if the
+        dataset shapes its responses."""
+        if x.standing is not None:
+            send = with_ratelimit(send, x.standing)
+        if x.entry is not None and (rate := x.entry.policy.qos.max_bytes_per_second):
+            send = paced(send, int(rate))
+        return send
 
     async def deliver(self, x: Exchange, receive: Receive, raw: Send, send: Send) -> None:
         """Send the planned response; `send` notes status and bytes in `x`, `raw` does not

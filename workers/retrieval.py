@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import urllib3
@@ -99,11 +99,10 @@ def fetch_into_cache(
     key = object_key(target.dataset, target.path)
     with open_sync(pool, obj) as body:
         meta = meta_of(body.status, body.headers, "GET")
-        fresh = new_record(meta, obj, key, target.dataset, target.path, target.block_size, 0)
-        fresh = replace(fresh, created=time.time(), accessed=time.time())
+        now = time.time()
+        record = new_record(meta, obj, key, target.dataset, target.path, target.block_size, now)
         store.evict(key)  # whatever was cached of it goes: this is the version now
-        store.put_record(fresh)
-        record = fresh
+        store.put_record(record)
         progress(0, record.size)
         digest = Digest(record.checksum)
         sink = _JobSink(store, record, progress)
