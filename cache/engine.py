@@ -33,6 +33,7 @@ from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
 from cache.integrity import ChecksumMismatch, Digest
 from cache.store import STORE_ERRORS, ObjectRecord, Store, version_tag
 from upstreams.base import UpstreamError, UpstreamObject
+from upstreams.caps import Caps
 from upstreams.http import make_pool, probe_sync
 from upstreams.memo import Memo
 
@@ -138,8 +139,11 @@ class FillEngine:
         pool: urllib3.PoolManager | None = None,
         verify_max_bytes: int = 2**30,
         window: int = 4,
+        caps: Caps | None = None,
     ) -> None:
         self.store = store
+        #: per-origin caps every block fetch keeps to
+        self.caps = caps
         #: objects with a catalogue checksum up to this size are completed to be verified
         self.verify_max_bytes = verify_max_bytes
         #: blocks fetched at once by a background completion
@@ -221,6 +225,7 @@ class FillEngine:
     async def _own(self, record: ObjectRecord, obj: UpstreamObject, index: int, fill: Fill) -> None:
         """Fetch the block (resuming what a dead owner left), commit it, release the claim."""
         assert self.store is not None
+        since = time.monotonic()  # a wait for the origin's slot counts from here
         try:
             resume = os.fstat(fill.fd).st_size
             if resume == 0 and await self._read_stored(record, index, fill):
@@ -233,7 +238,7 @@ class FillEngine:
             sink = _FillSink(fill)
             await anyio.to_thread.run_sync(
                 fetch_span,
-                *(self.pool, record, obj, index, index, sink, resume, digest),
+                *(self.pool, record, obj, index, index, sink, resume, digest, self.caps, since),
                 limiter=self._limiter(obj),
             )
             fill.finish()

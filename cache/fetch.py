@@ -8,6 +8,7 @@ differs (the `Sink`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ from cache.fill import CacheWriteFailed, FillFailed
 from cache.integrity import ChecksumMismatch, Digest
 from cache.store import ObjectRecord, Store
 from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
+from upstreams.caps import Caps
 from upstreams.http import Meta, SyncBody, open_sync
 
 log = logging.getLogger("fdp.cache")
@@ -108,14 +110,17 @@ def fetch_span(
     sink: Sink,
     resume: int = 0,
     digest: Digest | None = None,
+    caps: Caps | None = None,
+    since: float | None = None,
 ) -> None:
     """Blocks `first`..`last` in one GET (tied to the record's version with `If-Match`).
 
     `resume` bytes of block `first` are already in its part file (a fill taken over from a
     process that died). `digest`, for a span that is the whole object, is checked before the
     last block is declared done. An upstream that ignores `Range` is read from the start and
-    left once the span is in. Raises ObjectChanged, FillFailed, ChecksumMismatch or
-    UpstreamError; never commits anything itself.
+    left once the span is in. With `caps`, the GET holds a slot of its origin (waited for
+    since `since`) and keeps to the origin's rate. Raises ObjectChanged, FillFailed,
+    ChecksumMismatch or UpstreamError; never commits anything itself.
     """
     start, end = record.block_range(first)[0] + resume, record.block_range(last)[1]
     asked = {"range": f"bytes={start}-{end - 1}"}
@@ -125,10 +130,14 @@ def fetch_span(
     block = hashlib.sha256()
     _rehash(fd, resume, block, *([digest] if digest else []))
     try:
-        with open_sync(pool, obj, asked) as body:
+        with (
+            caps.slot(obj.href, since) if caps else contextlib.nullcontext() as meter,
+            open_sync(pool, obj, asked) as body,
+        ):
             check_response(record, body.status, body.headers, start, end)
             sink.begin(body.headers.get("etag"), body.headers.get("last-modified"))
             skip = start if body.status == 200 else 0
+            body = meter.wrap(body) if meter is not None else body
             write_blocks(body, record, first, last, sink, fd, block, resume, skip, digest)
     except ObjectNotFound as e:
         raise ObjectChanged("the object is gone upstream") from e

@@ -305,6 +305,8 @@ class Qos(Limits):
     anonymous: Limits | None = None
     #: pace each response to this rate instead of refusing (a slow shared link)
     max_bytes_per_second: ByteSize | None = Field(None, ge=1024)
+    #: pace all of one caller's responses together (each user, or anonymous address)
+    max_bytes_per_second_per_user: ByteSize | None = Field(None, ge=1024)
 
     @property
     def limited(self) -> bool:
@@ -363,7 +365,28 @@ class QosService(Strict):
     timeout_seconds: float = Field(0.5, gt=0, le=10)
 
 
+class UpstreamLimit(Strict):
+    """Caps on what the whole deployment asks of one upstream origin at a time."""
+
+    #: fetches from it at once (cache fills, pass-through reads and retrieval jobs)
+    concurrent: PositiveInt | None = None
+    #: bytes a second from it, all fetches together (each is slowed, none refused)
+    bytes_per_second: ByteSize | None = Field(None, ge=1024)
+    #: how long a fetch may wait for a free slot before the request gets 503 + Retry-After
+    wait_seconds: float = Field(10.0, ge=0, le=600)
+
+
+def _origin_key(entry: str) -> str:
+    """`host`, `host:port` or a URL -> `host[:port]`, lower case; `*` stays."""
+    if entry == "*":
+        return entry
+    _check_allowed_host(entry)
+    return urlsplit(entry if "://" in entry else f"//{entry}").netloc.lower()
+
+
 class Settings(Strict):
+    #: per upstream origin (`host[:port]` or a URL); `*` for each origin not named
+    upstream_limits: dict[Annotated[str, AfterValidator(_origin_key)], UpstreamLimit] = {}
     qos_defaults: Qos = Qos()  # for every dataset, kind by kind, unless it sets its own
     qos: QosService = QosService()
     server: ServerConfig = ServerConfig()

@@ -222,23 +222,29 @@ class Limiter:
         except Exception as e:  # (whatever Redis did, there is nothing to show)
             raise QosUnavailable(f"the QoS counters do not answer ({type(e).__name__})") from None
 
-    async def spend(self, applied: list[Applied], sent: int) -> None:
-        """Count the bytes a response sent against its byte budgets. A response that
-        crosses a budget was finished; the budget is then spent to the end of its window."""
-        sized = [a for a in applied if a.kind in SIZED]
-        if not sized or sent <= 0:
+    async def spend(self, applied: list[Applied], sent: int, fetched: int | None = None) -> None:
+        """Count a response's bytes against its byte budgets: `sent` against `bytes`, what
+        the upstream sent for it (`fetched`, else `sent`) against `miss_bytes`. A response
+        that crosses a budget was finished; the budget is then spent to the end of its window."""
+        costs = [
+            (a, fetched if a.kind == "miss_bytes" and fetched is not None else sent)
+            for a in applied
+            if a.kind in SIZED
+        ]
+        costs = [(a, n) for a, n in costs if n > 0]
+        if not costs:
             return
         try:
-            await asyncio.wait_for(self._spend(sized, sent), self.config.timeout_seconds)
+            await asyncio.wait_for(self._spend(costs), self.config.timeout_seconds)
         except Exception as e:  # (the response has gone out either way)
             self.errors += 1
             log.warning("QoS bytes not counted (%s)", type(e).__name__)
 
-    async def _spend(self, sized: list[Applied], sent: int) -> None:
-        for a in sized:
+    async def _spend(self, costs: list[tuple[Applied, int]]) -> None:
+        for a, n in costs:
             left = (await self.strategy.get_window_stats(a.item, *a.key)).remaining
             if left > 0:
-                await self.strategy.hit(a.item, *a.key, cost=min(sent, left))
+                await self.strategy.hit(a.item, *a.key, cost=min(n, left))
 
     async def _standing(self, a: Applied) -> Standing:
         stats = await self.strategy.get_window_stats(a.item, *a.key)

@@ -32,6 +32,7 @@ from proxy.delivery import CacheDelivery
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
 from proxy.server import LimitedProtocol
 from proxy.usage import my_usage
+from upstreams.caps import Caps
 from upstreams.http import make_client, make_pool
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
@@ -190,6 +191,7 @@ def create_app(
                 pool,
                 verify_max_bytes=int(settings.cache.verify_max_bytes),
                 window=settings.cache.read_ahead,
+                caps=assets.caps,
             )
             delivery = CacheDelivery(engine, settings.cache.read_ahead)
             if store_error:
@@ -234,6 +236,7 @@ def create_app(
     starlette.state.assets = assets
     assets.queue = queue
     assets.limiter = Limiter(settings.qos, settings.queue.redis_url)
+    assets.caps = Caps(lambda: registry.upstream_limits, settings.queue.redis_url, settings.qos)
     header = settings.server.trusted_proxy_header
     assets.trusted_proxy_header = header.lower().encode("latin-1") if header else None
     starlette.state.identify = assets.identify

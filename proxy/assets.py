@@ -19,7 +19,8 @@ from starlette.types import Receive, Scope, Send
 from werkzeug.http import parse_content_range_header
 
 from cache.fill import CacheWriteFailed
-from policies.config import Dataset
+from policies.config import Dataset, QosService
+from policies.pacing import Pace
 from policies.qos import Limiter, applicable
 from proxy.accesslog import AccessLog
 from proxy.auth import ANONYMOUS, Authenticator, Identity, check
@@ -38,6 +39,7 @@ from upstreams.base import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
+from upstreams.caps import Caps, Meter
 from upstreams.http import Body, Meta, head, probe, stream
 from upstreams.memo import Memo
 from upstreams.registry import Registry
@@ -51,6 +53,8 @@ log = logging.getLogger("fdp.proxy")
 HEAD_TTL = 30.0
 RECHECK_TTL = 30.0
 MEMO_SIZE = 8192
+#: how long a caller's pace is kept after it was made (longer than any paced download)
+FLOW_TTL = 6 * 3600.0
 
 
 def caches(policy: Dataset) -> bool:
@@ -92,12 +96,16 @@ class Assets:
         self.auth: Authenticator | None = None
         self.durations = Durations()
         self.limiter: Limiter | None = None
+        #: per-origin caps on fetches (pass-through reads here; the fill engine its own)
+        self.caps = Caps(dict, None, QosService())
         #: the header a trusted reverse proxy writes the client's address in, if any
         self.trusted_proxy_header: bytes | None = None
         #: set when the server begins to stop: held requests answer "come back later" now
         self.stopping = asyncio.Event()
         self._heads: Memo[str, Meta] = Memo(MEMO_SIZE, HEAD_TTL)
         self._allowed: Memo[tuple[str, str], bool] = Memo(MEMO_SIZE, RECHECK_TTL)
+        #: each caller's shared pace, per dataset (`max_bytes_per_second_per_user`)
+        self._flows: Memo[tuple[str, str], Pace] = Memo(MEMO_SIZE, FLOW_TTL)
 
     async def identify(self, authorization: str | None) -> Identity:
         if self.auth is None:  # no issuer: every dataset is public, tokens are ignored
@@ -130,7 +138,7 @@ class Assets:
                 await error_response(exc, x.path)(scope, receive, tracked)
         finally:
             if x.applied and self.limiter is not None:  # account: the bytes that went out
-                await self.limiter.spend(x.applied, x.sent)
+                await self.limiter.spend(x.applied, x.sent, x.fetched)
             self.access_log.write(x)
 
     # -- the stages, in order --------------------------------------------------------------
@@ -196,9 +204,23 @@ class Assets:
         dataset shapes its responses."""
         if x.standing is not None:
             send = with_ratelimit(send, x.standing)
-        if x.entry is not None and (rate := x.entry.policy.qos.max_bytes_per_second):
-            send = paced(send, int(rate))
-        return send
+        if x.entry is None:
+            return send
+        qos, defaults = x.entry.policy.qos, self.registry.qos_defaults
+        flows = []
+        if rate := qos.max_bytes_per_second or defaults.max_bytes_per_second:
+            flows.append(Pace(rate))
+        if rate := qos.max_bytes_per_second_per_user or defaults.max_bytes_per_second_per_user:
+            flows.append(self._user_flow(x, rate))
+        return paced(send, flows) if flows else send
+
+    def _user_flow(self, x: Exchange, rate: int) -> Pace:
+        """The flow all of one caller's responses of a dataset share (in this process)."""
+        key = (x.dataset, x.who.subject or f"address {x.client}")
+        flow = self._flows.get(key)
+        if flow is None or flow.rate != rate:
+            flow = self._flows[key] = Pace(rate)
+        return flow
 
     async def deliver(self, x: Exchange, receive: Receive, raw: Send, send: Send) -> None:
         """Send the planned response; `send` notes status and bytes in `x`, `raw` does not
@@ -315,8 +337,11 @@ class Assets:
                 await self.head_response(x, send)
                 return
             forward = forwarded(selection.ranges, meta.etag)
-        async with stream(self.client, x.obj, forward) as body:
-            await relay(body, x, cache_control(x.entry.policy), receive, send)
+        async with (
+            self.caps.aslot(x.obj.href) as meter,
+            stream(self.client, x.obj, forward) as body,
+        ):
+            await relay(body, x, cache_control(x.entry.policy), receive, send, meter)
 
 
 def forwarded(ranges: tuple[tuple[int, int], ...], etag: str | None) -> dict[str, str]:
@@ -357,9 +382,14 @@ def expected_length(body: Body) -> int | None:
 
 
 async def relay(
-    body: Body, x: Exchange, cache_control_: bytes, receive: Receive, send: Send
+    body: Body,
+    x: Exchange,
+    cache_control_: bytes,
+    receive: Receive,
+    send: Send,
+    meter: Meter | None = None,
 ) -> None:
-    """Relay an upstream body as it arrives.
+    """Relay an upstream body as it arrives (keeping to the origin's rate with `meter`).
 
     A body that ends short of what was promised is left incomplete, so the client sees an
     error, never a short body presented as whole. A client that goes away stops the fetch.
@@ -376,6 +406,8 @@ async def relay(
             async for chunk in body.chunks():
                 sent += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if meter is not None and meter.add(len(chunk)):
+                    await meter.caps.settle(meter)
         except UpstreamError as e:
             log.warning("%s: %s after %d bytes; response aborted", x.path, e, sent)
             return

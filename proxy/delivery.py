@@ -174,17 +174,19 @@ class CacheDelivery:
                 return
         else:
             self.health.counters["miss"] += 1
-            missing = next(
-                (
+            bs = record.block_size
+            missing = sorted(
+                {
                     i
                     for start, end in ranges
-                    for i in range(start // record.block_size, (end - 1) // record.block_size + 1)
+                    for i in range(start // bs, (end - 1) // bs + 1)
                     if i not in record.blocks
-                ),
-                None,
+                }
             )
-            if missing is not None:  # (filled meanwhile: nothing to wait for)
-                await self.engine.ensure(record, x.obj, missing).started  # errors: problems
+            # what the upstream sends for it: whole blocks (miss-byte budgets count these)
+            x.fetched = sum(min(record.size, (i + 1) * bs) - i * bs for i in missing)
+            if missing:  # (filled meanwhile: nothing to wait for)
+                await self.engine.ensure(record, x.obj, missing[0]).started  # errors: problems
                 record = self.store.peek(record.key)[0] or record  # the fill may know more
         obj = x.obj
         send = x.tracking(send)

@@ -81,6 +81,8 @@ class Exchange:
     standing: Standing | None = None  # the tightest QoS budget it was admitted under
     status: int = 0
     sent: int = 0
+    #: bytes fetched upstream for it, when not what it sent (a miss fetches whole blocks)
+    fetched: int | None = None
     error: str | None = None
 
     @classmethod

@@ -31,6 +31,7 @@ from upstreams.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from upstreams.caps import UpstreamBusy
 from workers.queue import QueueUnavailable
 
 log = logging.getLogger("fdp.proxy")
@@ -103,6 +104,7 @@ RULES: dict[type[BaseException], Rule] = {
     RangeNotSatisfiable: Rule(416, "range-not-satisfiable", _range_headers),
     UpstreamRefused: Rule(403, "upstream-refused", level=logging.INFO),
     OriginNotAllowed: Rule(502, "origin-not-allowed"),  # logged where it is refused
+    UpstreamBusy: Rule(503, "upstream-busy", lambda e: {"retry-after": str(e.retry_after)}),
     UpstreamTimeout: Rule(504, "upstream-timeout", level=logging.WARNING),
     UpstreamUnavailable: Rule(502, "upstream-failed", level=logging.WARNING),
     UpstreamError: Rule(502, "upstream-failed", level=logging.WARNING),

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from starlette.types import Message, Scope, Send
 
+from policies.pacing import Pace
 from policies.qos import Standing
 
 
@@ -39,32 +39,27 @@ def with_ratelimit(send: Send, standing: Standing) -> Send:
     return sending
 
 
-def paced(send: Send, rate: int) -> Send:
-    """`send`, holding the body to `rate` bytes a second: each piece (a tenth of a second's
-    worth) goes out when the bytes before it are due. No thread, no buffer of its own."""
-    piece = max(16 * 1024, rate // 10)
-    start: float | None = None
-    sent = 0
+def paced(send: Send, flows: list[Pace]) -> Send:
+    """`send`, holding the body to the rate of every flow it belongs to (its connection's,
+    its caller's): each piece (a tenth of a second's worth) goes out when all of them have
+    room for it. No thread, no buffer of its own."""
+    piece = max(16 * 1024, int(min(f.rate for f in flows)) // 10)
 
     async def pacing(message: Message) -> None:
-        nonlocal start, sent
         if message["type"] != "http.response.body":
             await send(message)
             return
         body = memoryview(message.get("body", b""))
         more = message.get("more_body", False)
-        if start is None:
-            start = time.monotonic()
         while len(body) > piece:
-            await _send_due(piece, body[:piece], True)
+            await _send_due(body[:piece], True)
             body = body[piece:]
-        await _send_due(len(body), body, more)
+        await _send_due(body, more)
 
-    async def _send_due(n: int, data: memoryview, more: bool) -> None:
-        nonlocal sent
-        assert start is not None
-        await asyncio.sleep(max(0.0, start + sent / rate - time.monotonic()))
-        sent += n
+    async def _send_due(data: memoryview, more: bool) -> None:
+        wait = max(f.book(len(data)) for f in flows)
+        if wait > 0:
+            await asyncio.sleep(wait)
         await send({"type": "http.response.body", "body": bytes(data), "more_body": more})
 
     return pacing

@@ -3,8 +3,11 @@ memory and shared by two processes through one Redis, and what a failing Redis d
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -192,18 +195,73 @@ def test_callers_see_their_own_usage(start_proxy, upstream, oidc, tmp_path):
     assert fresh["requests"] == 5  # her own budget, untouched by the address's requests
 
 
-def test_a_paced_dataset_streams_at_its_rate(start_proxy, upstream, tmp_path):
-    """Shaping instead of refusing: 4 MiB at 1 MiB/s takes 4 s (±15%), bytes intact."""
-    import os
+def rss(pid: int) -> int:
+    """Resident bytes of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
+
+def test_a_paced_dataset_streams_at_its_rate(start_proxy, upstream, tmp_path):
+    """Shaping instead of refusing: 4 MiB at 1 MiB/s takes 4 s (±15%), bytes intact, the
+    proxy's memory flat while it holds the body back."""
     data = os.urandom(4 << 20)
     (upstream.data / "demo-cogs" / "paced.bin").write_bytes(data)
     cfg = config(upstream, tmp_path, {"max_bytes_per_second": "1MiB"})
     proxy = start_proxy(cfg)
     url = f"{proxy.url}/assets/{dataset_of(cfg)}/paced.bin"
-    for _ in range(2):  # a miss, then a hit: both paced
+    for attempt in ("miss", "hit"):  # both paced
+        before = rss(proxy.proc.pid)
         t = time.monotonic()
         r = httpx.get(url, timeout=30)
         took = time.monotonic() - t
         assert r.content == data
         assert 4 * 0.85 <= took <= 4 * 1.15, took
+        if attempt == "hit":
+            assert rss(proxy.proc.pid) - before < (1 << 20)
+
+
+def test_a_callers_responses_share_their_pace(start_proxy, upstream, tmp_path):
+    """`max_bytes_per_second_per_user`: two downloads of one address at once share its
+    512 KiB/s (1 MiB each: ~4 s), while another address gets its own (~2 s)."""
+    data = os.urandom(1 << 20)
+    for name in ("one.bin", "two.bin", "three.bin"):
+        (upstream.data / "demo-cogs" / name).write_bytes(data)
+    cfg = config(upstream, tmp_path, {"max_bytes_per_second_per_user": "512KiB"})
+    proxy = start_proxy(cfg)
+    base = f"{proxy.url}/assets/{dataset_of(cfg)}"
+
+    def fetch(name: str, address: str) -> float:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=address)) as c:
+            t = time.monotonic()
+            r = c.get(f"{base}/{name}", timeout=30)
+            assert r.content == data
+            return time.monotonic() - t
+
+    with ThreadPoolExecutor(3) as pool:
+        mine = [pool.submit(fetch, n, "127.0.0.1") for n in ("one.bin", "two.bin")]
+        other = pool.submit(fetch, "three.bin", "127.0.0.2")
+        took = [f.result() for f in mine]
+        assert 1.6 <= other.result() <= 2.6, other.result()
+    assert all(3.3 <= t <= 4.8 for t in took), took
+
+
+def test_miss_bytes_count_what_the_upstream_sent(start_proxy, upstream, tmp_path):
+    """A 100-byte read of an uncached object costs its miss-byte budget the whole block the
+    upstream sent; its byte budget, the 100 bytes; a hit costs no miss bytes."""
+    size = len(upstream.file(f"demo-cogs/{B04}"))  # one block
+    limits = {"miss_bytes_per_hour": 10 * size, "bytes_per_hour": 10 * size}
+    cfg = config(upstream, tmp_path, limits)
+    proxy = start_proxy(cfg)
+    name = dataset_of(cfg)
+
+    def remaining() -> dict[str, int]:
+        usage = httpx.get(f"{proxy.url}/me/usage").json()["datasets"][name]
+        return {u["kind"]: u["remaining"] for u in usage}
+
+    url = f"{proxy.url}/assets/{name}/{B04}"
+    assert httpx.get(url, headers={"range": "bytes=0-99"}).status_code == 206
+    assert remaining() == {"bytes": 10 * size - 100, "miss_bytes": 9 * size}
+    assert httpx.get(url, headers={"range": "bytes=100-199"}).status_code == 206  # a hit
+    assert remaining() == {"bytes": 10 * size - 200, "miss_bytes": 9 * size}

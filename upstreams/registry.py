@@ -48,6 +48,7 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         #: QoS limits for datasets that set none of a kind (read at each request)
         self.qos_defaults = settings.qos_defaults
+        self.upstream_limits = settings.upstream_limits
         self.gateway: Any = None
         self._workdir: EodagWorkdir | None = None
         #: `upstream_defaults` as Timeouts: for the shared HTTP client (`make_client`)

@@ -12,6 +12,7 @@ from typing import Any
 from cache.store import Store
 from policies.config import Settings
 from upstreams.base import Orderable, UpstreamError
+from upstreams.caps import Caps
 from upstreams.http import make_pool
 from upstreams.registry import Registry
 from workers.retrieval import Progress, RetrievalFailed, Target, fetch_into_cache
@@ -66,6 +67,9 @@ class Context:
         self.registry = Registry(settings)
         self.store = Store(settings.cache.store)
         self.pool = make_pool(self.registry.timeouts)
+        self.caps = Caps(
+            lambda: self.registry.upstream_limits, settings.queue.redis_url, settings.qos
+        )
 
     def close(self) -> None:
         self.pool.clear()
@@ -85,7 +89,7 @@ def retrieve(context: Context, dataset: str, path: str, progress: Progress) -> N
             raise RetrievalFailed("the object is offline and its provider takes no orders")
         obj = entry.resolver.order(path, progress)
     target = Target(dataset, path, int(context.settings.cache.block_size))
-    fetch_into_cache(context.store, target, obj, progress, context.pool)
+    fetch_into_cache(context.store, target, obj, progress, context.pool, context.caps)
 
 
 def describe(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ file, which retention removes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,11 +25,14 @@ from cache.fill import FillFailed
 from cache.integrity import ChecksumMismatch, Digest
 from cache.store import ObjectRecord, Store, object_key
 from upstreams.base import UpstreamObject
+from upstreams.caps import Caps
 from upstreams.http import meta_of, open_sync
 
 log = logging.getLogger("fdp.workers")
 
 Progress = Callable[[int, int | None], None]
+#: seconds a retrieval waits for a slot of a capped upstream
+SLOT_WAIT = 300.0
 
 
 class RetrievalFailed(Exception):
@@ -91,13 +95,20 @@ def fetch_into_cache(
     obj: UpstreamObject,
     progress: Progress,
     pool: urllib3.PoolManager,
+    caps: Caps | None = None,
 ) -> ObjectRecord:
     """One GET of the whole object, written block by block, verified, returns its record.
 
-    Archives answer slowly: the record is made from that GET's own answer, not a probe.
+    Archives answer slowly: the record is made from that GET's own answer, not a probe. The
+    GET keeps to its origin's caps; a worker waits up to `SLOT_WAIT` for a slot (a job has
+    no client waiting on it), then fails the attempt with UpstreamBusy (tried again later).
     """
     key = object_key(target.dataset, target.path)
-    with open_sync(pool, obj) as body:
+    with (
+        caps.slot(obj.href, wait=SLOT_WAIT) if caps else contextlib.nullcontext() as meter,
+        open_sync(pool, obj) as body,
+    ):
+        body = meter.wrap(body) if meter is not None else body
         meta = meta_of(body.status, body.headers, "GET")
         now = time.time()
         record = new_record(meta, obj, key, target.dataset, target.path, target.block_size, now)

@@ -483,6 +483,7 @@ class DataFiles:
                 if changed:
                     chunk = changed_bytes(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                entry["last_byte"] = time.time()
                 if fault is not None and fault.chunk_delay:
                     await asyncio.sleep(fault.chunk_delay)
         if pos < end:
@@ -522,6 +523,11 @@ class RequestLog:
             }
             self.app.state.demo.log.append(entry)
             scope = {**scope, "fdp.log": entry}
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                entry["ended"] = time.time()
+            return
         await self.app(scope, receive, send)
 
 
