@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -171,8 +172,9 @@ class Limiter:
         else:
             storage = MemoryStorage()
         self.strategy = SlidingWindowCounterRateLimiter(storage)
-        self.admitted = 0  # (for the metrics issue: admissions, rejections by kind, errors)
-        self.rejected: dict[str, int] = {}
+        #: for the metrics issue: admissions by dataset, rejections by (dataset, limit kind)
+        self.admitted: Counter[str] = Counter()
+        self.rejected: Counter[tuple[str, str]] = Counter()
         self.errors = 0
         self._logged = 0.0
 
@@ -203,12 +205,12 @@ class Limiter:
         for a in applied:  # a byte budget must have something left to start a response
             if not await self.strategy.test(a.item, *a.key):
                 standing = await self._standing(a)
-                self.rejected[a.kind] = self.rejected.get(a.kind, 0) + 1
+                self.rejected[a.dataset, a.kind] += 1
                 raise RateLimited(standing)
         for a in applied:
             if a.kind in COUNTED:
                 await self.strategy.hit(a.item, *a.key)
-        self.admitted += 1
+        self.admitted[applied[0].dataset] += 1
         standings = [await self._standing(a) for a in applied]
         return min(standings, key=lambda s: s.remaining / int(s.applied.rate.limit))
 

@@ -31,7 +31,8 @@ from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.delivery import CacheDelivery
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
 from proxy.server import LimitedProtocol
-from proxy.usage import my_usage
+from proxy.usage import address_usage, my_usage, user_usage
+from proxy.usage import counters as qos_counters
 from upstreams.caps import Caps
 from upstreams.http import make_client, make_pool
 from upstreams.registry import Registry
@@ -220,6 +221,9 @@ def create_app(
             Route("/readyz", readyz),
             Route("/jobs/{job_id}", job_status),
             Route("/me/usage", my_usage),
+            Route("/admin/qos", qos_counters),
+            Route("/admin/qos/users/{subject:path}", user_usage),
+            Route("/admin/qos/addresses/{address}", address_usage),
             *stac.routes,
         ],
         exception_handlers=exception_handlers(),

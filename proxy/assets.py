@@ -53,6 +53,8 @@ log = logging.getLogger("fdp.proxy")
 HEAD_TTL = 30.0
 RECHECK_TTL = 30.0
 MEMO_SIZE = 8192
+#: users whose latest groups are remembered, and for how long
+SEEN_SIZE, SEEN_TTL = 65536, 86400.0
 #: how long a caller's pace is kept after it was made (longer than any paced download)
 FLOW_TTL = 6 * 3600.0
 
@@ -104,6 +106,8 @@ class Assets:
         self.stopping = asyncio.Event()
         self._heads: Memo[str, Meta] = Memo(MEMO_SIZE, HEAD_TTL)
         self._allowed: Memo[tuple[str, str], bool] = Memo(MEMO_SIZE, RECHECK_TTL)
+        #: the identity each user last came with (bounded)
+        self.seen: Memo[str, Identity] = Memo(SEEN_SIZE, SEEN_TTL)
         #: each caller's shared pace, per dataset (`max_bytes_per_second_per_user`)
         self._flows: Memo[tuple[str, str], Pace] = Memo(MEMO_SIZE, FLOW_TTL)
 
@@ -146,6 +150,8 @@ class Assets:
     async def authenticate(self, x: Exchange) -> None:
         if self.auth is not None and x.authorization is not None:  # else: anonymous
             x.who = await self.auth.identify(x.authorization)
+            if x.who.subject is not None:  # for `fdp qos show USER`: groups as last seen
+                self.seen[x.who.subject] = x.who
 
     def authorize(self, x: Exchange) -> None:
         x.dataset, _, x.rel = x.path[len("/assets/") :].partition("/")

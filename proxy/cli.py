@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import json
 import logging
 import os
 import socket
@@ -263,6 +264,40 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qos(args: argparse.Namespace) -> int:
+    """A user's (or an address's) QoS budgets, dataset by dataset, from a running proxy."""
+    from urllib.parse import quote
+
+    from proxy.remote import get_json
+
+    kind = "addresses" if args.address else "users"
+    params = {"group": args.group} if args.group else None
+    body = get_json(args.url, f"/admin/qos/{kind}/{quote(args.who, safe='')}", params)
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    caller = body["caller"]
+    if "groups" in caller:
+        seen = "" if caller["seen"] else " (not seen by this proxy yet)"
+        print(f"user {caller['subject']}, groups: {', '.join(caller['groups']) or '-'}{seen}")
+    else:
+        print(f"address {caller['address']}")
+    print(
+        f"{'DATASET':<20} {'KIND':<14} {'SCOPE':<16} {'LIMIT':>12} {'PER':>6} "
+        f"{'REMAINING':>12} {'RESET':>6}"
+    )
+    for name, standings in body["datasets"].items():
+        for u in standings:
+            scope = u["scope"] + (f" {u['group']}" if "group" in u else "")
+            print(
+                f"{name:<20} {u['kind']:<14} {scope:<16} {u['limit']:>12} "
+                f"{_age(u['per_seconds']):>6} {u['remaining']:>12} {_age(u['reset_seconds']):>6}"
+            )
+        if not standings:
+            print(f"{name:<20} (no limits)")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     print(f"ok: {len(settings.datasets)} datasets")
@@ -315,6 +350,16 @@ def parser() -> argparse.ArgumentParser:
     for p_ in (ls, put, ev):
         p_.add_argument("--config", default=argparse.SUPPRESS, help="config file (YAML)")
         p_.add_argument("--var", default="./var", help="state folder for the embedded default")
+    qos = sub.add_parser("qos", help="QoS budgets, from a running proxy (admin token)")
+    qos_sub = qos.add_subparsers(dest="qos_command", required=True)
+    show = qos_sub.add_parser("show", help="a user's limits and what is left of them")
+    show.add_argument("who", metavar="USER", help="the user's token subject (or an address)")
+    show.add_argument("--address", action="store_true", help="USER is an anonymous address")
+    show.add_argument(
+        "--group", action="append", help="count USER in this group (default: as last seen)"
+    )
+    show.add_argument("--url", help="the proxy (default $FDP_URL, else http://127.0.0.1:8080)")
+    show.add_argument("--json", action="store_true", help="the JSON document as served")
     pol = sub.add_parser("policies", help="policy documents")
     pol_sub = pol.add_subparsers(dest="policies_command", required=True)
     v = pol_sub.add_parser("validate", help="validate the config file and exit")
@@ -334,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_cache(args)
         elif args.command == "worker":
             code = cmd_worker(args)
+        elif args.command == "qos":
+            code = cmd_qos(args)
         else:
             code = cmd_validate(args)
     except ConfigError as e:
