@@ -34,7 +34,7 @@ from cache.integrity import ChecksumMismatch, Digest
 from cache.store import STORE_ERRORS, ObjectRecord, Store, version_tag
 from upstreams.base import UpstreamError, UpstreamObject
 from upstreams.caps import Caps
-from upstreams.http import make_pool, probe_sync
+from upstreams.http import Meta, make_pool, probe_sync
 from upstreams.memo import Memo
 
 T = TypeVar("T")
@@ -52,6 +52,14 @@ FETCH_THREADS = 8
 RETRY_COMPLETION = 60.0
 #: Seconds between looks at a part file another process is filling.
 FOLLOW_POLL = 0.002
+
+
+def _is_claim(fill: Fill) -> bool:
+    """The fill's file is still the claim at its path (its owner died holding it)."""
+    try:
+        return os.stat(fill.path).st_ino == os.fstat(fill.fd).st_ino
+    except OSError:
+        return False
 
 
 def outdated(record: ObjectRecord, obj: UpstreamObject) -> bool:
@@ -177,11 +185,15 @@ class FillEngine:
     ) -> ObjectRecord:
         """A new record: size and validators as the upstream's GETs report them."""
         assert self.store is not None
-        meta = await anyio.to_thread.run_sync(
-            probe_sync, self.pool, obj, limiter=self._limiter(obj)
-        )
+        since = time.monotonic()
+        meta = await anyio.to_thread.run_sync(self._probe, obj, since, limiter=self._limiter(obj))
         record = new_record(meta, obj, key, dataset, path, self.block_size, self.clock())
         return await self.index("writing the cache index", self.store.add_record, record)
+
+    def _probe(self, obj: UpstreamObject, since: float) -> Meta:
+        """The 1-byte GET that sizes a new object, in a slot of its origin."""
+        with self.caps.slot(obj.href, since) if self.caps else contextlib.nullcontext():
+            return probe_sync(self.pool, obj)
 
     def read_ahead(self, record: ObjectRecord, obj: UpstreamObject, first: int, last: int) -> None:
         """Start the next missing blocks of a long response now, so their latency overlaps."""
@@ -263,9 +275,10 @@ class FillEngine:
             fill.fail(e)
         finally:
             with contextlib.suppress(OSError):
-                # not in the store (and still ours, not a newer claim at the same path): a
-                # failed fill leaves nothing to resume
-                if os.stat(fill.path).st_ino == os.fstat(fill.fd).st_ino:
+                # the claim's path goes while the claim is held (unless a newer claim took
+                # it): a committed block is linked in the store, a failed fill leaves
+                # nothing to resume
+                if _is_claim(fill):
                     fill.path.unlink()
             with contextlib.suppress(OSError):
                 fcntl.flock(fill.fd, fcntl.LOCK_UN)
@@ -397,8 +410,7 @@ class FillEngine:
         with contextlib.suppress(*STORE_ERRORS):
             if await self._read_stored(record, index, fill):
                 return
-        st = os.fstat(fill.fd)
-        if st.st_nlink == 0:
+        if not _is_claim(fill):  # the owner ended and removed its claim: it failed
             fcntl.flock(fill.fd, fcntl.LOCK_UN)
             fill.fail(FillFailed("the fill in another process failed"))
             return

@@ -52,20 +52,22 @@ def version_tag(size: int, etag: str | None, last_modified: str | None) -> str:
 
 @dataclass(frozen=True)
 class Adopt:
-    """A finished block file to move into the store: a rename, not a copy."""
+    """A finished block file to take into the store: a hard link, not a copy. Its part
+    path stays until its filler removes it, so a process that opens that path meanwhile
+    finds the claim still held and waits for the commit, instead of fetching again."""
 
     path: Path
     size: int
 
 
 class BlockDisk(diskcache.Disk):
-    """diskcache's Disk that can also take a file over by renaming it into its folder."""
+    """diskcache's Disk that can also take a file over by linking it into its folder."""
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
         if isinstance(value, Adopt):
             filename, full_path = self.filename(key, value)
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
-            os.rename(value.path, full_path)
+            os.link(value.path, full_path)
             return value.size, diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key)
 
@@ -283,7 +285,8 @@ class Store:
     def commit_block(
         self, record: ObjectRecord, index: int, part: Path, sha256: str
     ) -> ObjectRecord | None:
-        """Move a finished, checked block file into the store and mark it present.
+        """Link a finished, checked block file into the store and mark it present (the
+        caller removes `part` afterwards, and holds its claim on the block until then).
 
         Only into the version it was fetched for: if the index now describes another
         version, or no longer has the object, the block is dropped (None).

@@ -71,11 +71,10 @@ class _JobSink:
 
     def done(self, index: int, sha256: str) -> None:
         assert self.path is not None
-        os.close(self.fd)
-        self.fd = -1
-        if self.store.commit_block(self.record, index, self.path, sha256) is None:
+        committed = self.store.commit_block(self.record, index, self.path, sha256)
+        self.close()  # (the store has its own link to the file)
+        if committed is None:
             raise RetrievalFailed("the object changed or was evicted during the retrieval")
-        self.path = None
 
     def stopped(self) -> bool:
         return False
