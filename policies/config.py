@@ -384,7 +384,17 @@ def _origin_key(entry: str) -> str:
     return urlsplit(entry if "://" in entry else f"//{entry}").netloc.lower()
 
 
+class PolicyStoreConfig(Strict):
+    """Where runtime policy edits live without Redis (with `queue.redis_url`: in Redis)."""
+
+    #: default: `policies.json` beside the cache folder
+    file: str | None = None
+    #: versions of each dataset's policy kept in its history
+    keep_versions: int = Field(100, ge=2, le=10_000)
+
+
 class Settings(Strict):
+    policy_store: PolicyStoreConfig = PolicyStoreConfig()
     #: per upstream origin (`host[:port]` or a URL); `*` for each origin not named
     upstream_limits: dict[Annotated[str, AfterValidator(_origin_key)], UpstreamLimit] = {}
     qos_defaults: Qos = Qos()  # for every dataset, kind by kind, unless it sets its own

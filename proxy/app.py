@@ -6,7 +6,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from urllib.parse import quote
 
 import anyio
@@ -21,11 +22,13 @@ from starlette.types import Receive, Scope, Send
 from cache.engine import FillEngine
 from cache.retention import Rule, sweep
 from cache.store import CacheUnavailable, Store
-from policies.config import Settings
+from policies.config import Dataset, Settings
 from policies.loader import load_settings
 from policies.qos import Limiter
-from proxy import stac
+from policies.store import FileBackend, PolicyStore, RedisBackend
+from proxy import admin, stac
 from proxy.accesslog import AccessLog, configure_logging
+from proxy.admin import Policies
 from proxy.assets import Assets
 from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.delivery import CacheDelivery
@@ -94,11 +97,24 @@ async def job_status(request: Request) -> Response:
     return JSONResponse(info.public(), headers={"cache-control": "no-store"})
 
 
-def retention_rules(settings: Settings) -> dict[str, Rule]:
+def retention_rules(datasets: Mapping[str, Dataset]) -> dict[str, Rule]:
+    """Each dataset's retention, as the policies in force say now."""
     return {
         name: Rule(ds.retention.mode, ds.retention.days, ds.retention.max_bytes)
-        for name, ds in settings.datasets.items()
+        for name, ds in datasets.items()
     }
+
+
+def policy_store(settings: Settings) -> PolicyStore:
+    """In Redis with `queue.redis_url` (every replica), else in a file beside the cache."""
+    keep = settings.policy_store.keep_versions
+    backend: FileBackend | RedisBackend
+    if settings.queue.redis_url:
+        backend = RedisBackend(settings.queue.redis_url, keep, settings.queue.timeout_seconds)
+    else:
+        file = settings.policy_store.file or Path(settings.cache.store).parent / "policies.json"
+        backend = FileBackend(Path(file), keep)
+    return PolicyStore(backend)
 
 
 def open_store(settings: Settings, clock: Callable[[], float]) -> tuple[Store | None, str | None]:
@@ -157,8 +173,9 @@ def create_app(
     server = settings.server
     LimitedProtocol.limit(int(server.max_header_bytes), server.request_timeout)
     registry = Registry(settings, source)
+    policies = Policies(policy_store(settings), settings, registry)
+    policies.start()  # the store's versions (edits made while this process was away) win
     store, store_error = open_store(settings, clock)
-    rules = retention_rules(settings)
     max_bytes = int(settings.cache.max_bytes)
 
     async def housekeeping(delivery: CacheDelivery) -> None:
@@ -171,6 +188,9 @@ def create_app(
             try:
                 if time.monotonic() - last_sweep >= settings.cache.sweep_seconds:
                     last_sweep = time.monotonic()
+                    rules = retention_rules({n: e.policy for n, e in registry.entries.items()})
+                    # a deleted dataset's objects stay until the global cap needs room
+                    rules |= {n: Rule("lru", None, None) for n in policies.deleted - set(rules)}
                     await anyio.to_thread.run_sync(sweep, store, rules, max_bytes, clock())
                     scrubbed = await anyio.to_thread.run_sync(
                         store.scrub, int(settings.cache.scrub_bytes), scrubbed
@@ -202,6 +222,7 @@ def create_app(
             if settings.auth.oidc_issuer is not None:
                 assets.auth = Authenticator(settings.auth, client)
             await queue.start()
+            policies.follow()
             if store is not None:
                 tg.start_soon(housekeeping, delivery)
             try:
@@ -209,6 +230,7 @@ def create_app(
             finally:
                 tg.cancel_scope.cancel()
                 await queue.close()
+                await anyio.to_thread.run_sync(policies.close)
                 await delivery.fills.drain()
                 if store is not None:
                     store.close()
@@ -225,12 +247,14 @@ def create_app(
             Route("/admin/qos/users/{subject:path}", user_usage),
             Route("/admin/qos/addresses/{address}", address_usage),
             *stac.routes,
+            *admin.routes,
         ],
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
     starlette.state.settings = settings
     starlette.state.registry = registry
+    starlette.state.policies = policies
     starlette.state.store = store
     public_url = str(settings.server.public_url).rstrip("/")
     starlette.state.public_url = public_url

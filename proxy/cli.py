@@ -223,7 +223,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 args.dataset, args.path, source, int(settings.cache.block_size), args.media_type
             )
             freed = sweep(
-                store, retention_rules(settings), int(settings.cache.max_bytes), time.time()
+                store,
+                retention_rules(settings.datasets),
+                int(settings.cache.max_bytes),
+                time.time(),
             )
             kept = store.record(record.key) is not None
             print(

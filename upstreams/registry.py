@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,61 +58,94 @@ class Registry:
         )
         #: one thread limiter per upstream (S3 endpoint, EODAG provider), shared by its datasets
         self.limiters: dict[str, anyio.CapacityLimiter] = {}
+        self.settings = settings
+        self._lock = threading.Lock()
         problems: list[str] = []
         for name, ds in settings.datasets.items():
-            up = ds.upstream
-            timeouts = dataset_timeouts(settings, ds)
-            allowed = Origins.parse(ds.allowed_hosts)
-            resolver: Resolver
-            if up.http is not None:
-                resolver = HttpResolver(str(up.http.base_url), up.http.objects, allowed, timeouts)
-            elif up.fdp is not None:
-                base = str(up.fdp.base_url).rstrip("/")
-                resolver = HttpResolver(
-                    f"{base}/assets/{up.fdp.dataset or name}/", None, allowed, timeouts
-                )
-            elif up.s3 is not None:
-                key_id, secret = up.s3.credentials()
-                resolver = S3Resolver(
-                    up.s3.bucket,
-                    up.s3.prefix,
-                    str(up.s3.endpoint_url) if up.s3.endpoint_url else None,
-                    str(up.s3.public_endpoint_url) if up.s3.public_endpoint_url else None,
-                    up.s3.region,
-                    key_id,
-                    secret,
-                    timeouts=timeouts,
-                    limiter=self._limiter(settings, f"s3 {up.s3.endpoint_url}"),
-                    origins=allowed,
-                )
-            elif up.eodag is not None:
-                gateway = self._gateway(settings)
-                if up.eodag.provider not in gateway.providers:
-                    known = ", ".join(sorted(gateway.providers)) or "none"
-                    problems.append(
-                        f"datasets.{name}.upstream.eodag.provider: unknown EODAG provider "
-                        f"{up.eodag.provider!r} (the providers file defines: {known})"
-                    )
-                    continue
-                limit_provider(gateway, up.eodag.provider, timeouts)
-                resolver = EodagResolver(
-                    gateway,
-                    up.eodag.provider,
-                    up.eodag.collection,
-                    timeouts=timeouts,
-                    limiter=self._limiter(settings, f"eodag {up.eodag.provider}"),
-                    origins=allowed | provider_origins(gateway, up.eodag.provider),
-                )
-            else:
-                problems.append(
-                    f"datasets.{name}.upstream: '{up.kind}' upstreams are not "
-                    "supported by this version (http, fdp, s3 and eodag are)"
-                )
-                continue
-            self.entries[name] = Entry(name, ds, resolver, resolver.origins, timeouts)
+            try:
+                self.entries[name] = self.build(name, ds)
+            except ConfigError as e:
+                problems += e.problems
         if problems:
             self.close()
             raise ConfigError(source, problems)
+
+    def build(self, name: str, ds: Dataset) -> Entry:
+        """The entry of dataset `name` under policy `ds`, with its resolver; raises
+        ConfigError when its upstream cannot be served (may start EODAG: blocks)."""
+        settings = self.settings
+        up = ds.upstream
+        timeouts = dataset_timeouts(settings, ds)
+        allowed = Origins.parse(ds.allowed_hosts)
+        resolver: Resolver
+        if up.http is not None:
+            resolver = HttpResolver(str(up.http.base_url), up.http.objects, allowed, timeouts)
+        elif up.fdp is not None:
+            base = str(up.fdp.base_url).rstrip("/")
+            resolver = HttpResolver(
+                f"{base}/assets/{up.fdp.dataset or name}/", None, allowed, timeouts
+            )
+        elif up.s3 is not None:
+            key_id, secret = up.s3.credentials()
+            resolver = S3Resolver(
+                up.s3.bucket,
+                up.s3.prefix,
+                str(up.s3.endpoint_url) if up.s3.endpoint_url else None,
+                str(up.s3.public_endpoint_url) if up.s3.public_endpoint_url else None,
+                up.s3.region,
+                key_id,
+                secret,
+                timeouts=timeouts,
+                limiter=self._limiter(settings, f"s3 {up.s3.endpoint_url}"),
+                origins=allowed,
+            )
+        elif up.eodag is not None:
+            with self._lock:
+                gateway = self._gateway(settings)
+            if up.eodag.provider not in gateway.providers:
+                known = ", ".join(sorted(gateway.providers)) or "none"
+                raise ConfigError(
+                    "the policy",
+                    [
+                        f"datasets.{name}.upstream.eodag.provider: unknown EODAG provider "
+                        f"{up.eodag.provider!r} (the providers file defines: {known})"
+                    ],
+                )
+            limit_provider(gateway, up.eodag.provider, timeouts)
+            resolver = EodagResolver(
+                gateway,
+                up.eodag.provider,
+                up.eodag.collection,
+                timeouts=timeouts,
+                limiter=self._limiter(settings, f"eodag {up.eodag.provider}"),
+                origins=allowed | provider_origins(gateway, up.eodag.provider),
+            )
+        else:
+            raise ConfigError(
+                "the policy",
+                [
+                    f"datasets.{name}.upstream: '{up.kind}' upstreams are not "
+                    "supported by this version (http, fdp, s3 and eodag are)"
+                ],
+            )
+        return Entry(name, ds, resolver, resolver.origins, timeouts)
+
+    def apply(self, name: str, ds: Dataset | None) -> None:
+        """Serve dataset `name` under policy `ds` from the next request on (None: stop
+        serving it). Its resolver is kept when its upstream did not change."""
+        if ds is None:
+            self.entries.pop(name, None)
+            return
+        old = self.entries.get(name)
+        if (
+            old is not None
+            and old.policy.upstream == ds.upstream
+            and old.policy.timeouts == ds.timeouts
+            and old.policy.allowed_hosts == ds.allowed_hosts
+        ):
+            self.entries[name] = Entry(name, ds, old.resolver, old.origins, old.timeouts)
+        else:
+            self.entries[name] = self.build(name, ds)
 
     def _limiter(self, settings: Settings, upstream: str) -> anyio.CapacityLimiter:
         if upstream not in self.limiters:
