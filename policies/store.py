@@ -109,11 +109,11 @@ class FileBackend:
     def __init__(self, path: Path, keep: int) -> None:
         self.path = path
         self.keep = keep
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_path = path.with_name(path.name + ".lock")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

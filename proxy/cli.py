@@ -20,6 +20,7 @@ from cache.retention import sweep
 from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import ConfigError, load_settings
+from proxy import policies_cli
 from proxy.app import configure_logging, create_app, retention_rules
 from upstreams.registry import Registry
 
@@ -271,11 +272,11 @@ def cmd_qos(args: argparse.Namespace) -> int:
     """A user's (or an address's) QoS budgets, dataset by dataset, from a running proxy."""
     from urllib.parse import quote
 
-    from proxy.remote import get_json
+    from proxy.remote import Remote
 
     kind = "addresses" if args.address else "users"
     params = {"group": args.group} if args.group else None
-    body = get_json(args.url, f"/admin/qos/{kind}/{quote(args.who, safe='')}", params)
+    body = Remote(args.url).json(f"/admin/qos/{kind}/{quote(args.who, safe='')}", params)
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
@@ -363,10 +364,7 @@ def parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--url", help="the proxy (default $FDP_URL, else http://127.0.0.1:8080)")
     show.add_argument("--json", action="store_true", help="the JSON document as served")
-    pol = sub.add_parser("policies", help="policy documents")
-    pol_sub = pol.add_subparsers(dest="policies_command", required=True)
-    v = pol_sub.add_parser("validate", help="validate the config file and exit")
-    v.add_argument("--config", default=argparse.SUPPRESS, help="config file (YAML)")
+    policies_cli.add_parsers(sub)
     return p
 
 
@@ -384,8 +382,10 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_worker(args)
         elif args.command == "qos":
             code = cmd_qos(args)
-        else:
+        elif args.policies_command == "validate" and args.file is None:
             code = cmd_validate(args)
+        else:
+            code = policies_cli.run(args)
     except ConfigError as e:
         print(f"fdp: {e}", file=sys.stderr)
         code = 2

@@ -185,7 +185,7 @@ def test_admin_api_needs_the_admin_group(aproxy, oidc):
     user = {"Authorization": f"Bearer {oidc.token()}"}
     assert httpx.get(url, headers=user).status_code == 403
     admin = {"Authorization": f"Bearer {oidc.token(groups=['fdp-admins'])}"}
-    assert httpx.get(url, headers=admin).status_code == 404  # allowed in; not built yet
+    assert httpx.get(url, headers=admin).status_code == 200
 
 
 def test_protected_dataset_without_issuer_is_a_config_error(tmp_path):

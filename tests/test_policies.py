@@ -5,6 +5,8 @@ the next request, and two replicas that share one Redis policy store."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,8 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import Upstream, fdp_serve
+from tests.harness.procs import BIN
 from tests.test_queue import fresh_redis
 
 B04 = "scene-a/B04.tif"
@@ -225,3 +229,53 @@ def test_a_policy_store_that_never_answers_is_a_503(
     assert r.status_code == 503 and r.json()["type"].endswith("/policy-store-unavailable")
     assert time.monotonic() - t < 3
     assert httpx.get(f"{proxy.url}/assets/open/{B04}").status_code == 200  # data still flows
+
+
+def test_the_cli_reads_edits_and_rolls_back_with_readable_diffs(
+    start_proxy, upstream, oidc, tmp_path
+):
+    proxy = start_proxy(config(upstream, oidc, tmp_path))
+    env = {
+        **os.environ,
+        "FDP_URL": proxy.url,
+        "FDP_TOKEN": oidc.token(sub="olga", groups=["fdp-admins"]),
+    }
+
+    def fdp(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "fdp"), "policies", *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = fdp("list")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[:2] for line in listed.stdout.splitlines()] == [
+        ["keys", "v1"],
+        ["open", "v1"],
+    ]
+    got = yaml.safe_load(fdp("get", "open").stdout)
+    assert got["open"]["max_age"] == 3600
+    got["open"]["max_age"] = 120
+    (tmp_path / "open.yaml").write_text(yaml.safe_dump(got))
+    written = fdp("set", str(tmp_path / "open.yaml"))
+    assert written.returncode == 0, written.stderr
+    assert "-max_age: 3600\n+max_age: 120\n" in written.stdout
+    assert "open: updated" in written.stdout
+
+    got["open"]["retention"] = {"mode": "rolling"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"datasets": got}))
+    refused = fdp("validate", str(tmp_path / "bad.yaml"))
+    assert refused.returncode != 0 and "retention: Value error, mode 'rolling'" in refused.stderr
+    assert "olga" not in refused.stderr and env["FDP_TOKEN"] not in refused.stderr
+
+    edited = fdp("edit", "open", EDITOR="sed -i s/max_age:.120/max_age:\\ 30/")
+    assert edited.returncode == 0, edited.stderr
+    assert "-max_age: 120\n+max_age: 30\n" in edited.stdout
+    history = fdp("history", "open").stdout
+    assert "v3" in history and "olga" in history and "max_age: 120 -> 30" in history
+    back = fdp("rollback", "open", "1")
+    assert back.returncode == 0 and "+max_age: 3600" in back.stdout
+    assert yaml.safe_load(fdp("get", "open").stdout)["open"]["max_age"] == 3600
