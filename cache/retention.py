@@ -10,7 +10,13 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from cache.store import ObjectRecord, Store
+
+EVICTIONS = Counter(
+    "fdp_cache_evictions", "Objects retention evicted from the cache, by dataset", ["dataset"]
+)
 
 log = logging.getLogger("fdp.cache")
 DAY = 86400.0
@@ -69,5 +75,6 @@ def sweep(store: Store, rules: Mapping[str, Rule], max_bytes: int | None, now: f
     freed = 0
     for record in plan(store.records(), rules, max_bytes, now):
         freed += store.evict(record.key)
+        EVICTIONS.labels(record.dataset if record.dataset in rules else "(deleted)").inc()
         log.info("evicted %s/%s (%d bytes)", record.dataset, record.path, record.stored_bytes)
     return freed

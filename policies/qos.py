@@ -20,10 +20,17 @@ from dataclasses import dataclass
 from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from prometheus_client import Counter as Metric
 
 from policies.config import Limits, Qos, QosService, Rate
 
 log = logging.getLogger("fdp.qos")
+
+ADMITTED = Metric("fdp_qos_admissions", "Requests admitted under QoS limits", ["dataset"])
+REJECTED = Metric(
+    "fdp_qos_rejections", "Requests refused with 429, by the limit kind", ["dataset", "kind"]
+)
+ERRORS = Metric("fdp_qos_errors", "Admissions the shared QoS counters did not answer")
 
 ERROR_LOG_INTERVAL = 60.0
 #: kinds counted when a request is admitted; the byte kinds are spent when it has been sent
@@ -189,6 +196,7 @@ class Limiter:
             raise
         except Exception as e:
             self.errors += 1
+            ERRORS.inc()
             now = time.monotonic()
             if now - self._logged > ERROR_LOG_INTERVAL:
                 self._logged = now
@@ -206,11 +214,13 @@ class Limiter:
             if not await self.strategy.test(a.item, *a.key):
                 standing = await self._standing(a)
                 self.rejected[a.dataset, a.kind] += 1
+                REJECTED.labels(a.dataset, a.kind).inc()
                 raise RateLimited(standing)
         for a in applied:
             if a.kind in COUNTED:
                 await self.strategy.hit(a.item, *a.key)
         self.admitted[applied[0].dataset] += 1
+        ADMITTED.labels(applied[0].dataset).inc()
         standings = [await self._standing(a) for a in applied]
         return min(standings, key=lambda s: s.remaining / int(s.applied.rate.limit))
 

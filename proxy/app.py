@@ -32,6 +32,7 @@ from proxy.admin import Policies
 from proxy.assets import Assets
 from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.delivery import CacheDelivery
+from proxy.metrics import LiveFigures, metrics
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
 from proxy.server import LimitedProtocol
 from proxy.usage import address_usage, my_usage, user_usage
@@ -243,6 +244,7 @@ def create_app(
             Route("/readyz", readyz),
             Route("/jobs/{job_id}", job_status),
             Route("/me/usage", my_usage),
+            Route("/metrics", metrics),
             Route("/admin/qos", qos_counters),
             Route("/admin/qos/users/{subject:path}", user_usage),
             Route("/admin/qos/addresses/{address}", address_usage),
@@ -260,6 +262,7 @@ def create_app(
     starlette.state.public_url = public_url
     queue = make_queue(settings)
     starlette.state.queue = queue
+    starlette.state.live_figures = LiveFigures(store, queue.depth, queue.stats)
     assets = Assets(registry, public_url, AccessLog())
     starlette.state.assets = assets
     assets.queue = queue

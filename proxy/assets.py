@@ -27,6 +27,7 @@ from proxy.auth import ANONYMOUS, Authenticator, Identity, check
 from proxy.conditional import select
 from proxy.delivery import CacheDelivery
 from proxy.exchange import MISSES, Exchange, Kind, Plan
+from proxy.metrics import RequestMetrics
 from proxy.problems import MethodNotAllowed, error_response, slug_of
 from proxy.ratelimit import forwarded_client, paced, with_ratelimit
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
@@ -97,6 +98,7 @@ class Assets:
         self.queue: JobQueue | None = None
         self.auth: Authenticator | None = None
         self.durations = Durations()
+        self.metrics = RequestMetrics()
         self.limiter: Limiter | None = None
         #: per-origin caps on fetches (pass-through reads here; the fill engine its own)
         self.caps = Caps(dict, None, QosService())
@@ -143,6 +145,7 @@ class Assets:
         finally:
             if x.applied and self.limiter is not None:  # account: the bytes that went out
                 await self.limiter.spend(x.applied, x.sent, x.fetched)
+            self.metrics.observe(x)
             self.access_log.write(x)
 
     # -- the stages, in order --------------------------------------------------------------

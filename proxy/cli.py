@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -145,12 +146,15 @@ def _serve_workers(settings: Settings, source: str, workers: int) -> None:
     os.environ["FDP_CONFIG"] = str(Path(source).resolve())
     os.environ["FDP_SERVER__PUBLIC_URL"] = str(settings.server.public_url)
     Registry(settings, source).close()  # config errors surface here, once
-    uvicorn.run(
-        "proxy.app:from_environment",
-        factory=True,
-        workers=workers,
-        **uvicorn_options(settings),
-    )
+    # /metrics adds up every worker's counters: prometheus-client's multiprocess mode
+    with tempfile.TemporaryDirectory(prefix="fdp-metrics-") as folder:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", folder)
+        uvicorn.run(
+            "proxy.app:from_environment",
+            factory=True,
+            workers=workers,
+            **uvicorn_options(settings),
+        )
 
 
 def cmd_serve(args: argparse.Namespace, demo: bool = False) -> int:

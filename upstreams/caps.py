@@ -24,12 +24,17 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 import redis
+from prometheus_client import Counter
 
 from policies.config import QosService, UpstreamLimit
 from policies.pacing import Pace
 from upstreams.base import UpstreamUnavailable
 
 log = logging.getLogger("fdp.upstream")
+
+BUSY = Counter(
+    "fdp_upstream_busy", "Fetches refused for want of a slot of their origin", ["upstream"]
+)
 
 #: seconds a slot in Redis lives without a sign of its fetch; renewed every LEASE / 3
 LEASE = 60.0
@@ -298,6 +303,7 @@ class Caps:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.busy[origin] = self.busy.get(origin, 0) + 1
+                BUSY.labels(origin).inc()
                 raise UpstreamBusy(
                     f"the upstream is at its limit of {cap} fetches at once",
                     max(1, math.ceil(wait)),

@@ -11,6 +11,7 @@ the reading, writing and hashing of bytes off the event loop.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from urllib.parse import urljoin
 
 import httpx
 import urllib3
+from prometheus_client import Counter, Histogram
 
 from upstreams.base import (
     ObjectNotFound,
@@ -34,6 +36,18 @@ from upstreams.base import (
     safe_key,
 )
 from upstreams.memo import Memo
+
+UPSTREAM_SECONDS = Histogram(
+    "fdp_upstream_response_seconds",
+    "Time from sending a request to an upstream to its answer's headers, by origin",
+    ["upstream"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+UPSTREAM_ERRORS = Counter(
+    "fdp_upstream_errors",
+    "Requests to an upstream that failed (timeout, failed) or answered 5xx, by origin",
+    ["upstream", "kind"],
+)
 
 #: Response headers worth passing on to a client; everything else stays with us.
 PASS_HEADERS = (
@@ -166,6 +180,34 @@ def map_sync_errors(what: str) -> Iterator[None]:
         raise UpstreamUnavailable(f"{what}: upstream failed ({type(e).__name__})") from None
 
 
+def _upstream(url: str) -> str:
+    return url.split("/", 3)[2].rpartition("@")[2] if "://" in url else "(none)"
+
+
+def answered(url: str, status: int) -> None:
+    """Count an upstream's 5xx answer as an error of its origin."""
+    if status >= 500:
+        UPSTREAM_ERRORS.labels(_upstream(url), "5xx").inc()
+
+
+@contextlib.contextmanager
+def observed(url: str, sync: bool = False) -> Iterator[None]:
+    """One request to an upstream: its time to the answer's headers and its failures
+    (as the proxy maps them), counted by origin."""
+    upstream = _upstream(url)
+    started = time.perf_counter()
+    try:
+        with map_sync_errors("GET") if sync else map_transport_errors("GET"):
+            yield
+    except UpstreamTimeout:
+        UPSTREAM_ERRORS.labels(upstream, "timeout").inc()
+        raise
+    except UpstreamUnavailable:
+        UPSTREAM_ERRORS.labels(upstream, "failed").inc()
+        raise
+    UPSTREAM_SECONDS.labels(upstream).observe(time.perf_counter() - started)
+
+
 def _origin(url: str) -> Origin | None:
     try:
         return origin_of(url)
@@ -221,8 +263,9 @@ async def _send(
         request = client.build_request(
             method, hops.url, headers=hops.headers(extra), timeout=hops.timeout
         )
-        with map_transport_errors(method):
+        with observed(hops.url):
             response = await client.send(request, stream=stream)
+        answered(hops.url, response.status_code)
         try:
             if not hops.follow(response.status_code, response.headers.get("location")):
                 return response
@@ -351,7 +394,7 @@ def open_sync(
     while True:
         # the pool's timeouts unless the dataset has its own
         own = {"timeout": sync_timeout(hops.timeouts)} if hops.timeouts else {}
-        with map_sync_errors("GET"):
+        with observed(hops.url, sync=True):
             response = pool.request(
                 "GET",
                 hops.url,
@@ -361,6 +404,7 @@ def open_sync(
                 redirect=False,
                 **own,
             )
+        answered(hops.url, response.status)
         try:
             if not hops.follow(response.status, response.headers.get("location")):
                 break

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Protocol, TypeVar
 
 from workers.jobs import JobInfo
+from workers.stats import JobStats
 
 
 class QueueUnavailable(Exception):
@@ -20,6 +21,8 @@ class QueueUnavailable(Exception):
 
 
 class JobQueue(Protocol):
+    stats: JobStats  # how attempts ended, for /metrics
+
     async def submit(self, dataset: str, path: str, owner: str, max_attempts: int) -> JobInfo:
         """Join the object's job (one per object) or start it; `owner` may then read it."""
         ...
@@ -32,6 +35,10 @@ class JobQueue(Protocol):
 
     async def problem(self) -> str | None:
         """Why the queue cannot be used right now, for /readyz (None: it can)."""
+        ...
+
+    def depth(self) -> int:
+        """Jobs waiting to run (may block: call it in a thread)."""
         ...
 
     async def start(self) -> None: ...

@@ -36,6 +36,7 @@ from workers.jobs import (
     retrieve,
 )
 from workers.retry import backoff, is_final
+from workers.stats import JobStats
 
 log = logging.getLogger("fdp.workers")
 #: Ended jobs kept for `GET /jobs/{id}` (besides FINISHED_TTL).
@@ -63,8 +64,14 @@ class EmbeddedQueue:
         self.ready: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.waiters = Waiters()
+        #: how attempts ended, for /metrics
+        self.stats = JobStats()
         self._context: Context | None = None
         self._context_lock = threading.Lock()
+
+    def depth(self) -> int:
+        """Jobs waiting for a runner."""
+        return self.ready.qsize()
 
     def context(self) -> Context:
         with self._context_lock:
@@ -185,6 +192,7 @@ class EmbeddedQueue:
                 info.attempts,
                 describe(error),
             )
+        took = time.time() - (info.started or time.time())
         with self.lock:
             if error is None:
                 info.state = SUCCEEDED
@@ -194,10 +202,12 @@ class EmbeddedQueue:
                 if retry and info.attempts < info.max_attempts and not self.stopping.is_set():
                     info.state = QUEUED
                     self._later(info.id, backoff(info.attempts))
+                    self.stats.record("retried", took)
                     return
                 info.state = FAILED
                 info.not_found = isinstance(error, ObjectNotFound)
             info.finished = time.time()
+        self.stats.record(info.state, took)
         self.waiters.wake(info.id)
 
     def _later(self, jid: str, delay: float) -> None:

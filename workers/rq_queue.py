@@ -41,6 +41,7 @@ from policies.config import QueueConfig
 from workers.base import QueueUnavailable, Waiters
 from workers.jobs import FAILED, FINISHED_TTL, QUEUED, RUNNING, SUCCEEDED, JobInfo, job_id
 from workers.retry import intervals
+from workers.stats import JobStats
 from workers.worker import CHANNEL, JOB_TIMEOUT, QUEUE_NAME, run_job
 
 log = logging.getLogger("fdp.workers")
@@ -85,12 +86,18 @@ class RQQueue:
         self.config = config
         self.redis = Redis.from_url(config.redis_url, **self._client_options(RedisRetry))
         self.queue = Queue(QUEUE_NAME, connection=self.redis)
+        #: how attempts ended, as every worker counted them (for /metrics)
+        self.stats = JobStats(self.redis)
         self.limiter = anyio.CapacityLimiter(THREADS)
         self.waiters = Waiters()
         self._down_until = 0.0
         self._listener: asyncio.Task[None] | None = None
         self._events_lost = False
         self._pause = RECONNECT_SECONDS[0]
+
+    def depth(self) -> int:
+        """Jobs waiting for a worker (blocks: one Redis call)."""
+        return self.queue.count
 
     def _client_options(self, retry: Callable[..., Any]) -> dict[str, Any]:
         """Short timeouts; one retry of a dropped connection (a restarted Redis), none of a

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
@@ -26,6 +27,7 @@ from upstreams.base import ObjectNotFound
 from workers.jobs import Context, describe, retrieve
 from workers.retrieval import Progress, RetrievalFailed
 from workers.retry import is_final
+from workers.stats import JobStats
 
 log = logging.getLogger("fdp.workers")
 
@@ -145,6 +147,7 @@ class Worker(SimpleWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
         super().handle_job_success(job, queue, started_job_registry)
+        JobStats(self.connection).record("succeeded", _took(job))
         announce(self.connection, job.id)
 
     def handle_job_failure(
@@ -152,7 +155,21 @@ class Worker(SimpleWorker):
     ) -> None:
         super().handle_job_failure(job, queue, started_job_registry, exc_string)
         if job.get_status(refresh=False) == JobStatus.FAILED:  # not rescheduled: it ended
+            JobStats(self.connection).record("failed", _took(job))
             announce(self.connection, job.id)
+        else:
+            JobStats(self.connection).record("retried", _took(job))
+
+
+def _took(job: Job) -> float:
+    """Seconds the job's attempt ran (0 if RQ did not note its start)."""
+    started = job.started_at
+    if started is None:
+        return 0.0
+    now = datetime.now(UTC)
+    if started.tzinfo is None:  # RQ writes naive UTC times
+        now = now.replace(tzinfo=None)
+    return max(0.0, (now - started).total_seconds())
 
 
 def run_worker(

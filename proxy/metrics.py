@@ -1,0 +1,152 @@
+"""`/metrics`: Prometheus text (prometheus-client) for operators.
+
+Counters and histograms live beside what they count: requests here (the `account`
+stage), upstream answers in `upstreams.http`, refused fetches in `upstreams.caps`, QoS in
+`policies.qos`, evictions in `cache.retention`. Figures that are a state rather than events
+are read when scraped: cache bytes and objects per dataset (from the index, reused for
+10 s), queue depth, and how jobs ended (counted by every worker, in Redis or here). Labels
+are bounded: dataset names (an unknown one is `(none)`), methods, status classes, plans,
+upstream origins, limit kinds; never an item, a user or a path. Under `fdp serve --workers
+N` each process writes its own files in `PROMETHEUS_MULTIPROC_DIR` and a scrape adds them
+up (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import anyio.to_thread
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cache.store import Store
+from proxy.exchange import Exchange
+from workers.stats import JobStats
+
+log = logging.getLogger("fdp.proxy")
+
+REQUESTS = Counter(
+    "fdp_requests",
+    "Requests for data (/assets), by dataset, method, status class and delivery",
+    ["dataset", "method", "status_class", "cache"],
+)
+SENT = Counter(
+    "fdp_response_bytes",
+    "Body bytes sent for data, by dataset and delivery (hit, miss, pass-through, ...)",
+    ["dataset", "cache"],
+)
+#: how long the cache figures of a scrape are reused (they take a walk through the index)
+CACHE_FIGURES_TTL = 10.0
+
+
+class RequestMetrics:
+    """The `account` stage's counters, each label set's children looked up once."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str, int, str], tuple[Counter, Counter]] = {}
+
+    def observe(self, x: Exchange) -> None:
+        dataset = x.dataset if x.entry is not None else "(none)"
+        plan = x.plan.kind.value if x.plan is not None else "none"
+        key = (dataset, x.method, x.status, plan)
+        children = self._children.get(key)
+        if children is None:
+            method = x.method if x.method in ("GET", "HEAD") else "other"
+            status = f"{x.status // 100}xx" if x.status else "none"
+            children = (REQUESTS.labels(dataset, method, status, plan), SENT.labels(dataset, plan))
+            if len(self._children) < 10_000:  # (bounded: the labels are)
+                self._children[key] = children
+        children[0].inc()
+        if x.sent:
+            children[1].inc(x.sent)
+
+
+class LiveFigures(Collector):
+    """What a scrape reads now: cache contents, queue depth, how jobs ended. `collect`
+    blocks (a walk through the cache index, Redis calls): run it in a thread."""
+
+    def __init__(self, store: Store | None, queue_depth: Callable[[], int], jobs: JobStats) -> None:
+        self.store = store
+        self.queue_depth = queue_depth
+        self.jobs = jobs
+        self._cache: tuple[float, list[Metric]] = (-CACHE_FIGURES_TTL, [])
+
+    def collect(self) -> list[Metric]:
+        figures = []
+        for part in (self._cache_figures, self._job_figures):
+            try:
+                figures += part()
+            except Exception as e:  # (a locked index, a silent Redis: left out, not a 500)
+                log.warning("/metrics: %s left out (%s)", part.__name__, type(e).__name__)
+        return figures
+
+    def _cache_figures(self) -> list[Metric]:
+        at, figures = self._cache
+        if self.store is None or time.monotonic() - at < CACHE_FIGURES_TTL:
+            return figures
+        size: dict[str, int] = defaultdict(int)
+        count: dict[str, int] = defaultdict(int)
+        for r in self.store.records():
+            size[r.dataset] += r.stored_bytes
+            count[r.dataset] += 1
+        stored = GaugeMetricFamily("fdp_cache_bytes", "Cached bytes", labels=["dataset"])
+        objects = GaugeMetricFamily("fdp_cache_objects", "Cached objects", labels=["dataset"])
+        for dataset in sorted(size):
+            stored.add_metric([dataset], size[dataset])
+            objects.add_metric([dataset], count[dataset])
+        self._cache = (time.monotonic(), [stored, objects])
+        return self._cache[1]
+
+    def _job_figures(self) -> list[Metric]:
+        queued = GaugeMetricFamily("fdp_jobs_queued", "Retrieval jobs waiting to run")
+        queued.add_metric([], self.queue_depth())
+        outcomes, buckets, total = self.jobs.snapshot()
+        ended = CounterMetricFamily(
+            "fdp_job_attempts", "Retrieval attempts ended, by outcome", labels=["outcome"]
+        )
+        for outcome, n in outcomes.items():
+            ended.add_metric([outcome], n)
+        took = HistogramMetricFamily("fdp_job_duration_seconds", "How long attempts ran")
+        took.add_metric([], [(_le(le), n) for le, n in buckets], total)
+        return [queued, ended, took]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else f"{bound:g}"
+
+
+def registry() -> CollectorRegistry:
+    """This process's metrics, or every process's in multiprocess mode."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return REGISTRY
+    combined = CollectorRegistry()
+    MultiProcessCollector(combined)
+    return combined
+
+
+async def metrics(request: Request) -> Response:
+    live = CollectorRegistry(auto_describe=False)
+    live.register(request.app.state.live_figures)
+    body = await anyio.to_thread.run_sync(
+        lambda: generate_latest(registry()) + generate_latest(live)
+    )
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
