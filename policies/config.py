@@ -340,6 +340,8 @@ class Dataset(Strict):
     qos: Qos = Qos()
     async_: Annotated[AsyncPolicy, Field(alias="async")] = AsyncPolicy()
     forward_token: bool = False
+    #: groups whose members see everyone's deliveries of this dataset (`/me/deliveries`)
+    owners: list[str] = []
     #: origins besides the upstream's own that hrefs and redirects may point at
     allowed_hosts: list[Annotated[str, AfterValidator(_check_allowed_host)]] = []
     timeouts: TimeoutOverride | None = None  # default: upstream_defaults
@@ -393,7 +395,17 @@ class PolicyStoreConfig(Strict):
     keep_versions: int = Field(100, ge=2, le=10_000)
 
 
+class DeliveryLogConfig(Strict):
+    """Who got which object: in Redis with `queue.redis_url`, else a SQLite file."""
+
+    #: days a delivery is kept
+    keep_days: float = Field(30.0, gt=0, le=3660)
+    #: default: `deliveries.sqlite` beside the cache folder
+    file: str | None = None
+
+
 class Settings(Strict):
+    deliveries: DeliveryLogConfig = DeliveryLogConfig()
     policy_store: PolicyStoreConfig = PolicyStoreConfig()
     #: per upstream origin (`host[:port]` or a URL); `*` for each origin not named
     upstream_limits: dict[Annotated[str, AfterValidator(_origin_key)], UpstreamLimit] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -26,11 +27,12 @@ from policies.config import Dataset, Settings
 from policies.loader import load_settings
 from policies.qos import Limiter
 from policies.store import FileBackend, PolicyStore, RedisBackend
-from proxy import admin, stac
+from proxy import admin, deliveries, stac
 from proxy.accesslog import AccessLog, configure_logging
 from proxy.admin import Policies
 from proxy.assets import Assets
 from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
+from proxy.deliveries import DeliveryLog
 from proxy.delivery import CacheDelivery
 from proxy.metrics import LiveFigures, metrics
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
@@ -104,6 +106,24 @@ def retention_rules(datasets: Mapping[str, Dataset]) -> dict[str, Rule]:
         name: Rule(ds.retention.mode, ds.retention.days, ds.retention.max_bytes)
         for name, ds in datasets.items()
     }
+
+
+def delivery_log(settings: Settings) -> DeliveryLog:
+    """In Redis with `queue.redis_url` (every replica), else in SQLite beside the cache."""
+    config = settings.deliveries
+    backend: deliveries.Backend
+    if settings.queue.redis_url:
+        backend = deliveries.RedisBackend(
+            settings.queue.redis_url, config.keep_days * 86400, settings.queue.timeout_seconds
+        )
+    else:
+        file = config.file or Path(settings.cache.store).parent / "deliveries.sqlite"
+        try:
+            backend = deliveries.SqliteBackend(Path(file))
+        except (OSError, sqlite3.Error) as e:
+            log.error("delivery log unavailable (%s): deliveries are not logged", e)
+            backend = deliveries.NoBackend()
+    return DeliveryLog(backend, config)
 
 
 def policy_store(settings: Settings) -> PolicyStore:
@@ -232,6 +252,7 @@ def create_app(
                 tg.cancel_scope.cancel()
                 await queue.close()
                 await anyio.to_thread.run_sync(policies.close)
+                await anyio.to_thread.run_sync(assets.deliveries.close)
                 await delivery.fills.drain()
                 if store is not None:
                     store.close()
@@ -244,6 +265,7 @@ def create_app(
             Route("/readyz", readyz),
             Route("/jobs/{job_id}", job_status),
             Route("/me/usage", my_usage),
+            Route("/me/deliveries", deliveries.deliveries),
             Route("/metrics", metrics),
             Route("/admin/qos", qos_counters),
             Route("/admin/qos/users/{subject:path}", user_usage),
@@ -265,6 +287,7 @@ def create_app(
     starlette.state.live_figures = LiveFigures(store, queue.depth, queue.stats)
     assets = Assets(registry, public_url, AccessLog())
     starlette.state.assets = assets
+    assets.deliveries = starlette.state.deliveries = delivery_log(settings)
     assets.queue = queue
     assets.limiter = Limiter(settings.qos, settings.queue.redis_url)
     assets.caps = Caps(lambda: registry.upstream_limits, settings.queue.redis_url, settings.qos)

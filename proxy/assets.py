@@ -25,6 +25,7 @@ from policies.qos import Limiter, applicable
 from proxy.accesslog import AccessLog
 from proxy.auth import ANONYMOUS, Authenticator, Identity, check
 from proxy.conditional import select
+from proxy.deliveries import DeliveryLog
 from proxy.delivery import CacheDelivery
 from proxy.exchange import MISSES, Exchange, Kind, Plan
 from proxy.metrics import RequestMetrics
@@ -99,6 +100,7 @@ class Assets:
         self.auth: Authenticator | None = None
         self.durations = Durations()
         self.metrics = RequestMetrics()
+        self.deliveries: DeliveryLog | None = None
         self.limiter: Limiter | None = None
         #: per-origin caps on fetches (pass-through reads here; the fill engine its own)
         self.caps = Caps(dict, None, QosService())
@@ -146,6 +148,8 @@ class Assets:
             if x.applied and self.limiter is not None:  # account: the bytes that went out
                 await self.limiter.spend(x.applied, x.sent, x.fetched)
             self.metrics.observe(x)
+            if self.deliveries is not None:
+                self.deliveries.add(x)
             self.access_log.write(x)
 
     # -- the stages, in order --------------------------------------------------------------
