@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 PORT   ?=
 
-.PHONY: demo test bench lint format redis-server clean
+.PHONY: demo test bench lint format system-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,10 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.demo
 	$(BIN)/fdp demo$(if $(PORT), --port $(PORT))
 
-## Install everything the tests need (redis-server via apt-get when missing), check the style
+## Install everything the tests need (redis-server, chromium via apt-get when missing), check the style
 ## (ruff check, ruff format --check), then run the tests.
 ## pytest's exit code 5 (no tests collected) fails the target like any other failure.
-test: $(VENV)/.test redis-server
+test: $(VENV)/.test system-packages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
@@ -37,12 +37,17 @@ test: $(VENV)/.test redis-server
 bench: $(VENV)/.test
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
+## System packages the tests run (a program and its Debian package), installed when missing.
+SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium
+
+system-packages:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server </dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing </dev/null; \
 	  else \
-	    echo "redis-server is missing: install it (Debian: sudo apt-get install redis-server)" >&2; exit 1; \
+	    echo "missing system packages:$$missing (Debian: sudo apt-get install$$missing)" >&2; exit 1; \
 	  fi; }
 
 lint: $(VENV)/.test

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,6 +33,8 @@ REJECTED = Metric(
 ERRORS = Metric("fdp_qos_errors", "Admissions the shared QoS counters did not answer")
 
 ERROR_LOG_INTERVAL = 60.0
+#: refusals remembered for /status
+RECENT = 50
 #: kinds counted when a request is admitted; the byte kinds are spent when it has been sent
 COUNTED = ("requests", "miss_requests")
 SIZED = ("bytes", "miss_bytes")
@@ -182,6 +184,8 @@ class Limiter:
         #: for the metrics issue: admissions by dataset, rejections by (dataset, limit kind)
         self.admitted: Counter[str] = Counter()
         self.rejected: Counter[tuple[str, str]] = Counter()
+        #: the latest refusals, for /status: (time, dataset, kind, scope, who)
+        self.recent: deque[tuple[float, str, str, str, str]] = deque(maxlen=RECENT)
         self.errors = 0
         self._logged = 0.0
 
@@ -214,6 +218,7 @@ class Limiter:
             if not await self.strategy.test(a.item, *a.key):
                 standing = await self._standing(a)
                 self.rejected[a.dataset, a.kind] += 1
+                self.recent.append((time.time(), a.dataset, a.kind, a.scope, a.who))
                 REJECTED.labels(a.dataset, a.kind).inc()
                 raise RateLimited(standing)
         for a in applied:

@@ -27,7 +27,7 @@ from policies.config import Dataset, Settings
 from policies.loader import load_settings
 from policies.qos import Limiter
 from policies.store import FileBackend, PolicyStore, RedisBackend
-from proxy import admin, deliveries, stac
+from proxy import admin, deliveries, stac, status
 from proxy.accesslog import AccessLog, configure_logging
 from proxy.admin import Policies
 from proxy.assets import Assets
@@ -267,6 +267,8 @@ def create_app(
             Route("/me/usage", my_usage),
             Route("/me/deliveries", deliveries.deliveries),
             Route("/metrics", metrics),
+            Route("/status", status.status_html),
+            Route("/status.json", status.status_json),
             Route("/admin/qos", qos_counters),
             Route("/admin/qos/users/{subject:path}", user_usage),
             Route("/admin/qos/addresses/{address}", address_usage),

@@ -88,7 +88,7 @@ class LiveFigures(Collector):
         self.store = store
         self.queue_depth = queue_depth
         self.jobs = jobs
-        self._cache: tuple[float, list[Metric]] = (-CACHE_FIGURES_TTL, [])
+        self._usage: tuple[float, dict[str, tuple[int, int]]] = (-CACHE_FIGURES_TTL, {})
 
     def collect(self) -> list[Metric]:
         figures = []
@@ -99,22 +99,26 @@ class LiveFigures(Collector):
                 log.warning("/metrics: %s left out (%s)", part.__name__, type(e).__name__)
         return figures
 
-    def _cache_figures(self) -> list[Metric]:
-        at, figures = self._cache
+    def cache_usage(self) -> dict[str, tuple[int, int]]:
+        """(bytes, objects) per dataset, from the index (reused for a few seconds)."""
+        at, usage = self._usage
         if self.store is None or time.monotonic() - at < CACHE_FIGURES_TTL:
-            return figures
+            return usage
         size: dict[str, int] = defaultdict(int)
         count: dict[str, int] = defaultdict(int)
         for r in self.store.records():
             size[r.dataset] += r.stored_bytes
             count[r.dataset] += 1
+        self._usage = (time.monotonic(), {d: (size[d], count[d]) for d in sorted(size)})
+        return self._usage[1]
+
+    def _cache_figures(self) -> list[Metric]:
         stored = GaugeMetricFamily("fdp_cache_bytes", "Cached bytes", labels=["dataset"])
         objects = GaugeMetricFamily("fdp_cache_objects", "Cached objects", labels=["dataset"])
-        for dataset in sorted(size):
-            stored.add_metric([dataset], size[dataset])
-            objects.add_metric([dataset], count[dataset])
-        self._cache = (time.monotonic(), [stored, objects])
-        return self._cache[1]
+        for dataset, (size, count) in self.cache_usage().items():
+            stored.add_metric([dataset], size)
+            objects.add_metric([dataset], count)
+        return [stored, objects]
 
     def _job_figures(self) -> list[Metric]:
         queued = GaugeMetricFamily("fdp_jobs_queued", "Retrieval jobs waiting to run")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urljoin
 
@@ -184,10 +184,40 @@ def _upstream(url: str) -> str:
     return url.split("/", 3)[2].rpartition("@")[2] if "://" in url else "(none)"
 
 
+@dataclass
+class Health:
+    """How one origin has answered this process lately (for /status)."""
+
+    last_ok: float | None = None
+    last_error: float | None = None
+    error: str | None = None  # timeout, failed, 5xx
+
+    def public(self) -> dict[str, Any]:
+        down = self.last_error is not None and (self.last_ok or 0) < self.last_error
+        return {"ok": not down, **asdict(self)}
+
+
+#: by origin (bounded: fetches only go to allowed origins)
+HEALTH: dict[str, Health] = {}
+
+
+def _health(upstream: str) -> Health:
+    health = HEALTH.get(upstream)
+    if health is None:
+        if len(HEALTH) >= 1024:
+            HEALTH.pop(next(iter(HEALTH)))
+        health = HEALTH[upstream] = Health()
+    return health
+
+
 def answered(url: str, status: int) -> None:
-    """Count an upstream's 5xx answer as an error of its origin."""
+    """Note an upstream's answer: a 5xx counts as an error of its origin."""
+    health = _health(_upstream(url))
     if status >= 500:
         UPSTREAM_ERRORS.labels(_upstream(url), "5xx").inc()
+        health.last_error, health.error = time.time(), "5xx"
+    else:
+        health.last_ok = time.time()
 
 
 @contextlib.contextmanager
@@ -201,9 +231,11 @@ def observed(url: str, sync: bool = False) -> Iterator[None]:
             yield
     except UpstreamTimeout:
         UPSTREAM_ERRORS.labels(upstream, "timeout").inc()
+        _health(upstream).last_error, _health(upstream).error = time.time(), "timeout"
         raise
     except UpstreamUnavailable:
         UPSTREAM_ERRORS.labels(upstream, "failed").inc()
+        _health(upstream).last_error, _health(upstream).error = time.time(), "failed"
         raise
     UPSTREAM_SECONDS.labels(upstream).observe(time.perf_counter() - started)
 

@@ -73,6 +73,12 @@ class EmbeddedQueue:
         """Jobs waiting for a runner."""
         return self.ready.qsize()
 
+    def recent(self, n: int) -> list[JobInfo]:
+        """The latest jobs."""
+        with self.lock:
+            infos = sorted(self.jobs.values(), key=lambda i: i.created, reverse=True)[:n]
+            return [replace(i) for i in infos]
+
     def context(self) -> Context:
         with self._context_lock:
             if self._context is None:

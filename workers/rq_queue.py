@@ -99,6 +99,18 @@ class RQQueue:
         """Jobs waiting for a worker (blocks: one Redis call)."""
         return self.queue.count
 
+    def recent(self, n: int) -> list[JobInfo]:
+        """The latest jobs: running, queued, then ended (RQ's own registries; blocks)."""
+        ids = [
+            *self.queue.started_job_registry.get_job_ids(),
+            *self.queue.get_job_ids(0, n),
+            *self.queue.finished_job_registry.get_job_ids(-n, -1),
+            *self.queue.failed_job_registry.get_job_ids(-n, -1),
+        ]
+        jobs = [j for j in Job.fetch_many(list(dict.fromkeys(ids)), connection=self.redis) if j]
+        infos = [self._info(j) for j in jobs]
+        return sorted(infos, key=lambda i: i.created, reverse=True)[:n]
+
     def _client_options(self, retry: Callable[..., Any]) -> dict[str, Any]:
         """Short timeouts; one retry of a dropped connection (a restarted Redis), none of a
         timeout (a silent Redis would only make the caller wait twice as long)."""

@@ -1,0 +1,240 @@
+"""`/status` (HTML for operators) and `/status.json` (the same figures for machines).
+
+Upstream health, cache usage and hit ratio per dataset, queue depth and recent jobs,
+recent QoS refusals, policy versions. Counts come from the metrics (every process's under
+`--workers N`); the last answer of each upstream and the latest refusals are this
+process's. Rendered on the server as one page with its own small style sheet: no build
+step, no script, no CDN. Admin group only when an issuer is configured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from html import escape
+from typing import Any
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from proxy.auth import Forbidden, Unauthorized, identity
+from proxy.metrics import registry
+from upstreams.http import HEALTH
+
+RECENT_JOBS = 20
+MISS_KINDS = ("miss", "pass-through", "slow")
+
+
+def _samples() -> dict[str, list[tuple[dict[str, str], float]]]:
+    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for family in registry().collect():
+        for s in family.samples:
+            if s.name.startswith("fdp_"):
+                out[s.name].append((s.labels, s.value))
+    return out
+
+
+def gather(request: Request) -> dict[str, Any]:
+    """Every figure of the page (blocks: the cache index, the queue, the metrics files)."""
+    state = request.app.state
+    samples = _samples()
+    served: dict[str, dict[str, float]] = defaultdict(lambda: {"hits": 0.0, "misses": 0.0})
+    for labels, v in samples["fdp_requests_total"]:
+        if labels["dataset"] == "(none)" or labels["status_class"] not in ("2xx", "3xx"):
+            continue  # (a refused or failed request delivered nothing)
+        if labels["cache"] == "hit":
+            served[labels["dataset"]]["hits"] += v
+        elif labels["cache"] in MISS_KINDS:
+            served[labels["dataset"]]["misses"] += v
+    usage = state.live_figures.cache_usage()
+    applied = state.policies.applied
+    datasets = {}
+    for name in sorted(set(state.registry.entries) | set(usage)):
+        hits, misses = served[name]["hits"], served[name]["misses"]
+        size, count = usage.get(name, (0, 0))
+        datasets[name] = {
+            "serving": name in state.registry.entries,
+            "policy_version": applied.get(name),
+            "cache_bytes": size,
+            "cache_objects": count,
+            "hits": int(hits),
+            "misses": int(misses),
+            "hit_ratio": round(hits / (hits + misses), 3) if hits + misses else None,
+        }
+    upstreams: dict[str, dict[str, Any]] = defaultdict(dict)
+    for labels, v in samples["fdp_upstream_response_seconds_count"]:
+        upstreams[labels["upstream"]]["requests"] = int(v)
+    for labels, v in samples["fdp_upstream_response_seconds_sum"]:
+        n = upstreams[labels["upstream"]].get("requests") or 0
+        upstreams[labels["upstream"]]["mean_ms"] = round(1000 * v / n, 1) if n else None
+    for labels, v in samples["fdp_upstream_errors_total"]:
+        errors = upstreams[labels["upstream"]].setdefault("errors", {})
+        errors[labels["kind"]] = errors.get(labels["kind"], 0) + int(v)
+    for origin, health in list(HEALTH.items()):
+        upstreams[origin] |= health.public()
+    limiter = state.assets.limiter
+    queue = state.queue
+    try:
+        depth: int | None = queue.depth()
+        jobs = [j.public() for j in queue.recent(RECENT_JOBS)]
+    except Exception:  # (a silent Redis: the page still shows the rest)
+        depth, jobs = None, []
+    return {
+        "time": time.time(),
+        "upstreams": dict(sorted(upstreams.items())),
+        "datasets": datasets,
+        "cache": {
+            "bytes": sum(d["cache_bytes"] for d in datasets.values()),
+            "max_bytes": int(state.settings.cache.max_bytes),
+            "error": state.delivery.health.error if state.delivery is not None else None,
+        },
+        "queue": {"depth": depth, "recent_jobs": jobs},
+        "qos": {
+            "rejected": {f"{d}/{k}": n for (d, k), n in sorted(limiter.rejected.items())},
+            "recent_rejections": [
+                {"time": t, "dataset": d, "kind": k, "scope": s, "who": w}
+                for t, d, k, s, w in reversed(limiter.recent)
+            ],
+        },
+    }
+
+
+async def _allowed(request: Request) -> None:
+    if request.app.state.settings.auth.oidc_issuer is None:
+        return
+    who = await identity(request)
+    if who.subject is None:
+        raise Unauthorized("the status pages need a bearer token", invalid=False)
+    if not who.admin:
+        raise Forbidden("the status pages are for the admin group only")
+
+
+async def status_json(request: Request) -> Response:
+    await _allowed(request)
+    figures = await anyio.to_thread.run_sync(gather, request)
+    return JSONResponse(figures, headers={"cache-control": "no-store"})
+
+
+async def status_html(request: Request) -> Response:
+    await _allowed(request)
+    figures = await anyio.to_thread.run_sync(gather, request)
+    return HTMLResponse(render(figures), headers={"cache-control": "no-store"})
+
+
+# -- the page -----------------------------------------------------------------------------
+
+OK, FAILING = '<span class="ok">ok</span>', '<span class="bad">failing</span>'
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
+table{border-collapse:collapse;background:#fff;min-width:40%}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:#1a7f37}.bad{color:#cf222e;font-weight:600}.muted{color:#888}
+"""
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t)) if t else "-"
+
+
+def _table(
+    head: list[str], rows: list[list[str]], numeric: frozenset[int] | set[int] = frozenset()
+) -> str:
+    if not rows:
+        return '<p class="muted">none</p>'
+    th = "".join(f"<th>{escape(h)}</th>" for h in head)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def render(f: dict[str, Any]) -> str:
+    """The dashboard; every value from the figures is escaped."""
+    e = lambda v: escape(str(v))  # noqa: E731
+    ups = [
+        [
+            e(origin),
+            '<span class="ok">ok</span>'
+            if u.get("ok", True)
+            else '<span class="bad">failing</span>',
+            e(u.get("requests", 0)),
+            e(u.get("mean_ms", "-")),
+            e(", ".join(f"{k}: {n}" for k, n in sorted(u.get("errors", {}).items())) or "-"),
+            e(_when(u.get("last_error"))),
+        ]
+        for origin, u in f["upstreams"].items()
+    ]
+    sets = [
+        [
+            e(name) + ("" if d["serving"] else ' <span class="muted">(deleted)</span>'),
+            e(f"v{d['policy_version']}" if d["policy_version"] else "-"),
+            e(_size(d["cache_bytes"])),
+            e(d["cache_objects"]),
+            e(d["hits"]),
+            e(d["misses"]),
+            e(f"{d['hit_ratio']:.0%}" if d["hit_ratio"] is not None else "-"),
+        ]
+        for name, d in f["datasets"].items()
+    ]
+    jobs = [
+        [
+            e(j["dataset"]),
+            e(j["path"]),
+            e(j["state"]),
+            e(_size(j["bytes_done"])),
+            e(j["attempts"]),
+            e(_when(j["created"])),
+            e(j.get("error") or ""),
+        ]
+        for j in f["queue"]["recent_jobs"]
+    ]
+    rejections = [
+        [e(_when(r["time"])), e(r["dataset"]), e(r["kind"]), e(f"{r['scope']} {r['who']}")]
+        for r in f["qos"]["recent_rejections"]
+    ]
+    cache = f["cache"]
+    depth = f["queue"]["depth"]
+    cache_line = f"{_size(cache['bytes'])} of {_size(cache['max_bytes'])}"
+    queue_line = "unavailable" if depth is None else f"{depth} waiting"
+    tables = {
+        "Upstreams": _table(
+            ["origin", "health", "requests", "mean ms", "errors", "last error"], ups, {2, 3}
+        ),
+        "Datasets": _table(
+            ["dataset", "policy", "cached", "objects", "hits", "misses", "hit ratio"],
+            sets,
+            {2, 3, 4, 5, 6},
+        ),
+        "Recent jobs": _table(
+            ["dataset", "path", "state", "bytes", "attempts", "created", "error"], jobs, {3, 4}
+        ),
+        "Recent QoS refusals": _table(["time", "dataset", "limit", "who"], rejections),
+    }
+    sections = "".join(f"<h2>{title}</h2>\n{table}\n" for title, table in tables.items())
+    if cache["error"]:
+        cache_line += f' <span class="bad">{e(cache["error"])}</span>'
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="15">
+<title>fdp status</title><style>{STYLE}</style></head><body>
+<h1>fdp status</h1><p class="muted">{e(_when(f["time"]))}</p>
+<p>Cache: <b id="cache">{cache_line}</b> &middot; Queue: <b id="queue">{e(queue_line)}</b></p>
+{sections}</body></html>
+"""
