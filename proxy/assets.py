@@ -243,7 +243,12 @@ class Assets:
         if plan.kind in (Kind.HIT, Kind.MISS):
             assert self.delivery is not None
             if plan.record is None:  # admitted: now the upstream may be asked for its size
-                x.plan = plan = await self.delivery.plan(x) or plan
+                try:
+                    x.plan = plan = await self.delivery.plan(x) or plan
+                except CacheWriteFailed:  # the index cannot take it now: go around the cache
+                    x.plan = Plan(Kind.PASSTHROUGH)
+                    await self.passthrough(x, receive, send)
+                    return
             await self.delivery.send(x, plan, cache_control(x.entry.policy), receive, raw)
         elif plan.kind in (Kind.PRESIGN, Kind.REDIRECT):
             assert plan.location is not None

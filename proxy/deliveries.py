@@ -38,6 +38,7 @@ log = logging.getLogger("fdp.deliveries")
 #: deliveries waiting for the writer; beyond that they are dropped (and counted)
 MAX_PENDING = 100_000
 FLUSH_SECONDS = 1.0
+BATCH = 10_000
 PAGE = 100
 MAX_PAGE = 1000
 
@@ -52,22 +53,6 @@ class Delivery:
     status: int
     bytes: int
     cache: str  # hit, miss, pass-through, presign, redirect, slow
-
-    @classmethod
-    def of(cls, x: Exchange) -> Delivery | None:
-        """The delivery an exchange made, if it made one (a data answer of a dataset)."""
-        if x.entry is None or x.plan is None or not (200 <= x.status < 400) or x.method != "GET":
-            return None
-        return cls(
-            time.time(),
-            x.who.subject,
-            x.client,
-            x.dataset,
-            x.rel,
-            x.status,
-            x.sent,
-            x.plan.kind.value,
-        )
 
 
 class Backend(Protocol):
@@ -229,7 +214,7 @@ class DeliveryLog:
     def __init__(self, backend: Backend, config: DeliveryLogConfig) -> None:
         self.backend = backend
         self.keep_seconds = config.keep_days * 86400
-        self.pending: collections.deque[Delivery] = collections.deque(maxlen=MAX_PENDING)
+        self.pending: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=MAX_PENDING)
         self.dropped = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -237,12 +222,15 @@ class DeliveryLog:
         self._thread.start()
 
     def add(self, x: Exchange) -> None:
-        """Note the delivery `x` made (if any); never waits."""
-        d = Delivery.of(x)
-        if d is not None:
-            if len(self.pending) == MAX_PENDING:
-                self.dropped += 1  # (the deque drops the oldest)
-            self.pending.append(d)
+        """Note the delivery `x` made, if it made one (a data answer of a dataset); never
+        waits, and costs a tuple (the writer makes the records)."""
+        if x.entry is None or x.plan is None or x.method != "GET" or not 200 <= x.status < 400:
+            return
+        if len(self.pending) == MAX_PENDING:
+            self.dropped += 1  # (the deque drops the oldest)
+        self.pending.append(
+            (time.time(), x.who.subject, x.client, x.dataset, x.rel, x.status, x.sent, x.plan.kind)
+        )
 
     def _run(self) -> None:
         last_expiry = 0.0
@@ -255,17 +243,18 @@ class DeliveryLog:
                     self.backend.expire(time.time() - self.keep_seconds)
 
     def flush(self) -> None:
-        """Write what is pending (blocks)."""
-        batch: list[Delivery] = []
-        while self.pending and len(batch) < 10_000:
-            batch.append(self.pending.popleft())
-        if not batch:
-            return
-        try:
-            self.backend.write(batch)
-        except Exception as e:  # (a store away: these are lost, the next batch tries again)
-            self.dropped += len(batch)
-            log.warning("%d deliveries not logged (%s)", len(batch), type(e).__name__)
+        """Write everything pending, in batches (blocks)."""
+        while self.pending:
+            batch: list[Delivery] = []
+            while self.pending and len(batch) < BATCH:
+                *fields, kind = self.pending.popleft()
+                batch.append(Delivery(*fields, str(kind)))
+            try:
+                self.backend.write(batch)
+            except Exception as e:  # (a store away: these are lost, the next batch tries again)
+                self.dropped += len(batch)
+                log.warning("%d deliveries not logged (%s)", len(batch), type(e).__name__)
+                return
 
     def close(self) -> None:
         self._stop.set()

@@ -67,6 +67,11 @@ class Admin:
         )
 
 
+def at(r: httpx.Response) -> dict[str, str]:
+    """`If-Match` with the ETag `r` carried."""
+    return {"if-match": r.headers["etag"]}
+
+
 @pytest.fixture
 def admin_of(oidc):
     token = oidc.token(sub="olga", groups=["fdp-admins"])
@@ -279,3 +284,33 @@ def test_the_cli_reads_edits_and_rolls_back_with_readable_diffs(
     back = fdp("rollback", "open", "1")
     assert back.returncode == 0 and "+max_age: 3600" in back.stdout
     assert yaml.safe_load(fdp("get", "open").stdout)["open"]["max_age"] == 3600
+
+
+def test_delivery_and_retention_edits_and_a_deleted_datasets_cache(
+    start_proxy, upstream, oidc, admin_of, tmp_path
+):
+    """Delivery edits apply to the next resolution, retention edits on the next eviction
+    pass; a deleted dataset's cached objects are left to the global cap."""
+    cfg = config(
+        upstream, oidc, tmp_path, cache={"store": str(tmp_path / "cache"), "sweep_seconds": 0.5}
+    )
+    proxy = start_proxy(cfg)
+    admin = admin_of(proxy.url)
+    url = f"{proxy.url}/assets/open/{B04}"
+    assert httpx.get(url).status_code == 200  # cached
+    redirected = admin.patch("open", {"delivery": "redirect"}, **at(admin.get("open")))
+    r = httpx.get(url)
+    assert r.status_code == 307 and r.headers["location"].startswith(upstream.url)
+    admin.patch("open", {"delivery": "cache", "retention": {"max_bytes": 1000}}, **at(redirected))
+    upstream.reset()
+    deadline = time.monotonic() + 10
+    while not upstream.data_requests():  # evicted by the next pass: the next GET is a miss
+        assert time.monotonic() < deadline, "the retention edit was not applied"
+        assert httpx.get(url, headers={"range": "bytes=0-9"}).status_code == 206
+        time.sleep(0.2)
+    kept = admin.patch("open", {"retention": {"max_bytes": None}}, **at(admin.get("open")))
+    assert httpx.get(url).status_code == 200  # cached again, under the default retention
+    admin.client.delete("/admin/policies/open", headers=at(kept))
+    time.sleep(1.5)  # three eviction passes (nothing to wait for: nothing should happen)
+    left = admin.client.get("/status.json").json()["datasets"]["open"]
+    assert left["serving"] is False and left["cache_objects"] == 1
