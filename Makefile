@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-PYTEST_ARGS ?=
+## Two pytest processes: most tests wait on servers, so the suite takes half the time.
+PYTEST_ARGS ?= -n 2
 PORT   ?=
 
 .PHONY: demo test bench lint format system-packages clean

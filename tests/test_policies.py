@@ -314,3 +314,19 @@ def test_delivery_and_retention_edits_and_a_deleted_datasets_cache(
     time.sleep(1.5)  # three eviction passes (nothing to wait for: nothing should happen)
     left = admin.client.get("/status.json").json()["datasets"]["open"]
     assert left["serving"] is False and left["cache_objects"] == 1
+
+
+def test_worker_processes_follow_edits_in_the_policy_file(upstream, oidc, admin_of, tmp_path):
+    """Without Redis, `--workers 2` share the policy file: an edit taken by one process is
+    enforced by both within seconds."""
+    proxy = fdp_serve(config(upstream, oidc, tmp_path), tmp_path, "--workers", "2")
+    with proxy.proc:
+        admin = admin_of(proxy.url)
+        url = f"{proxy.url}/assets/open/{B04}"
+        assert httpx.get(url).status_code == 200
+        closing = {"access": {"public": False, "authenticated": True}}
+        assert admin.patch("open", closing, **at(admin.get("open"))).status_code == 200
+        t, streak = time.monotonic(), 0
+        while streak < 20:  # both processes, whichever the kernel hands each request to
+            streak = streak + 1 if httpx.get(url).status_code == 401 else 0
+            assert time.monotonic() - t < 5, "a worker process still serves the old policy"
