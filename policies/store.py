@@ -61,9 +61,9 @@ class Version:
     def deleted(self) -> bool:
         return self.document is None
 
-    def public(self, with_document: bool = False) -> dict[str, Any]:
-        """What the admin API shows of it (never a secret)."""
-        out = {
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows of it (never a secret: `changes` are masked)."""
+        return {
             "dataset": self.dataset,
             "version": self.version,
             "updated": self.updated,
@@ -72,9 +72,6 @@ class Version:
             "deleted": self.deleted,
             "changes": self.changes,
         }
-        if with_document and self.document is not None:
-            out["document"] = masked(self.document)
-        return out
 
 
 class Stale(Exception):
