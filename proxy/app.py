@@ -221,6 +221,12 @@ def create_app(
             except Exception as e:  # a full disk must not stop housekeeping for good
                 delivery.health.failed("housekeeping", e)
 
+    async def publish_metrics() -> None:
+        """The requests counted since the last second, to the prometheus counters."""
+        while True:
+            await anyio.sleep(1.0)
+            assets.metrics.publish()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with make_client(registry.timeouts) as client, anyio.create_task_group() as tg:
@@ -244,6 +250,7 @@ def create_app(
                 assets.auth = Authenticator(settings.auth, client)
             await queue.start()
             policies.follow()
+            tg.start_soon(publish_metrics)
             if store is not None:
                 tg.start_soon(housekeeping, delivery)
             try:

@@ -1,24 +1,24 @@
 """Delivery logs: who got which object, when, how many bytes, from the cache or not.
 
-The `account` stage hands each delivery to `DeliveryLog.add` (a deque append: the request
-never waits for a disk or Redis). A thread writes them in batches, to a Redis stream per
-user and per dataset (`queue.redis_url`, shared by every replica) or to a SQLite file
-beside the cache; both keep `deliveries.keep_days` days. `GET /me/deliveries` shows callers
-their own; members of a dataset's `owners` groups (and admins) see that dataset's with
-`?dataset=`; nobody sees anyone else's. Paged newest first (`cursor`), filterable by
-dataset and time (`since`, `until`: RFC 3339 or Unix seconds).
+The `account` stage hands each delivery to `DeliveryLog.add`, which adds it up in memory
+(the request never waits for a disk or Redis): answers of one kind to one caller for one
+object within a second are one delivery with their bytes and count. A thread writes them
+each second, to a Redis stream per user and per dataset (`queue.redis_url`, shared by every
+replica) or to a SQLite file beside the cache; both keep `deliveries.keep_days` days.
+`GET /me/deliveries` shows callers their own; members of a dataset's `owners` groups (and
+admins) see that dataset's with `?dataset=`; nobody sees anyone else's. Paged newest first
+(`cursor`), filterable by dataset and time (`since`, `until`: RFC 3339 or Unix seconds).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,10 +35,9 @@ from proxy.problems import BadRequest, ProxyError
 
 log = logging.getLogger("fdp.deliveries")
 
-#: deliveries waiting for the writer; beyond that they are dropped (and counted)
+#: distinct deliveries waiting for the writer; beyond that they are dropped (and counted)
 MAX_PENDING = 100_000
 FLUSH_SECONDS = 1.0
-BATCH = 10_000
 PAGE = 100
 MAX_PAGE = 1000
 
@@ -53,6 +52,8 @@ class Delivery:
     status: int
     bytes: int
     cache: str  # hit, miss, pass-through, presign, redirect, slow
+    #: answers of the same kind it stands for (range reads of one object within a second)
+    requests: int = 1
 
 
 class Backend(Protocol):
@@ -70,7 +71,9 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-SELECT = "select id, time, user, client, dataset, path, status, bytes, cache from deliveries"
+SELECT = (
+    "select id, time, user, client, dataset, path, status, bytes, cache, requests from deliveries"
+)
 
 
 class SqliteBackend:
@@ -85,17 +88,17 @@ class SqliteBackend:
             self.db.execute(
                 "create table if not exists deliveries (id integer primary key, time real,"
                 " user text, client text, dataset text, path text, status int, bytes int,"
-                " cache text)"
+                " cache text, requests int)"
             )
             self.db.execute("create index if not exists by_user on deliveries (user, id)")
             self.db.execute("create index if not exists by_dataset on deliveries (dataset, id)")
 
     def write(self, batch: list[Delivery]) -> None:
-        rows = [tuple(asdict(d).values()) for d in batch]
+        rows = [astuple(d) for d in batch]
         with self.lock, self.db:
             self.db.executemany(
-                "insert into deliveries (time, user, client, dataset, path, status, bytes, cache)"
-                " values (?, ?, ?, ?, ?, ?, ?, ?)",
+                "insert into deliveries (time, user, client, dataset, path, status, bytes, cache,"
+                " requests) values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -209,28 +212,38 @@ class NoBackend:
 
 
 class DeliveryLog:
-    """Deliveries on their way to the backend, written by a thread of their own."""
+    """Deliveries on their way to the backend, written by a thread of their own.
+
+    Answers of the same kind to the same caller for the same object within one flush (a
+    client's range reads of a file) become one delivery with their bytes and count added
+    up: what the log is for, and a few rows a second however many requests there are."""
 
     def __init__(self, backend: Backend, config: DeliveryLogConfig) -> None:
         self.backend = backend
         self.keep_seconds = config.keep_days * 86400
-        self.pending: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=MAX_PENDING)
+        #: (user, client, dataset, path, status, delivery) -> [first time, requests, bytes]
+        self.pending: dict[tuple[Any, ...], list[Any]] = {}
         self.dropped = 0
-        self._wake = threading.Event()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fdp-deliveries", daemon=True)
         self._thread.start()
 
     def add(self, x: Exchange) -> None:
         """Note the delivery `x` made, if it made one (a data answer of a dataset); never
-        waits, and costs a tuple (the writer makes the records)."""
+        waits on anything but this log's own lock."""
         if x.entry is None or x.plan is None or x.method != "GET" or not 200 <= x.status < 400:
             return
-        if len(self.pending) == MAX_PENDING:
-            self.dropped += 1  # (the deque drops the oldest)
-        self.pending.append(
-            (time.time(), x.who.subject, x.client, x.dataset, x.rel, x.status, x.sent, x.plan.kind)
-        )
+        key = (x.who.subject, x.client, x.dataset, x.rel, x.status, x.plan.kind)
+        with self._lock:
+            entry = self.pending.get(key)
+            if entry is not None:
+                entry[1] += 1
+                entry[2] += x.sent
+            elif len(self.pending) < MAX_PENDING:
+                self.pending[key] = [time.time(), 1, x.sent]
+            else:
+                self.dropped += 1
 
     def _run(self) -> None:
         last_expiry = 0.0
@@ -243,18 +256,21 @@ class DeliveryLog:
                     self.backend.expire(time.time() - self.keep_seconds)
 
     def flush(self) -> None:
-        """Write everything pending, in batches (blocks)."""
-        while self.pending:
-            batch: list[Delivery] = []
-            while self.pending and len(batch) < BATCH:
-                *fields, kind = self.pending.popleft()
-                batch.append(Delivery(*fields, str(kind)))
-            try:
-                self.backend.write(batch)
-            except Exception as e:  # (a store away: these are lost, the next batch tries again)
-                self.dropped += len(batch)
-                log.warning("%d deliveries not logged (%s)", len(batch), type(e).__name__)
-                return
+        """Write everything pending (blocks)."""
+        with self._lock:
+            pending, self.pending = self.pending, {}
+        if not pending:
+            return
+        batch = [
+            Delivery(at, user, client, dataset, path, status, sent, str(kind), n)
+            for (user, client, dataset, path, status, kind), (at, n, sent) in pending.items()
+        ]
+        batch.sort(key=lambda d: d.time)
+        try:
+            self.backend.write(batch)
+        except Exception as e:  # (a store away: these are lost, the next flush tries again)
+            self.dropped += len(batch)
+            log.warning("%d deliveries not logged (%s)", len(batch), type(e).__name__)
 
     def close(self) -> None:
         self._stop.set()

@@ -59,25 +59,46 @@ CACHE_FIGURES_TTL = 10.0
 
 
 class RequestMetrics:
-    """The `account` stage's counters, each label set's children looked up once."""
+    """The `account` stage's counts: added up in a plain dict on the request path (a cache
+    hit pays a dict lookup), handed to the prometheus counters by `publish` (each second,
+    and before a scrape)."""
 
     def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, int, str], list[int]] = {}
         self._children: dict[tuple[str, str, int, str], tuple[Counter, Counter]] = {}
 
     def observe(self, x: Exchange) -> None:
-        dataset = x.dataset if x.entry is not None else "(none)"
-        plan = x.plan.kind.value if x.plan is not None else "none"
-        key = (dataset, x.method, x.status, plan)
-        children = self._children.get(key)
-        if children is None:
-            method = x.method if x.method in ("GET", "HEAD") else "other"
-            status = f"{x.status // 100}xx" if x.status else "none"
-            children = (REQUESTS.labels(dataset, method, status, plan), SENT.labels(dataset, plan))
-            if len(self._children) < 10_000:  # (bounded: the labels are)
-                self._children[key] = children
-        children[0].inc()
-        if x.sent:
-            children[1].inc(x.sent)
+        key = (
+            x.dataset if x.entry is not None else "(none)",
+            x.method,
+            x.status,
+            x.plan.kind.value if x.plan is not None else "none",
+        )
+        counts = self._counts.get(key)
+        if counts is None:
+            self._counts[key] = [1, x.sent]
+        else:
+            counts[0] += 1
+            counts[1] += x.sent
+
+    def publish(self) -> None:
+        """Add what was counted since the last time to the prometheus counters."""
+        counts, self._counts = self._counts, {}
+        for key, (n, sent) in counts.items():
+            children = self._children.get(key)
+            if children is None:
+                dataset, method, status, plan = key
+                method = method if method in ("GET", "HEAD") else "other"
+                status_class = f"{status // 100}xx" if status else "none"
+                children = (
+                    REQUESTS.labels(dataset, method, status_class, plan),
+                    SENT.labels(dataset, plan),
+                )
+                if len(self._children) < 10_000:  # (bounded: the labels are)
+                    self._children[key] = children
+            children[0].inc(n)
+            if sent:
+                children[1].inc(sent)
 
 
 class LiveFigures(Collector):
@@ -148,6 +169,7 @@ def registry() -> CollectorRegistry:
 
 
 async def metrics(request: Request) -> Response:
+    request.app.state.assets.metrics.publish()
     live = CollectorRegistry(auto_describe=False)
     live.register(request.app.state.live_figures)
     body = await anyio.to_thread.run_sync(

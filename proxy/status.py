@@ -112,12 +112,14 @@ async def _allowed(request: Request) -> None:
 
 async def status_json(request: Request) -> Response:
     await _allowed(request)
+    request.app.state.assets.metrics.publish()
     figures = await anyio.to_thread.run_sync(gather, request)
     return JSONResponse(figures, headers={"cache-control": "no-store"})
 
 
 async def status_html(request: Request) -> Response:
     await _allowed(request)
+    request.app.state.assets.metrics.publish()
     figures = await anyio.to_thread.run_sync(gather, request)
     return HTMLResponse(render(figures), headers={"cache-control": "no-store"})
 

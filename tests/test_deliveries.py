@@ -92,3 +92,22 @@ def test_each_user_sees_their_own_and_owners_see_their_datasets(proxy, upstream,
     bad = httpx.get(f"{proxy.url}/me/deliveries", headers=alice, params={"since": "yesterday"})
     assert bad.status_code == 400 and bad.json()["detail"].startswith("since:")
     assert httpx.get(f"{proxy.url}/me/deliveries").status_code == 401
+
+
+def test_range_reads_of_one_object_are_one_delivery(proxy, upstream, oidc):
+    """A client's many range reads within a second: one delivery, their bytes added up."""
+    alice = bearer(oidc, "alice")
+    url = f"{proxy.url}/assets/shared/{B04}"
+    assert httpx.get(url, headers=alice).status_code == 200  # cached
+    with httpx.Client(headers=alice) as c:
+        for n in range(30):
+            r = c.get(url, headers={"range": f"bytes={n * 100}-{n * 100 + 99}"})
+            assert r.status_code == 206
+    deadline = time.monotonic() + 10
+    while True:  # written within a second or two
+        ranges = [d for d in logged(proxy, alice, 2)["deliveries"] if d["status"] == 206]
+        if sum(d["requests"] for d in ranges) == 30 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sum(d["requests"] for d in ranges) == 30 and sum(d["bytes"] for d in ranges) == 3000
+    assert len(ranges) <= 3  # (a flush may fall between them)

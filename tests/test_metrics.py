@@ -5,6 +5,7 @@ contents, jobs; and one set of figures for all the processes of `fdp serve --wor
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import httpx
@@ -99,6 +100,10 @@ def test_worker_processes_report_one_set_of_figures(upstream, tmp_path):
         for _ in range(20):  # spread over both processes by the kernel
             r = httpx.get(f"{proxy.url}/assets/cached/{B04}", headers={"range": "bytes=0-9"})
             assert r.status_code == 206
+        deadline = time.monotonic() + 5
+        while total(scrape(proxy.url), "fdp_requests_total", dataset="cached") != 20:
+            assert time.monotonic() < deadline  # each process publishes its counts each second
+            time.sleep(0.2)
         for _ in range(4):  # whichever process answers the scrape: the same sums
             m = scrape(proxy.url)
             assert total(m, "fdp_requests_total", dataset="cached") == 20
