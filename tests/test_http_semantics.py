@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import http.client
 import json
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -155,6 +156,10 @@ def test_every_asset_request_is_one_json_access_line_without_tokens(hproxy, upst
         url(hproxy, "cached"), headers={"range": "bytes=0-9", "authorization": "Bearer s3cr3t"}
     )
     httpx.get(url(hproxy, "through", "nope.tif") + "?X-Amz-Signature=s3cr3t")
+    deadline = time.monotonic() + 5
+    while "/assets/through/nope.tif" not in hproxy.proc.log_text():  # (written after answering)
+        assert time.monotonic() < deadline, "no access line for the last request"
+        time.sleep(0.02)
     lines = [
         json.loads(line) for line in hproxy.proc.log_text().splitlines() if "fdp.access" in line
     ]
