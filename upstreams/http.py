@@ -221,13 +221,13 @@ def answered(url: str, status: int) -> None:
 
 
 @contextlib.contextmanager
-def observed(url: str, sync: bool = False) -> Iterator[None]:
+def observed(url: str, what: str = "GET", sync: bool = False) -> Iterator[None]:
     """One request to an upstream: its time to the answer's headers and its failures
     (as the proxy maps them), counted by origin."""
     upstream = _upstream(url)
     started = time.perf_counter()
     try:
-        with map_sync_errors("GET") if sync else map_transport_errors("GET"):
+        with map_sync_errors(what) if sync else map_transport_errors(what):
             yield
     except UpstreamTimeout:
         UPSTREAM_ERRORS.labels(upstream, "timeout").inc()
@@ -295,7 +295,7 @@ async def _send(
         request = client.build_request(
             method, hops.url, headers=hops.headers(extra), timeout=hops.timeout
         )
-        with observed(hops.url):
+        with observed(hops.url, method):
             response = await client.send(request, stream=stream)
         answered(hops.url, response.status_code)
         try:
