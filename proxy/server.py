@@ -32,6 +32,7 @@ class LimitedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_headers = True
         self._header_bytes = 0
+        self._tail = b""  # the last bytes read while in headers (a split `\r\n\r\n`)
         #: when the request being read last made progress; None between requests
         self._since: float | None = None
 
@@ -43,7 +44,10 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_headers:
-            self._header_bytes += len(data)
+            # only the bytes up to the end of the headers count (a body may come along)
+            end = (self._tail + data).find(b"\r\n\r\n")
+            self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+            self._tail = data[-3:]
             if self._header_bytes > self.max_header_bytes:
                 self._refuse()
                 return
@@ -54,7 +58,7 @@ class LimitedProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
-        self._in_headers, self._header_bytes = False, 0
+        self._in_headers, self._header_bytes, self._tail = False, 0, b""
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

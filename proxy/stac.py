@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -176,35 +177,71 @@ def _page_params(values: dict[str, Any]) -> tuple[int, Cursor | None, int]:
             else {"i": 0, "c": None}
         )
         index, cursor = int(state["i"]), state["c"]
-    except (TypeError, ValueError, KeyError):
+    except (TypeError, ValueError, KeyError, OverflowError, RecursionError):
         raise BadQuery("limit must be an integer, and token one given in a next link") from None
     if limit < 1 or index < 0 or not (cursor is None or isinstance(cursor, dict)):
         raise BadQuery("limit must be positive, and token one given in a next link")
     return index, cursor, limit
 
 
+def _instant(text: str) -> str:
+    """An RFC 3339 date-time (with its offset), as given; else a 400 naming `datetime`."""
+    try:
+        parsed = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise BadQuery(f"datetime: {text[:40]!r} is not an RFC 3339 date-time") from None
+    if parsed.tzinfo is None or "T" not in text.upper():
+        raise BadQuery(f"datetime: {text[:40]!r} needs a time and an offset (RFC 3339)")
+    return text
+
+
+def _bbox(bbox: Any) -> list[float]:
+    """A 2-D or 3-D bbox (a list, or a comma list in a query) as its 2-D extent."""
+    try:
+        box = [float(v) for v in (bbox.split(",") if isinstance(bbox, str) else bbox)]
+    except (TypeError, ValueError):
+        raise BadQuery("bbox: four or six numbers") from None
+    if len(box) not in (4, 6) or not all(math.isfinite(v) for v in box):
+        raise BadQuery("bbox: four or six finite numbers")
+    return box if len(box) == 4 else [box[0], box[1], box[3], box[4]]
+
+
 def _query(values: dict[str, Any]) -> dict[str, Any]:
-    """Translate STAC search parameters into EODAG's."""
+    """Translate STAC search parameters into EODAG's; a malformed one is a 400 naming it."""
     out: dict[str, Any] = {}
-    bbox = values.get("bbox")
-    if bbox:
-        try:
-            box = [float(v) for v in (bbox.split(",") if isinstance(bbox, str) else bbox)]
-        except (TypeError, ValueError):
-            raise BadQuery("bbox must be four numbers") from None
-        if len(box) != 4 or not all(math.isfinite(v) for v in box):
-            raise BadQuery("bbox must be four finite numbers")
-        out["geom"] = box
+    if values.get("bbox") is not None and values.get("intersects") is not None:
+        raise BadQuery("bbox and intersects: give one or the other")
+    if values.get("bbox") is not None:
+        out["geom"] = _bbox(values["bbox"])
     interval = values.get("datetime")
-    if interval:
-        start, _, end = str(interval).partition("/")
-        if start not in ("", ".."):
-            out["start"] = start
-        if end not in ("", "..") and "/" in str(interval):
-            out["end"] = end
-        elif "/" not in str(interval):
-            out["end"] = start
+    if interval is not None:
+        if not isinstance(interval, str) or not interval:
+            raise BadQuery("datetime: an RFC 3339 date-time or interval (a string)")
+        start, slash, end = interval.partition("/")
+        if not slash:
+            out["start"] = out["end"] = _instant(start)
+        else:
+            if start in ("", "..") and end in ("", ".."):
+                raise BadQuery("datetime: an interval needs at least one end")
+            if start not in ("", ".."):
+                out["start"] = _instant(start)
+            if end not in ("", ".."):
+                out["end"] = _instant(end)
+            if "start" in out and "end" in out and out["start"] > out["end"]:
+                raise BadQuery("datetime: the interval ends before it starts")
     return out
+
+
+def _names(values: dict[str, Any], key: str) -> list[str] | None:
+    """`collections` or `ids`: a list of strings, or one comma-separated string."""
+    value = values.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadQuery(f"{key}: a list of strings (or one comma-separated string)")
+    return value
 
 
 def _feature_collection(
@@ -261,7 +298,7 @@ async def landing(request: Request) -> Response:
                 {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "POST"},
                 *(
                     {"rel": "child", "href": f"{root}/collections/{n}", "type": "application/json"}
-                    for n in request.app.state.registry.entries
+                    for n in await _visible(request)
                 ),
             ],
         }
@@ -320,16 +357,16 @@ async def search(request: Request) -> Response:
     visible = await _visible(request)
     if request.method == "POST":
         try:
-            values = await request.json()
-        except ValueError:
+            values = json.loads(await request.body())
+        except (ValueError, RecursionError):  # (a body nested thousands deep)
             raise BadQuery("the search body must be JSON") from None
         if not isinstance(values, dict):
             raise BadQuery("the search body must be a JSON object")
     else:
         values = dict(request.query_params)
-        for key in ("collections", "ids"):
-            if key in values:
-                values[key] = [v for v in values[key].split(",") if v]
+    for key in ("collections", "ids"):
+        if key in values:
+            values[key] = _names(values, key)
     index, cursor, limit = _page_params(values)
     query = _query(values)
     names = values.get("collections") or list(visible)

@@ -158,6 +158,12 @@ def test_stac_shows_only_what_the_caller_may_read(aproxy, oidc):
     assert httpx.get(f"{aproxy.url}/stac/collections/eo").status_code == 404
     r = httpx.get(f"{aproxy.url}/stac/search", params={"collections": "eo"})
     assert r.status_code == 404
+    children = [
+        link["href"].rsplit("/", 1)[1]
+        for link in httpx.get(f"{aproxy.url}/stac").json()["links"]
+        if link["rel"] == "child"
+    ]
+    assert children == ["open"]  # the landing page too
 
 
 def test_jobs_are_visible_to_their_requester_and_admins_only(aproxy, oidc, upstream):

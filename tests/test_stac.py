@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+
 import httpx
+import pytest
 from pystac_client import Client
 
 
@@ -40,3 +43,61 @@ def test_item_and_collection_endpoints(proxy):
     assert r.status_code == 404
     r = httpx.get(f"{proxy.url}/stac/search", params={"bbox": "1,2,3"})
     assert r.status_code == 400 and "bbox" in r.json()["detail"]
+
+
+POINT = {"type": "Point", "coordinates": [0, 0]}
+
+
+@pytest.mark.parametrize(
+    ("method", "query", "names"),
+    [
+        ("POST", {"bbox": 5}, "bbox"),
+        ("POST", {"bbox": [1, 2, 3]}, "bbox"),
+        ("GET", {"bbox": "nan,1,2,3"}, "bbox"),
+        (
+            "POST",
+            {"bbox": [0, 0, 1, 1], "intersects": {"type": "Point", "coordinates": [0, 0]}},
+            "bbox and intersects",
+        ),
+        ("POST", {"ids": 5}, "ids"),
+        ("POST", {"collections": 5}, "collections"),
+        ("POST", {"collections": [1, 2]}, "collections"),
+        ("GET", {"datetime": "yesterday"}, "datetime"),
+        ("GET", {"datetime": "2020-01-01"}, "datetime"),  # no time, no offset
+        ("GET", {"datetime": "../.."}, "datetime"),
+        ("GET", {"datetime": "2021-01-01T00:00:00Z/2020-01-01T00:00:00Z"}, "datetime"),
+        ("POST", {"datetime": 5}, "datetime"),
+        ("GET", {"token": "eyJpIjogW1tbW1tbXV1dXV1dfQ"}, "token"),  # a forged token
+    ],
+)
+def test_malformed_searches_are_400s_naming_the_parameter(proxy, method, query, names):
+    url = f"{proxy.url}/stac/search"
+    r = httpx.post(url, json=query) if method == "POST" else httpx.get(url, params=query)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert names in r.json()["detail"]
+
+
+def test_deeply_nested_bodies_and_tokens_are_400s(proxy):
+    huge = httpx.post(f"{proxy.url}/stac/search", content='{"limit": 1e999}')
+    assert huge.status_code == 400 and "limit" in huge.json()["detail"]
+    deep = "[" * 100_000 + "]" * 100_000
+    r = httpx.post(f"{proxy.url}/stac/search", content='{"bbox": ' + deep + "}")
+    assert r.status_code == 400
+    token = base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode()
+    assert httpx.get(f"{proxy.url}/stac/search", params={"token": token}).status_code == 400
+
+
+def test_collections_as_a_comma_string_and_3d_bboxes(proxy):
+    one = httpx.post(f"{proxy.url}/stac/search", json={"collections": "scenes", "limit": 5})
+    assert one.status_code == 200 and {f["collection"] for f in one.json()["features"]} == {
+        "scenes"
+    }
+    box = [3.0, 44.9, -100.0, 3.2, 45.2, 9000.0]  # minz and maxz are ignored
+    hits = httpx.post(f"{proxy.url}/stac/search", json={"collections": ["scenes"], "bbox": box})
+    assert [f["id"] for f in hits.json()["features"]] == ["scene-a"]
+    exact = httpx.get(
+        f"{proxy.url}/stac/search",
+        params={"collections": "scenes", "datetime": "2020-01-01T00:00:00Z/.."},
+    )
+    assert exact.status_code == 200
