@@ -10,11 +10,12 @@ import base64
 import json
 import math
 from datetime import datetime
+from html import escape
 from typing import Any
 from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.auth import allowed
@@ -33,6 +34,7 @@ CONFORMS = [
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/geojson",
 ]
 GEOJSON = "application/geo+json"
+OPENAPI = "application/vnd.oai.openapi+json;version=3.0"
 
 
 class BadQuery(ProxyError):
@@ -244,12 +246,36 @@ def _names(values: dict[str, Any], key: str) -> list[str] | None:
     return value
 
 
+def _self(request: Request) -> str:
+    """This page's URL as clients reach it (the public URL, this path and query)."""
+    query = f"?{request.url.query}" if request.url.query else ""
+    return f"{_public(request)}{request.url.path}{query}"
+
+
 def _feature_collection(
-    request: Request, features: list[dict[str, Any]], values: dict[str, Any], token: str | None
+    request: Request,
+    features: list[dict[str, Any]],
+    values: dict[str, Any],
+    token: str | None,
+    collection: str | None = None,
 ) -> Response:
+    """A page of items: `self`, `root`, `parent` (and `collection` for a collection's items)
+    links, and `next` while there is more."""
+    root = _root(request)
+    parent = f"{root}/collections/{collection}" if collection else root
     links: list[dict[str, Any]] = [
-        {"rel": "root", "href": _root(request), "type": "application/json"}
+        {
+            "rel": "self",
+            "href": _public(request)
+            + request.url.path
+            + (f"?{request.url.query}" if request.url.query else ""),
+            "type": GEOJSON,
+        },
+        {"rel": "root", "href": root, "type": "application/json"},
+        {"rel": "parent", "href": parent, "type": "application/json"},
     ]
+    if collection:
+        links.append({"rel": "collection", "href": parent, "type": "application/json"})
     if token is not None:
         if request.method == "POST":
             links.append(
@@ -294,6 +320,8 @@ async def landing(request: Request) -> Response:
                 {"rel": "root", "href": root, "type": "application/json"},
                 {"rel": "conformance", "href": f"{root}/conformance", "type": "application/json"},
                 {"rel": "data", "href": f"{root}/collections", "type": "application/json"},
+                {"rel": "service-desc", "href": f"{root}/api", "type": OPENAPI},
+                {"rel": "service-doc", "href": f"{root}/api.html", "type": "text/html"},
                 {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "GET"},
                 {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "POST"},
                 *(
@@ -334,7 +362,7 @@ async def items(request: Request) -> Response:
     _, cursor, limit = _page_params(values)
     features, nxt = await _page(request, entry, limit, _query(values), cursor)
     token = _encode(0, nxt) if nxt else None
-    return _feature_collection(request, features, values, token)
+    return _feature_collection(request, features, values, token, entry.name)
 
 
 def _item_id(iid: str) -> str:
@@ -398,8 +426,79 @@ async def search(request: Request) -> Response:
     return _feature_collection(request, [], values, None)
 
 
+async def service_desc(request: Request) -> Response:
+    """The OpenAPI description of this STAC API (`service-desc`)."""
+    return JSONResponse(openapi(_root(request)), media_type=OPENAPI)
+
+
+async def service_doc(request: Request) -> Response:
+    """A human-readable page of the same (`service-doc`): no script, no CDN."""
+    doc = openapi(_root(request))
+    rows = "".join(
+        f"<tr><td>{escape(method.upper())}</td><td><code>{escape(path)}</code></td>"
+        f"<td>{escape(op['summary'])}</td></tr>"
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+    )
+    page = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>fdp STAC API</title>'
+        "</head><body><h1>fdp STAC API</h1><p>Machine-readable: "
+        f'<a href="{escape(_root(request))}/api">OpenAPI</a></p>'
+        f"<table><tr><th>method</th><th>path</th><th>what</th></tr>{rows}</table></body></html>"
+    )
+    return HTMLResponse(page)
+
+
+def openapi(root: str) -> dict[str, Any]:
+    """OpenAPI 3.0 of the STAC endpoints (paths relative to `root`)."""
+    json_body = {"application/json": {"schema": {"type": "object"}}}
+    geojson = {
+        "200": {"description": "items", "content": {GEOJSON: {"schema": {"type": "object"}}}}
+    }
+    ok = {"200": {"description": "ok", "content": json_body}}
+    cid = {"name": "collectionId", "in": "path", "required": True, "schema": {"type": "string"}}
+    fid = {"name": "featureId", "in": "path", "required": True, "schema": {"type": "string"}}
+    search = [
+        {"name": n, "in": "query", "schema": {"type": "string"}}
+        for n in ("bbox", "datetime", "ids", "collections", "limit", "token")
+    ]
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "fdp STAC API", "version": STAC_VERSION},
+        "servers": [{"url": root}],
+        "paths": {
+            "/": {"get": {"summary": "landing page", "responses": ok}},
+            "/conformance": {"get": {"summary": "conformance classes", "responses": ok}},
+            "/collections": {"get": {"summary": "the collections you may read", "responses": ok}},
+            "/collections/{collectionId}": {
+                "get": {"summary": "one collection", "parameters": [cid], "responses": ok}
+            },
+            "/collections/{collectionId}/items": {
+                "get": {
+                    "summary": "its items",
+                    "parameters": [cid, *search[:2], search[4], search[5]],
+                    "responses": geojson,
+                }
+            },
+            "/collections/{collectionId}/items/{featureId}": {
+                "get": {"summary": "one item", "parameters": [cid, fid], "responses": ok}
+            },
+            "/search": {
+                "get": {"summary": "item search", "parameters": search, "responses": geojson},
+                "post": {
+                    "summary": "item search (JSON body)",
+                    "requestBody": {"content": json_body},
+                    "responses": geojson,
+                },
+            },
+        },
+    }
+
+
 routes = [
     Route("/stac", landing),
+    Route("/stac/api", service_desc),
+    Route("/stac/api.html", service_doc),
     Route("/stac/conformance", conformance),
     Route("/stac/collections", collections),
     Route("/stac/collections/{cid}", collection),

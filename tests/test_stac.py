@@ -101,3 +101,21 @@ def test_collections_as_a_comma_string_and_3d_bboxes(proxy):
         params={"collections": "scenes", "datetime": "2020-01-01T00:00:00Z/.."},
     )
     assert exact.status_code == 200
+
+
+def test_service_description_and_links_on_every_page(proxy):
+    landing = httpx.get(f"{proxy.url}/stac").json()
+    rels = {link["rel"]: link for link in landing["links"]}
+    desc = httpx.get(rels["service-desc"]["href"])
+    assert desc.status_code == 200 and desc.json()["openapi"].startswith("3.0")
+    assert desc.headers["content-type"].startswith("application/vnd.oai.openapi+json")
+    assert "/search" in desc.json()["paths"]
+    doc = httpx.get(rels["service-doc"]["href"])
+    assert doc.status_code == 200 and doc.headers["content-type"].startswith("text/html")
+    page = httpx.get(f"{proxy.url}/stac/collections/scenes/items", params={"limit": 1}).json()
+    links = {link["rel"]: link["href"] for link in page["links"]}
+    assert links["self"] == f"{proxy.url}/stac/collections/scenes/items?limit=1"
+    assert links["collection"] == links["parent"] == f"{proxy.url}/stac/collections/scenes"
+    assert links["root"] == f"{proxy.url}/stac" and "next" in links
+    found = httpx.get(f"{proxy.url}/stac/search", params={"collections": "scenes"}).json()
+    assert {"self", "root", "parent"} <= {link["rel"] for link in found["links"]}
