@@ -14,6 +14,8 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
+import shapely.errors
+import shapely.geometry
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -208,6 +210,36 @@ def _bbox(bbox: Any) -> list[float]:
     return box if len(box) == 4 else [box[0], box[1], box[3], box[4]]
 
 
+#: what shapely raises for a GeoJSON document that is not a geometry
+MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+def _geometry(value: Any) -> Any:
+    """A GeoJSON geometry (`intersects`) as a shapely one, as EODAG takes it."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise BadQuery("intersects: a GeoJSON geometry") from None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise BadQuery("intersects: a GeoJSON geometry")
+    try:
+        geometry = shapely.geometry.shape(value)
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        shapely.errors.ShapelyError,
+    ):
+        raise BadQuery("intersects: not a valid GeoJSON geometry") from None
+    bounds = geometry.bounds
+    if geometry.is_empty or not all(math.isfinite(v) for v in bounds):
+        raise BadQuery("intersects: an empty geometry or one with non-finite coordinates")
+    return geometry
+
+
 def _query(values: dict[str, Any]) -> dict[str, Any]:
     """Translate STAC search parameters into EODAG's; a malformed one is a 400 naming it."""
     out: dict[str, Any] = {}
@@ -215,6 +247,8 @@ def _query(values: dict[str, Any]) -> dict[str, Any]:
         raise BadQuery("bbox and intersects: give one or the other")
     if values.get("bbox") is not None:
         out["geom"] = _bbox(values["bbox"])
+    if values.get("intersects") is not None:
+        out["geom"] = _geometry(values["intersects"])
     interval = values.get("datetime")
     if interval is not None:
         if not isinstance(interval, str) or not interval:

@@ -119,3 +119,22 @@ def test_service_description_and_links_on_every_page(proxy):
     assert links["root"] == f"{proxy.url}/stac" and "next" in links
     found = httpx.get(f"{proxy.url}/stac/search", params={"collections": "scenes"}).json()
     assert {"self", "root", "parent"} <= {link["rel"] for link in found["links"]}
+
+
+def test_intersects_selects_by_footprint(proxy):
+    def ids(geometry: object) -> list[str]:
+        r = httpx.post(
+            f"{proxy.url}/stac/search", json={"collections": ["scenes"], "intersects": geometry}
+        )
+        assert r.status_code == 200, r.text
+        return sorted(f["id"] for f in r.json()["features"])
+
+    box = [3.0, 44.9, 3.2, 45.2]  # the bbox that finds scene-a alone
+    square = [
+        [[box[0], box[1]], [box[2], box[1]], [box[2], box[3]], [box[0], box[3]], [box[0], box[1]]]
+    ]
+    assert ids({"type": "Polygon", "coordinates": square}) == ["scene-a"]
+    assert ids({"type": "Point", "coordinates": [-170.0, -80.0]}) == []
+    for bad in ({"type": "Polygon"}, {"type": "Point", "coordinates": "x"}, [1, 2], {"type": 5}):
+        r = httpx.post(f"{proxy.url}/stac/search", json={"intersects": bad})
+        assert r.status_code == 400 and "intersects" in r.json()["detail"], bad
