@@ -32,7 +32,7 @@ from cache.fetch import ObjectChanged, fetch_span, names, new_record, verify_obj
 from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
 from cache.integrity import ChecksumMismatch, Digest
 from cache.store import STORE_ERRORS, ObjectRecord, Store, version_tag
-from upstreams.base import UpstreamError, UpstreamObject
+from upstreams.base import UpstreamError, UpstreamObject, host_of
 from upstreams.caps import Caps
 from upstreams.http import Meta, make_pool, probe_sync
 from upstreams.memo import Memo
@@ -420,7 +420,7 @@ class FillEngine:
 
     def _limiter(self, obj: UpstreamObject) -> anyio.CapacityLimiter:
         """Threads fetching from one origin: a slow provider holds only its own."""
-        origin = obj.href.split("/", 3)[2] if "://" in obj.href else ""
+        origin = host_of(obj.href)
         limiter = self._limiters.get(origin)
         if limiter is None:
             limiter = self._limiters[origin] = anyio.CapacityLimiter(FETCH_THREADS)

@@ -35,7 +35,8 @@ from policies.documents import (
 from policies.loader import ConfigError
 from policies.store import PolicyStore, Stale, Version, watch
 from proxy.auth import identity
-from proxy.problems import ProxyError, problem
+from proxy.problems import PreconditionFailed, ProxyError, problem
+from upstreams.base import DatasetNotFound
 from upstreams.registry import Registry
 
 log = logging.getLogger("fdp.policies")
@@ -46,14 +47,6 @@ MAX_BODY = 256 * 1024
 
 class PreconditionRequired(ProxyError):
     status, slug = 428, "precondition-required"
-
-
-class PolicyPreconditionFailed(ProxyError):
-    status, slug = 412, "precondition-failed"
-
-
-class NoSuchPolicy(ProxyError):
-    status, slug = 404, "unknown-dataset"
 
 
 class Policies:
@@ -177,6 +170,14 @@ async def _current(request: Request, name: str) -> Version | None:
     return version if version is not None and not version.deleted else None
 
 
+async def _existing(request: Request, name: str) -> Version:
+    """The dataset's current version; a 404 when it has none (never made, or deleted)."""
+    current = await _current(request, name)
+    if current is None:
+        raise DatasetNotFound(f"no dataset named {name!r}")
+    return current
+
+
 def _expected(request: Request, current: Version | None, latest: int | None = None) -> int:
     """The version a write may replace, from its preconditions (RFC 9110 13.1). With
     `latest` (the version of a deleted or never seen dataset), `If-None-Match: *` creates."""
@@ -184,7 +185,7 @@ def _expected(request: Request, current: Version | None, latest: int | None = No
     if_none = request.headers.get("if-none-match")
     if latest is not None and if_none is not None and if_none.strip() == "*":
         if current is not None:
-            raise PolicyPreconditionFailed("the dataset exists: use If-Match with its ETag")
+            raise PreconditionFailed("the dataset exists: use If-Match with its ETag")
         return latest
     if if_match is None:
         raise PreconditionRequired(
@@ -192,7 +193,7 @@ def _expected(request: Request, current: Version | None, latest: int | None = No
         )
     tags = [t.strip() for t in if_match.split(",")]
     if current is None or not (current.etag in tags or "*" in tags):
-        raise PolicyPreconditionFailed("the policy changed since you read it: read it again")
+        raise PreconditionFailed("the policy changed since you read it: read it again")
     return current.version
 
 
@@ -226,9 +227,7 @@ async def list_policies(request: Request) -> Response:
 
 async def get_policy(request: Request) -> Response:
     name = request.path_params["dataset"]
-    current = await _current(request, name)
-    if current is None:
-        raise NoSuchPolicy(f"no dataset named {name!r}")
+    current = await _existing(request, name)
     if request.headers.get("if-none-match") == current.etag:
         return Response(status_code=304, headers={"etag": current.etag})
     return _document_response(current)
@@ -246,9 +245,7 @@ async def put_policy(request: Request) -> Response:
 
 async def patch_policy(request: Request) -> Response:
     name = request.path_params["dataset"]
-    current = await _current(request, name)
-    if current is None:
-        raise NoSuchPolicy(f"no dataset named {name!r}")
+    current = await _existing(request, name)
     expected = _expected(request, current)
     patch = await _body(request)
     doc = keep_secrets(merge_patch(current.document, patch), current.document)
@@ -257,9 +254,7 @@ async def patch_policy(request: Request) -> Response:
 
 async def delete_policy(request: Request) -> Response:
     name = request.path_params["dataset"]
-    current = await _current(request, name)
-    if current is None:
-        raise NoSuchPolicy(f"no dataset named {name!r}")
+    current = await _existing(request, name)
     expected = _expected(request, current)
     return await _write(request, name, None, "delete", expected)
 
@@ -278,9 +273,7 @@ async def _write(
     except InvalidPolicy as e:
         return _invalid(e, request.url.path)
     except Stale:
-        raise PolicyPreconditionFailed(
-            "the policy changed since you read it: read it again"
-        ) from None
+        raise PreconditionFailed("the policy changed since you read it: read it again") from None
     if version.deleted:
         return Response(status_code=204, headers={"cache-control": "no-store"})
     return _document_response(version, 201 if created else 200)
@@ -290,7 +283,7 @@ async def policy_history(request: Request) -> Response:
     name = request.path_params["dataset"]
     versions = await _call(_policies(request).store.history, name)
     if not versions:
-        raise NoSuchPolicy(f"no dataset named {name!r}")
+        raise DatasetNotFound(f"no dataset named {name!r}")
     return JSONResponse(
         {"dataset": name, "versions": [v.public() for v in versions]},
         headers={"cache-control": "no-store"},
@@ -308,7 +301,7 @@ async def rollback_policy(request: Request) -> Response:
     history = await _call(policies.store.history, name)
     old = next((v for v in history if v.version == wanted), None)
     if old is None or old.document is None:
-        raise NoSuchPolicy(f"{name!r} has no version {wanted} with a document")
+        raise DatasetNotFound(f"{name!r} has no version {wanted} with a document")
     latest = history[0]
     if request.headers.get("if-match") is not None:
         _expected(request, latest if not latest.deleted else None)

@@ -111,3 +111,32 @@ def test_range_reads_of_one_object_are_one_delivery(proxy, upstream, oidc):
         time.sleep(0.1)
     assert sum(d["requests"] for d in ranges) == 30 and sum(d["bytes"] for d in ranges) == 3000
     assert len(ranges) <= 3  # (a flush may fall between them)
+
+
+def test_a_delivery_log_that_never_answers_costs_data_nothing(
+    start_proxy, upstream, oidc, blackhole, tmp_path
+):
+    """Redis accepts and never answers: data keeps flowing at once, the log answers a quick
+    503, and the lost deliveries are logged, not raised."""
+    files = {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}
+    proxy = start_proxy(
+        {
+            "cache": {"store": str(tmp_path / "cache")},
+            "auth": {"oidc_issuer": oidc.issuer},
+            "queue": {"redis_url": blackhole.redis_url, "timeout_seconds": 0.5},
+            "datasets": {"shared": {"upstream": files, "access": {"authenticated": True}}},
+        }
+    )
+    alice = bearer(oidc, "alice")
+    for _ in range(3):
+        t = time.monotonic()
+        r = httpx.get(f"{proxy.url}/assets/shared/{B04}", headers=alice, timeout=10)
+        assert r.status_code == 200 and time.monotonic() - t < 1.0
+    t = time.monotonic()
+    r = httpx.get(f"{proxy.url}/me/deliveries", headers=alice, timeout=10)
+    assert r.status_code == 503 and r.json()["type"].endswith("/deliveries-unavailable")
+    assert time.monotonic() - t < 3.0
+    deadline = time.monotonic() + 10
+    while "deliveries not logged" not in proxy.proc.log_text():
+        assert time.monotonic() < deadline, "the writer's failure was not logged"
+        time.sleep(0.1)

@@ -121,3 +121,28 @@ def test_job_stats_add_up_attempts_from_every_worker(redis_url, shared):
     assert outcomes == {"succeeded": 1, "failed": 1, "retried": 1}
     assert dict(buckets) == {1: 1, 5: 1, 15: 1, 60: 2, 300: 2, 900: 2, 3600: 2, math.inf: 3}
     assert seconds == pytest.approx(4020.5)
+
+
+def test_metrics_with_a_redis_that_never_answers(start_proxy, upstream, blackhole, tmp_path):
+    """The queue's Redis is silent: /metrics still answers, boundedly, without the job
+    figures it cannot read."""
+    cfg = config(upstream, tmp_path)
+    cfg["queue"] = {"redis_url": blackhole.redis_url, "timeout_seconds": 0.5}
+    del cfg["datasets"]["vault"]
+    proxy = start_proxy(cfg)
+    assert httpx.get(f"{proxy.url}/assets/cached/{B04}").status_code == 200
+    t = time.monotonic()
+    m = scrape(proxy.url)
+    assert time.monotonic() - t < 5.0
+    assert (
+        value(
+            m,
+            "fdp_requests_total",
+            dataset="cached",
+            method="GET",
+            status_class="2xx",
+            cache="miss",
+        )
+        == 1
+    )
+    assert not any(name.startswith("fdp_job") for name, _ in m)

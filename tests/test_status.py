@@ -12,22 +12,18 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.test_metrics import config as metrics_config
+
 B04 = "scene-a/B04.tif"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 def config(upstream: Any, work: Path, **extra: Any) -> dict[str, Any]:
-    files = {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}
-    return {
-        "cache": {"store": str(work / "cache")},
-        "datasets": {
-            "cached": {"upstream": files},
-            "limited": {"upstream": files, "qos": {"requests_per_minute": 1}},
-            "vault": {"upstream": files, "archive": True},
-            "direct": {"upstream": files, "retention": {"mode": "lru", "max_bytes": 0}},
-        },
-        **extra,
-    }
+    """The metrics tests' datasets, and `direct` (pass-through) for an upstream failure."""
+    cfg = metrics_config(upstream, work) | extra
+    files = cfg["datasets"]["cached"]["upstream"]
+    cfg["datasets"]["direct"] = {"upstream": files, "retention": {"mode": "lru", "max_bytes": 0}}
+    return cfg
 
 
 def traffic(proxy: Any, upstream: Any) -> None:

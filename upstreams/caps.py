@@ -28,7 +28,7 @@ from prometheus_client import Counter
 
 from policies.config import QosService, UpstreamLimit
 from policies.pacing import Pace
-from upstreams.base import UpstreamUnavailable
+from upstreams.base import UpstreamUnavailable, host_of
 
 log = logging.getLogger("fdp.upstream")
 
@@ -161,11 +161,6 @@ def _key(origin: str, what: str) -> str:
     return f"fdp:upstream:{origin}:{what}"
 
 
-def origin_of(href: str) -> str:
-    """`host[:port]` of an href, lower case, as `upstream_limits` names origins."""
-    return href.split("/", 3)[2].rpartition("@")[2].lower() if "://" in href else ""
-
-
 class Meter:
     """One fetch's slot: books what it reads against its origin's rate, keeps its lease."""
 
@@ -254,7 +249,7 @@ class Caps:
     ) -> Iterator[Meter]:
         """Hold a slot of `href`'s origin for one fetch (waiting for one, at most `wait`
         seconds or the origin's `wait_seconds`, counted from `since`); raises UpstreamBusy."""
-        origin = origin_of(href)
+        origin = host_of(href)
         limit = self.limit_for(origin)
         meter = Meter(self, origin, limit, uuid.uuid4().hex)
         if meter.held:

@@ -31,6 +31,7 @@ from upstreams.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
     bind,
+    host_of,
     origin_of,
     quote_key,
     safe_key,
@@ -180,10 +181,6 @@ def map_sync_errors(what: str) -> Iterator[None]:
         raise UpstreamUnavailable(f"{what}: upstream failed ({type(e).__name__})") from None
 
 
-def _upstream(url: str) -> str:
-    return url.split("/", 3)[2].rpartition("@")[2] if "://" in url else "(none)"
-
-
 @dataclass
 class Health:
     """How one origin has answered this process lately (for /status)."""
@@ -212,9 +209,10 @@ def _health(upstream: str) -> Health:
 
 def answered(url: str, status: int) -> None:
     """Note an upstream's answer: a 5xx counts as an error of its origin."""
-    health = _health(_upstream(url))
+    upstream = host_of(url) or "(none)"
+    health = _health(upstream)
     if status >= 500:
-        UPSTREAM_ERRORS.labels(_upstream(url), "5xx").inc()
+        UPSTREAM_ERRORS.labels(upstream, "5xx").inc()
         health.last_error, health.error = time.time(), "5xx"
     else:
         health.last_ok = time.time()
@@ -224,7 +222,7 @@ def answered(url: str, status: int) -> None:
 def observed(url: str, what: str = "GET", sync: bool = False) -> Iterator[None]:
     """One request to an upstream: its time to the answer's headers and its failures
     (as the proxy maps them), counted by origin."""
-    upstream = _upstream(url)
+    upstream = host_of(url) or "(none)"
     started = time.perf_counter()
     try:
         with map_sync_errors(what) if sync else map_transport_errors(what):
