@@ -60,6 +60,8 @@ SUBMIT_LOCK = "fdp:submit:{}"
 LOCK_SECONDS = 5
 #: a quiet subscription is pinged this often; no answer within the timeout: reconnect
 PING_SECONDS = 5.0
+#: seconds `close` waits for the subscription to end
+CLOSE_SECONDS = 2.0
 RECONNECT_SECONDS = (1.0, 30.0)  # first and longest pause between subscription attempts
 WARN_EVERY_SECONDS = 60.0
 
@@ -154,10 +156,13 @@ class RQQueue:
         self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def close(self) -> None:
+        """Stop listening, boundedly: a Redis gone silent must not hold shutdown (ending a
+        subscription may wait on its connection)."""
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            done, _ = await asyncio.wait({self._listener}, timeout=CLOSE_SECONDS)
+            if not done:
+                log.warning("job announcements: the subscription did not end in time; left")
         self.redis.close()
 
     # -- calls on the queue's threads ------------------------------------------------------
