@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import math
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from html import escape
 from typing import Any
 from urllib.parse import quote
@@ -82,12 +83,16 @@ def _collection(request: Request, entry: Entry) -> dict[str, Any]:
             "temporal": {"interval": [[None, None]]},
         },
         "links": [
-            {"rel": "self", "href": f"{root}/collections/{entry.name}", "type": "application/json"},
-            {"rel": "items", "href": f"{root}/collections/{entry.name}/items", "type": GEOJSON},
-            {"rel": "root", "href": f"{root}", "type": "application/json"},
-            {"rel": "parent", "href": f"{root}", "type": "application/json"},
+            _link("self", f"{root}/collections/{entry.name}", title=ds.title or entry.name),
+            _link("items", f"{root}/collections/{entry.name}/items", GEOJSON, "its items"),
+            _link("root", root, title="fdp"),
+            _link("parent", root, title="fdp"),
         ],
     }
+
+
+def _link(rel: str, href: str, media: str = "application/json", title: str = "") -> dict[str, str]:
+    return {"rel": rel, "href": href, "type": media, **({"title": title} if title else {})}
 
 
 def _links(request: Request, entry: Entry, iid: str) -> list[dict[str, str]]:
@@ -188,26 +193,37 @@ def _page_params(values: dict[str, Any]) -> tuple[int, Cursor | None, int]:
     return index, cursor, limit
 
 
-def _instant(text: str) -> str:
-    """An RFC 3339 date-time (with its offset), as given; else a 400 naming `datetime`."""
+#: RFC 3339 `date-time` (section 5.6): ISO 8601 without its looser forms
+RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
+def _instant(text: str) -> datetime:
+    """An RFC 3339 date-time; else a 400 naming `datetime`."""
     try:
-        parsed = datetime.fromisoformat(text.replace("z", "Z"))
+        if not RFC3339.fullmatch(text):
+            raise ValueError(text)
+        return datetime.fromisoformat(text.upper())
     except ValueError:
         raise BadQuery(f"datetime: {text[:40]!r} is not an RFC 3339 date-time") from None
-    if parsed.tzinfo is None or "T" not in text.upper():
-        raise BadQuery(f"datetime: {text[:40]!r} needs a time and an offset (RFC 3339)")
-    return text
 
 
-def _bbox(bbox: Any) -> list[float]:
-    """A 2-D or 3-D bbox (a list, or a comma list in a query) as its 2-D extent."""
+def _bbox(bbox: Any, method: str) -> list[float]:
+    """A 2-D or 3-D bbox (a list; in a query string, a comma list) as its 2-D extent."""
+    if isinstance(bbox, str) and method == "POST":
+        raise BadQuery("bbox: a JSON array of four or six numbers")
     try:
         box = [float(v) for v in (bbox.split(",") if isinstance(bbox, str) else bbox)]
     except (TypeError, ValueError):
         raise BadQuery("bbox: four or six numbers") from None
     if len(box) not in (4, 6) or not all(math.isfinite(v) for v in box):
         raise BadQuery("bbox: four or six finite numbers")
-    return box if len(box) == 4 else [box[0], box[1], box[3], box[4]]
+    box = box if len(box) == 4 else [box[0], box[1], box[3], box[4]]
+    # west > east crosses the antimeridian; south > north is just wrong
+    if box[1] > box[3] or not (-90 <= box[1] <= 90 and -90 <= box[3] <= 90):
+        raise BadQuery("bbox: latitudes within -90..90, the southern one first")
+    return box
 
 
 #: what shapely raises for a GeoJSON document that is not a geometry
@@ -240,13 +256,13 @@ def _geometry(value: Any) -> Any:
     return geometry
 
 
-def _query(values: dict[str, Any]) -> dict[str, Any]:
+def _query(values: dict[str, Any], method: str = "GET") -> dict[str, Any]:
     """Translate STAC search parameters into EODAG's; a malformed one is a 400 naming it."""
     out: dict[str, Any] = {}
     if values.get("bbox") is not None and values.get("intersects") is not None:
         raise BadQuery("bbox and intersects: give one or the other")
     if values.get("bbox") is not None:
-        out["geom"] = _bbox(values["bbox"])
+        out["geom"] = _bbox(values["bbox"], method)
     if values.get("intersects") is not None:
         out["geom"] = _geometry(values["intersects"])
     interval = values.get("datetime")
@@ -265,6 +281,9 @@ def _query(values: dict[str, Any]) -> dict[str, Any]:
                 out["end"] = _instant(end)
             if "start" in out and "end" in out and out["start"] > out["end"]:
                 raise BadQuery("datetime: the interval ends before it starts")
+        for key in ("start", "end"):  # as EODAG wants them: UTC, RFC 3339
+            if key in out:
+                out[key] = out[key].astimezone(UTC).isoformat().replace("+00:00", "Z")
     return out
 
 
@@ -350,17 +369,17 @@ async def landing(request: Request) -> Response:
             "description": "Federated Data Proxy: every dataset this endpoint serves",
             "conformsTo": CONFORMS,
             "links": [
-                {"rel": "self", "href": root, "type": "application/json"},
-                {"rel": "root", "href": root, "type": "application/json"},
-                {"rel": "conformance", "href": f"{root}/conformance", "type": "application/json"},
-                {"rel": "data", "href": f"{root}/collections", "type": "application/json"},
-                {"rel": "service-desc", "href": f"{root}/api", "type": OPENAPI},
-                {"rel": "service-doc", "href": f"{root}/api.html", "type": "text/html"},
-                {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "GET"},
-                {"rel": "search", "href": f"{root}/search", "type": GEOJSON, "method": "POST"},
+                _link("self", root, title="fdp"),
+                _link("root", root, title="fdp"),
+                _link("conformance", f"{root}/conformance", title="conformance classes"),
+                _link("data", f"{root}/collections", title="collections"),
+                _link("service-desc", f"{root}/api", OPENAPI, "OpenAPI description"),
+                _link("service-doc", f"{root}/api.html", "text/html", "API documentation"),
+                {**_link("search", f"{root}/search", GEOJSON, "search"), "method": "GET"},
+                {**_link("search", f"{root}/search", GEOJSON, "search"), "method": "POST"},
                 *(
-                    {"rel": "child", "href": f"{root}/collections/{n}", "type": "application/json"}
-                    for n in await _visible(request)
+                    _link("child", f"{root}/collections/{n}", title=e.policy.title or n)
+                    for n, e in (await _visible(request)).items()
                 ),
             ],
         }
@@ -430,7 +449,7 @@ async def search(request: Request) -> Response:
         if key in values:
             values[key] = _names(values, key)
     index, cursor, limit = _page_params(values)
-    query = _query(values)
+    query = _query(values, request.method)
     names = values.get("collections") or list(visible)
     unknown = [n for n in names if n not in visible]
     if unknown:

@@ -29,6 +29,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+import shapely.geometry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -203,26 +204,8 @@ def _collection(state: State, base: str, cid: str) -> dict[str, Any]:
     }
 
 
-def _intersects(a: list[float], b: list[float]) -> bool:
-    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
-
-
-def _envelope(geometry: dict[str, Any] | None) -> list[float] | None:
-    """The bounding box of a GeoJSON geometry (enough for rectangular demo footprints)."""
-    if not geometry:
-        return None
-    flat: list[float] = []
-
-    def walk(c: Any) -> None:
-        if c and isinstance(c[0], int | float):
-            flat.extend(c[:2])
-        else:
-            for part in c:
-                walk(part)
-
-    walk(geometry["coordinates"])
-    xs, ys = flat[0::2], flat[1::2]
-    return [min(xs), min(ys), max(xs), max(ys)]
+def _footprint(spec: dict[str, Any]) -> Any:
+    return shapely.geometry.box(*spec["bbox"])
 
 
 def _in_interval(dt: str, interval: str) -> bool:
@@ -236,7 +219,14 @@ def _search(state: State, request: Request, params: dict[str, Any]) -> dict[str,
     base = _base(request)
     cids = params.get("collections") or list(state.catalog["collections"])
     ids = params.get("ids")
-    bbox = params.get("bbox") or _envelope(params.get("intersects"))
+    bbox = params.get("bbox")
+    area = (
+        shapely.geometry.shape(params["intersects"])
+        if params.get("intersects")
+        else shapely.geometry.box(*(bbox if len(bbox) == 4 else bbox[:2] + bbox[3:5]))
+        if bbox
+        else None
+    )
     interval = params.get("datetime")
     limit = int(params.get("limit") or 10)
     page = params.get("page")  # EODAG's StacSearch pages with `page`, clients with `token`
@@ -246,7 +236,7 @@ def _search(state: State, request: Request, params: dict[str, Any]) -> dict[str,
         for iid, spec in state.catalog["collections"].get(cid, {}).get("items", {}).items():
             if ids and iid not in ids:
                 continue
-            if bbox and not _intersects(spec["bbox"], bbox):
+            if area is not None and not area.intersects(_footprint(spec)):
                 continue
             if interval and not _in_interval(spec["datetime"], interval):
                 continue
