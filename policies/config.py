@@ -404,7 +404,15 @@ class DeliveryLogConfig(Strict):
     file: str | None = None
 
 
+class StacConfig(Strict):
+    #: how long a provider's answer to one search page (or a listing) is reused; 0: never
+    cache_seconds: float = Field(60.0, ge=0, le=86400)
+    #: how long one dataset's search page may take before it counts as failed
+    timeout_seconds: float = Field(20.0, gt=0, le=600)
+
+
 class Settings(Strict):
+    stac: StacConfig = StacConfig()
     deliveries: DeliveryLogConfig = DeliveryLogConfig()
     policy_store: PolicyStoreConfig = PolicyStoreConfig()
     #: per upstream origin (`host[:port]` or a URL); `*` for each origin not named

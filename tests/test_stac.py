@@ -30,8 +30,10 @@ def test_search_filters_and_post(proxy):
     hits = list(cat.search(collections=["scenes"], ids=["scene-c"], method="POST").items())
     assert [i.id for i in hits] == ["scene-c"]
     listed = list(cat.search(collections=["listed"]).items())
-    assert sorted(i.id for i in listed) == ["scene-a/B04.tif", "scene-b/B04.tif"]
-    assert listed[0].assets["data"].href.startswith(f"{proxy.url}/assets/listed/")
+    assert sorted(i.id for i in listed) == ["scene-a~B04.tif", "scene-b~B04.tif"]
+    asset = listed[0].assets["B04"]
+    assert asset.href == f"{proxy.url}/assets/listed/scene-a/B04.tif"
+    assert asset.media_type == "image/tiff; application=geotiff" and asset.roles == ["data"]
 
 
 def test_item_and_collection_endpoints(proxy):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -191,18 +193,38 @@ async def run_blocking(
 
     Waiting for a free thread is bounded by `wait`, so a stalled upstream answers
     UpstreamTimeout instead of queueing requests for as long as its calls take to time out.
+    A caller that is cancelled (a deadline, a client gone) returns at once; the thread runs
+    on to its own timeouts and gives its slot back when it ends, so the limit still holds.
     """
+    token = object()
     try:
         with anyio.fail_after(wait):
-            await limiter.acquire()
+            await limiter.acquire_on_behalf_of(token)
     except TimeoutError:
         raise UpstreamTimeout(
             f"the upstream is busy (all {limiter.total_tokens:g} of its threads are in use)"
         ) from None
+    loop = asyncio.get_running_loop()
+    lock, state = threading.Lock(), ["queued"]  # -> running (thread), or abandoned (caller)
+
+    def work() -> T | None:
+        with lock:
+            if state[0] == "abandoned":
+                return None
+            state[0] = "running"
+        try:
+            return fn(*args)
+        finally:
+            loop.call_soon_threadsafe(limiter.release_on_behalf_of, token)
+
     try:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=_HELD)
-    finally:
-        limiter.release()
+        return await anyio.to_thread.run_sync(work, limiter=_HELD, abandon_on_cancel=True)  # type: ignore[return-value]
+    except BaseException:
+        with lock:
+            if state[0] == "queued":  # the thread never started it: the slot is ours to free
+                state[0] = "abandoned"
+                limiter.release_on_behalf_of(token)
+        raise
 
 
 def safe_key(path: str) -> str:
@@ -234,11 +256,19 @@ class Presigning(Protocol):
     def presign(self, path: str, method: str, expires: int) -> str: ...
 
 
+@dataclass(frozen=True)
+class Listed:
+    """One object found by listing a dataset: its key, and its size when the listing says."""
+
+    key: str
+    size: int | None = None
+
+
 @runtime_checkable
 class Listing(Protocol):
-    """Lists its object keys (for generated catalogue items)."""
+    """Lists its objects (for generated catalogue items), sorted by key."""
 
-    async def list_keys(self, limit: int = 10000) -> list[str]: ...
+    async def listing(self, limit: int = 10000) -> list[Listed]: ...
 
 
 @runtime_checkable

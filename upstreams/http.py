@@ -10,6 +10,7 @@ the reading, writing and hashing of bytes off the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -21,7 +22,9 @@ import httpx
 import urllib3
 from prometheus_client import Counter, Histogram
 
+from upstreams import autoindex
 from upstreams.base import (
+    Listed,
     ObjectNotFound,
     Origin,
     Origins,
@@ -66,6 +69,8 @@ REDIRECTS = (301, 302, 303, 307, 308)
 #: resolutions kept per dataset, and for how long (they cost nothing to redo)
 MEMO_SIZE, MEMO_TTL = 4096, 300.0
 MAX_REDIRECTS = 5
+#: how long a crawled listing is reused, and how long one crawl may take
+LISTING_TTL, LISTING_SECONDS = 300.0, 60.0
 CLIENT_HEADERS = {"accept-encoding": "identity", "user-agent": "fdp"}
 
 
@@ -115,16 +120,34 @@ class HttpResolver:
         objects: list[str] | None = None,
         origins: Origins | None = None,
         timeouts: Timeouts | None = None,
+        autoindex: bool = True,
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.objects = set(objects) if objects is not None else None
         self.origins = (origins or Origins()) | Origins.of(self.base_url)
         self.timeouts = timeouts or Timeouts()
+        self.autoindex = autoindex
         self._seen: Memo[str, UpstreamObject] = Memo(MEMO_SIZE, MEMO_TTL)
+        self._listed: Memo[int, list[Listed]] = Memo(4, LISTING_TTL)
+        self._listing = asyncio.Lock()
 
-    async def list_keys(self, limit: int = 10000) -> list[str]:
-        """The configured `objects` (without a list, nothing: no autoindex reading yet)."""
-        return sorted(self.objects or ())[:limit]
+    async def listing(self, limit: int = 10000) -> list[Listed]:
+        """The configured `objects`, else what the server's autoindex pages list (crawled
+        once per LISTING_TTL by one request at a time; the others wait for its answer)."""
+        if self.objects is not None:
+            return [Listed(k) for k in sorted(self.objects)[:limit]]
+        if not self.autoindex:
+            return []
+        async with self._listing:
+            found = self._listed.get(limit)
+            if found is None:
+                deadline = time.monotonic() + LISTING_SECONDS
+                async with make_client(self.timeouts) as client:
+                    found = await autoindex.crawl(
+                        self.base_url, self.origins, client, limit, deadline
+                    )
+                self._listed[limit] = found
+        return found
 
     async def resolve(self, path: str) -> UpstreamObject:
         obj = self._seen.get(path)

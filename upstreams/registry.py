@@ -83,7 +83,7 @@ class Registry:
         elif up.fdp is not None:
             base = str(up.fdp.base_url).rstrip("/")
             resolver = HttpResolver(
-                f"{base}/assets/{up.fdp.dataset or name}/", None, allowed, timeouts
+                f"{base}/assets/{up.fdp.dataset or name}/", None, allowed, timeouts, False
             )
         elif up.s3 is not None:
             key_id, secret = up.s3.credentials()

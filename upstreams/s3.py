@@ -23,6 +23,7 @@ from botocore.exceptions import (
 )
 
 from upstreams.base import (
+    Listed,
     ObjectNotFound,
     Origins,
     Timeouts,
@@ -137,19 +138,23 @@ class S3Resolver:
             operation, Params={"Bucket": self.bucket, "Key": self.key(path)}, ExpiresIn=expires
         )
 
-    async def list_keys(self, limit: int = 10000) -> list[str]:
+    async def listing(self, limit: int = 10000) -> list[Listed]:
         """`keys()` on this store's threads."""
         return await self.run_blocking(self.keys, limit)
 
-    def keys(self, limit: int = 10000) -> list[str]:
-        """Object keys under the prefix (relative to it), for listings. Blocking."""
-        out: list[str] = []
+    def keys(self, limit: int = 10000) -> list[Listed]:
+        """Objects under the prefix (keys relative to it), for listings. Blocking."""
+        out: list[Listed] = []
         with map_boto_errors("listing"):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix
             )
             for page in pages:
-                out += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
+                out += [
+                    Listed(o["Key"][len(self.prefix) :], o.get("Size"))
+                    for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")  # folder markers are not objects
+                ]
                 if len(out) >= limit:
                     break
         return out[:limit]

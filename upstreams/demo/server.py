@@ -25,9 +25,12 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import formatdate
+from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import shapely.geometry
 from starlette.applications import Starlette
@@ -142,8 +145,13 @@ def _item(state: State, base: str, cid: str, iid: str) -> dict[str, Any]:
     for key, a in spec["assets"].items():
         asset = {k: v for k, v in a.items() if k != "file"}
         asset["href"] = f"{state.asset_base or base}/data/{a['file']}"
+        # what real catalogues carry too: another copy's URL (never to reach fdp's clients)
+        asset["alternate"] = {"mirror": {"href": asset["href"] + "?mirror=1"}}
         assets[key] = asset
-    properties: dict[str, Any] = {"datetime": spec["datetime"]}
+    properties: dict[str, Any] = {
+        "datetime": spec["datetime"],
+        "demo:source": f"{base}/collections/{cid}/items/{iid}",  # a provider URL
+    }
     status = order_status(state, cid, iid)
     if status is not None:
         order_url = f"{base}/orders/{cid}/{iid}"
@@ -209,10 +217,14 @@ def _footprint(spec: dict[str, Any]) -> Any:
 
 
 def _in_interval(dt: str, interval: str) -> bool:
-    if "/" not in interval:
-        return dt == interval
-    start, end = interval.split("/", 1)
-    return (start in ("", "..") or dt >= start) and (end in ("", "..") or dt <= end)
+    """Whether an item's time is the instant, or in the interval, given (compared as times)."""
+    when = datetime.fromisoformat(dt)
+    start, slash, end = interval.partition("/")
+    if not slash:
+        return when == datetime.fromisoformat(start)
+    return (start in ("", "..") or when >= datetime.fromisoformat(start)) and (
+        end in ("", "..") or when <= datetime.fromisoformat(end)
+    )
 
 
 def _search(state: State, request: Request, params: dict[str, Any]) -> dict[str, Any]:
@@ -265,6 +277,11 @@ def _csv(value: str | None) -> list[str] | None:
 
 async def search(request: Request) -> Response:
     state: State = request.app.state.demo
+    fault = state.take_fault(request.method, request.url.path)
+    if fault and fault.delay:
+        await asyncio.sleep(fault.delay)
+    if fault and fault.status:
+        return Response(fault.body, fault.status, media_type="application/json")
     if request.method == "POST":
         params = await request.json()
     else:
@@ -415,7 +432,13 @@ class DataFiles:
         if method not in ("GET", "HEAD"):
             await _send_simple(send, 405, b"")
             return
-        if not path.is_file() or state.root.resolve() not in path.parents:
+        inside = state.root.resolve() in path.parents
+        if inside and path.is_dir() and scope["path"].endswith("/"):
+            page = autoindex(scope["path"], path).encode()
+            headers = [(b"content-type", b"text/html")]
+            await _send_simple(send, 200, b"" if method == "HEAD" else page, headers)
+            return
+        if not path.is_file() or not inside:
             await _send_simple(send, 404, b'{"error":"no such file"}')
             return
         cid, iid = [*rel.split("/"), "", ""][:2]
@@ -481,12 +504,30 @@ class DataFiles:
         await send({"type": "http.response.body", "body": b""})
 
 
+def autoindex(url_path: str, folder: Path) -> str:
+    """A folder's listing as nginx's `autoindex on` writes it (names, dates, exact sizes)."""
+    lines = ['<a href="../">../</a>']
+    for child in sorted(folder.iterdir()):
+        st = child.stat()
+        name = child.name + ("/" if child.is_dir() else "")
+        when = time.strftime("%d-%b-%Y %H:%M", time.gmtime(st.st_mtime))
+        size = "-" if child.is_dir() else str(st.st_size)
+        lines.append(f'<a href="{quote(name)}">{escape(name)}</a>{" " * 20}{when}{size:>20}')
+    title = f"Index of {escape(url_path)}"
+    body = "\n".join(lines)
+    return (
+        f"<html>\n<head><title>{title}</title></head>\n<body>\n"
+        f"<h1>{title}</h1><hr><pre>{body}\n</pre><hr></body>\n</html>\n"
+    )
+
+
 async def _send_simple(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     out = [(k, v) for k, v in headers or [] if k != b"content-length"]
     out.append((b"content-length", str(len(body)).encode()))
-    out.append((b"content-type", b"application/json"))
+    if not any(k == b"content-type" for k, _ in out):
+        out.append((b"content-type", b"application/json"))
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body})
 
