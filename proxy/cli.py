@@ -21,7 +21,7 @@ from cache.retention import sweep
 from cache.store import CacheUnavailable, Store
 from policies.config import Settings
 from policies.loader import ConfigError, load_settings
-from proxy import policies_cli
+from proxy import harvest, policies_cli
 from proxy.app import configure_logging, create_app, retention_rules
 from upstreams.registry import Registry
 
@@ -369,6 +369,7 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--url", help="the proxy (default $FDP_URL, else http://127.0.0.1:8080)")
     show.add_argument("--json", action="store_true", help="the JSON document as served")
     policies_cli.add_parsers(sub)
+    harvest.add_parser(sub)
     return p
 
 
@@ -386,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_worker(args)
         elif args.command == "qos":
             code = cmd_qos(args)
+        elif args.command == "harvest":
+            code = harvest.run(args)
         elif args.policies_command == "validate" and args.file is None:
             code = cmd_validate(args)
         else:
