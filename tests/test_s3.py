@@ -145,6 +145,8 @@ def test_s3_dataset_with_cache_delivery_does_ranged_gets_then_hits(sproxy, store
     assert again.content == blob[-100:] and len(front.requests()) == count
     listing = httpx.get(f"{sproxy.url}/stac/collections/mirror/items").json()
     assert sorted(f["id"] for f in listing["features"]) == ["blob.bin", "scene-b.tif"]
+    blob_item = next(f for f in listing["features"] if f["id"] == "blob.bin")
+    assert blob_item["assets"]["blob"]["file:size"] == len(blob)  # the listing's own size
     assert httpx.get(f"{sproxy.url}/assets/mirror/nope.bin").status_code == 404
 
 

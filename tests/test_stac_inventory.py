@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -48,7 +49,7 @@ def plain_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inventory(start_proxy, upstream_server, plain_server, tmp_path_factory):
+def inventory(start_proxy, upstream_server, plain_server, blackhole, tmp_path_factory):
     work = tmp_path_factory.mktemp("inventory")
     (work / "providers.yml").write_text(providers_yaml(upstream_server.url))
     up = upstream_server.url
@@ -65,6 +66,7 @@ def inventory(start_proxy, upstream_server, plain_server, tmp_path_factory):
                     "archive": True,
                 },
                 "broken": {"upstream": {"http": {"base_url": f"{up}/data/broken/"}}},
+                "silent": {"upstream": {"http": {"base_url": f"{blackhole.url}/pub/"}}},
                 "scenes": {
                     "upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}}
                 },
@@ -211,6 +213,21 @@ def test_a_listing_that_fails_is_not_taken_for_an_empty_one(inventory, upstream)
     r = httpx.get(f"{inventory.url}/stac/collections/broken/items")
     assert r.status_code == 502
     upstream.reset()
+
+
+def test_a_silent_listing_times_out_without_stalling_other_searches(inventory):
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        silent = pool.submit(httpx.get, f"{inventory.url}/stac/collections/silent/items")
+        r = httpx.get(f"{inventory.url}/stac/search", params={"collections": "tree"})
+        assert r.status_code == 200 and r.json()["features"]
+        assert not silent.done()  # the silent server is still being waited for
+        assert silent.result().status_code == 504
+        assert time.monotonic() - started < 6  # stac.timeout_seconds is 2
+    r = httpx.get(f"{inventory.url}/stac/search", params={"collections": "silent,tree"})
+    assert r.status_code == 200 and r.json()["features"]
+    unavailable = r.json()["fdp:unavailable"]
+    assert unavailable == [{"collection": "silent", "reason": "its provider timed out"}]
 
 
 def test_filter_in_cql2_text_and_json(inventory):

@@ -10,7 +10,6 @@ the reading, writing and hashing of bytes off the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -69,8 +68,8 @@ REDIRECTS = (301, 302, 303, 307, 308)
 #: resolutions kept per dataset, and for how long (they cost nothing to redo)
 MEMO_SIZE, MEMO_TTL = 4096, 300.0
 MAX_REDIRECTS = 5
-#: how long a crawled listing is reused, and how long one crawl may take
-LISTING_TTL, LISTING_SECONDS = 300.0, 60.0
+#: how long one crawl of autoindex pages may take
+LISTING_SECONDS = 60.0
 CLIENT_HEADERS = {"accept-encoding": "identity", "user-agent": "fdp"}
 
 
@@ -128,26 +127,16 @@ class HttpResolver:
         self.timeouts = timeouts or Timeouts()
         self.autoindex = autoindex
         self._seen: Memo[str, UpstreamObject] = Memo(MEMO_SIZE, MEMO_TTL)
-        self._listed: Memo[int, list[Listed]] = Memo(4, LISTING_TTL)
-        self._listing = asyncio.Lock()
 
     async def listing(self, limit: int = 10000) -> list[Listed]:
-        """The configured `objects`, else what the server's autoindex pages list (crawled
-        once per LISTING_TTL by one request at a time; the others wait for its answer)."""
+        """The configured `objects`, else what the server's autoindex pages list."""
         if self.objects is not None:
             return [Listed(k) for k in sorted(self.objects)[:limit]]
         if not self.autoindex:
             return []
-        async with self._listing:
-            found = self._listed.get(limit)
-            if found is None:
-                deadline = time.monotonic() + LISTING_SECONDS
-                async with make_client(self.timeouts) as client:
-                    found = await autoindex.crawl(
-                        self.base_url, self.origins, client, limit, deadline
-                    )
-                self._listed[limit] = found
-        return found
+        deadline = time.monotonic() + LISTING_SECONDS
+        async with make_client(self.timeouts) as client:
+            return await autoindex.crawl(self.base_url, self.origins, client, limit, deadline)
 
     async def resolve(self, path: str) -> UpstreamObject:
         obj = self._seen.get(path)

@@ -7,6 +7,7 @@ clients page back and forth), and each call is bounded by `stac.timeout_seconds`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import replace
@@ -20,8 +21,8 @@ from upstreams.base import Listed, Listing, Searchable, UpstreamTimeout
 from upstreams.memo import Memo
 from upstreams.registry import Entry
 
-#: provider pages (and listings) kept at most
-MEMO_SIZE = 512
+#: provider pages (and listings) kept at most, and the largest page kept (so at most 64 MiB)
+MEMO_SIZE, MEMO_PAGE_BYTES = 256, 256 << 10
 #: provider pages one filtered page may read while looking for a match
 FILTER_PAGES = 10
 
@@ -31,6 +32,7 @@ class Catalog:
         self.root, self.public, self.timeout = root, public, timeout
         self._pages: Memo[tuple[str, str], Any] = Memo(MEMO_SIZE, max(cache_seconds, 1e-3))
         self.caching = cache_seconds > 0
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def page(
         self, entry: Entry, search: Search, cursor: Cursor | None
@@ -61,7 +63,7 @@ class Catalog:
                     deadline, resolver.search, search.limit, search.query, search.cursor
                 )
                 answer = (json.dumps(answer[0], default=str), answer[1])
-                if self.caching:
+                if self.caching and len(answer[0]) <= MEMO_PAGE_BYTES:
                     self._pages[key] = answer
             found = json.loads(answer[0])  # a copy of its own for each answer
             items = [documents.provider_item(self.root, self.public, entry, f) for f in found]
@@ -80,12 +82,15 @@ class Catalog:
         return page, ({"o": end} if end < len(objects) else None)
 
     async def _listing(self, entry: Entry, resolver: Listing, deadline: float) -> list[Listed]:
+        """The dataset's listing: made by one request at a time, the others wait for it."""
         key = (entry.name, "")
-        objects = self._pages.get(key)
-        if objects is None:
-            objects = await self._bounded(deadline, resolver.listing)
-            if self.caching:
-                self._pages[key] = objects
+        lock = self._locks.setdefault(entry.name, asyncio.Lock())  # one per dataset name
+        async with lock:
+            objects = self._pages.get(key)
+            if objects is None:
+                objects = await self._bounded(deadline, resolver.listing)
+                if self.caching:
+                    self._pages[key] = objects
         return objects
 
     async def _bounded(self, deadline: float, fn: Any, *args: Any) -> Any:
