@@ -149,8 +149,21 @@ class HttpUpstream(Strict):
 
 
 class EodagUpstream(Strict):
-    provider: str
+    """One collection at one EODAG provider, or at several (`providers`, tried in order)."""
+
+    provider: str | None = None
+    providers: list[str] | None = Field(None, min_length=1)
     collection: str
+
+    @model_validator(mode="after")
+    def _one_way(self) -> EodagUpstream:
+        if (self.provider is None) == (self.providers is None):
+            raise ValueError("expected provider (one) or providers (a list), not both")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return self.providers or [self.provider or ""]
 
 
 class S3Upstream(Strict):

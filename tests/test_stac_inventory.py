@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import yaml
 from pystac_client import Client
 
 from proxy.demo import providers_yaml
@@ -51,8 +52,11 @@ def plain_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inventory(start_proxy, upstream_server, plain_server, blackhole, tmp_path_factory):
     work = tmp_path_factory.mktemp("inventory")
-    (work / "providers.yml").write_text(providers_yaml(upstream_server.url))
     up = upstream_server.url
+    providers = yaml.safe_load(providers_yaml(up))
+    # the same provider at a second name, whose search endpoint is missing: it fails
+    broken = yaml.safe_load(providers_yaml(f"{up}/missing").replace("fdp_demo", "broken_demo"))
+    (work / "providers.yml").write_text(yaml.safe_dump({**providers, **broken}))
     return start_proxy(
         {
             "cache": {"store": str(work / "cache")},
@@ -69,6 +73,14 @@ def inventory(start_proxy, upstream_server, plain_server, blackhole, tmp_path_fa
                 "silent": {"upstream": {"http": {"base_url": f"{blackhole.url}/pub/"}}},
                 "scenes": {
                     "upstream": {"eodag": {"provider": "fdp_demo", "collection": "demo-cogs"}}
+                },
+                "federated": {
+                    "upstream": {
+                        "eodag": {
+                            "providers": ["broken_demo", "fdp_demo"],
+                            "collection": "demo-cogs",
+                        }
+                    }
                 },
             },
         }
@@ -206,6 +218,18 @@ def test_a_failing_provider_gives_a_partial_result_or_a_problem(inventory, upstr
     assert r.status_code == 504  # the rest is the silent provider: nothing partial to show
     assert time.monotonic() - started < 15
     upstream.reset()
+
+
+def test_a_dataset_at_several_providers_passes_over_a_failing_one(inventory, upstream):
+    r = httpx.get(f"{inventory.url}/stac/search", params={"collections": "federated"})
+    assert r.status_code == 200
+    assert sorted(f["id"] for f in r.json()["features"]) == ["scene-a", "scene-b", "scene-c"]
+    assert r.json()["fdp:unavailable"] == [
+        {"collection": "federated", "provider": "broken_demo", "reason": "it failed"}
+    ]
+    item = httpx.get(f"{inventory.url}/stac/collections/federated/items/scene-b").json()
+    data = httpx.get(item["assets"]["B04"]["href"]).content
+    assert data == upstream.file("demo-cogs/scene-b/B04.tif")
 
 
 def test_a_listing_that_fails_is_not_taken_for_an_empty_one(inventory, upstream):

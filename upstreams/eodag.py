@@ -24,6 +24,7 @@ from upstreams.base import (
     ObjectNotFound,
     Origins,
     Timeouts,
+    UpstreamError,
     UpstreamObject,
     UpstreamUnavailable,
     bind,
@@ -305,3 +306,41 @@ def _objects(product: Any) -> dict[str, UpstreamObject]:
             online=online,
         )
     return out
+
+
+class FederatedResolver:
+    """One collection at several EODAG providers, in the order given: a path resolves at the
+    first provider that has its item, and an offline item is ordered from that provider; a
+    provider that fails is passed over. Searches page through `members` one after another
+    (the STAC catalogue does that, so it can say which provider failed)."""
+
+    def __init__(self, members: list[EodagResolver]) -> None:
+        self.members = members
+        self.origins = Origins()
+        for member in members:
+            self.origins = self.origins | member.origins
+
+    async def resolve(self, path: str) -> UpstreamObject:
+        return await self._first(lambda m: m.resolve(path))
+
+    async def _first(self, call: Callable[[EodagResolver], Any]) -> Any:
+        failure: UpstreamError | None = None
+        for member in self.members:
+            try:
+                return await call(member)
+            except (ObjectNotFound, UpstreamUnavailable) as e:
+                if isinstance(e, UpstreamUnavailable) or failure is None:
+                    failure = e  # a provider's failure outranks another's "not found"
+        assert failure is not None
+        raise failure
+
+    def order(self, path: str, progress: Callable[[int, int | None], None]) -> UpstreamObject:
+        """Order from the first provider that has the item (blocking, like EodagResolver's)."""
+        failure: Exception | None = None
+        for member in self.members:
+            try:
+                return member.order(path, progress)
+            except (ObjectNotFound, UpstreamUnavailable) as e:
+                failure = e
+        assert failure is not None
+        raise failure

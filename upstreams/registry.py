@@ -15,6 +15,7 @@ from upstreams.base import DatasetNotFound, Origins, Resolver, Timeouts
 from upstreams.eodag import (
     EodagResolver,
     EodagWorkdir,
+    FederatedResolver,
     limit_provider,
     make_gateway,
     provider_origins,
@@ -102,24 +103,30 @@ class Registry:
         elif up.eodag is not None:
             with self._lock:
                 gateway = self._gateway(settings)
-            if up.eodag.provider not in gateway.providers:
-                known = ", ".join(sorted(gateway.providers)) or "none"
-                raise ConfigError(
-                    "the policy",
-                    [
-                        f"datasets.{name}.upstream.eodag.provider: unknown EODAG provider "
-                        f"{up.eodag.provider!r} (the providers file defines: {known})"
-                    ],
+            members = []
+            for n, provider in enumerate(up.eodag.names):
+                if provider not in gateway.providers:
+                    known = ", ".join(sorted(gateway.providers)) or "none"
+                    key = f"providers.{n}" if up.eodag.providers else "provider"
+                    raise ConfigError(
+                        "the policy",
+                        [
+                            f"datasets.{name}.upstream.eodag.{key}: unknown EODAG provider "
+                            f"{provider!r} (the providers file defines: {known})"
+                        ],
+                    )
+                limit_provider(gateway, provider, timeouts)
+                members.append(
+                    EodagResolver(
+                        gateway,
+                        provider,
+                        up.eodag.collection,
+                        timeouts=timeouts,
+                        limiter=self._limiter(settings, f"eodag {provider}"),
+                        origins=allowed | provider_origins(gateway, provider),
+                    )
                 )
-            limit_provider(gateway, up.eodag.provider, timeouts)
-            resolver = EodagResolver(
-                gateway,
-                up.eodag.provider,
-                up.eodag.collection,
-                timeouts=timeouts,
-                limiter=self._limiter(settings, f"eodag {up.eodag.provider}"),
-                origins=allowed | provider_origins(gateway, up.eodag.provider),
-            )
+            resolver = members[0] if len(members) == 1 else FederatedResolver(members)
         else:
             raise ConfigError(
                 "the policy",

@@ -194,9 +194,10 @@ async def items(request: Request) -> Response:
     entry = await _entry(request, request.path_params["cid"])
     values = _values(request)
     search = query.parse(values, "GET")
-    features, nxt = await _catalog(request).page(entry, search, search.cursor)
+    features, nxt, failed = await _catalog(request).page(entry, search, search.cursor)
     token = encode(0, nxt) if nxt else None
-    return _feature_collection(request, features, values, token, entry.name)
+    notes = [_failed(entry, e, name) for name, e in failed]
+    return _feature_collection(request, features, values, token, entry.name, notes)
 
 
 async def item(request: Request) -> Response:
@@ -236,12 +237,15 @@ async def search(request: Request) -> Response:
     index, cursor = found.index, found.cursor
     unavailable: list[dict[str, str]] = []
     failure: UpstreamError | None = None
+    failures = 0
     while index < len(entries):
         entry = entries[index]
         try:
-            features, nxt = await catalog.page(entry, found, cursor)
+            features, nxt, failed = await catalog.page(entry, found, cursor)
+            unavailable += [_failed(entry, e, name) for name, e in failed]
         except UpstreamError as e:
             failure = e
+            failures += 1
             unavailable.append(_failed(entry, e))
             features, nxt = [], None
         if nxt is None:
@@ -250,14 +254,17 @@ async def search(request: Request) -> Response:
         if features:
             return _feature_collection(request, features, values, token, None, unavailable)
         cursor = nxt
-    if failure is not None and len(unavailable) == len(entries) - found.index:
+    if failure is not None and failures == len(entries) - found.index:
         raise failure  # nothing but failures: a 502 or 504 problem says it best
     return _feature_collection(request, [], values, None, None, unavailable)
 
 
-def _failed(entry: Entry, error: UpstreamError) -> dict[str, str]:
+def _failed(entry: Entry, error: UpstreamError, provider: str = "") -> dict[str, str]:
+    """How a page says a collection (or one provider of a federated one) is missing from it."""
     reason = "timed out" if isinstance(error, UpstreamTimeout) else "failed"
     log.warning("STAC search of %s %s: %s", entry.name, reason, error)
+    if provider and provider != entry.name:
+        return {"collection": entry.name, "provider": provider, "reason": f"it {reason}"}
     return {"collection": entry.name, "reason": f"its provider {reason}"}
 
 
@@ -278,10 +285,12 @@ async def _by_ids(
         async with slots:
             one = Search(limit=1, query={**found.query, "id": iid}, filter=found.filter)
             try:
-                page, _ = await catalog.page(entry, one, None)
+                page, _, failed = await catalog.page(entry, one, None)
             except UpstreamError as e:
                 unavailable[entry.name] = _failed(entry, e)
                 return
+            for name, e in failed:
+                unavailable[f"{entry.name} {name}"] = _failed(entry, e, name)
             for f in page:
                 if f["id"] == iid:
                     hits[(i, j)] = f
