@@ -1,4 +1,5 @@
-"""`stac-api-validator` (the STAC community's conformance checker) against `/stac`."""
+"""`stac-api-validator` (the STAC community's conformance checker) against `/stac`, the filter
+extension included."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def test_stac_api_validator_finds_no_errors(proxy):
             "--root-url", f"{proxy.url}/stac",
             *("--conformance", "core", "--conformance", "features"),
             *("--conformance", "item-search", "--conformance", "collections"),
+            *("--conformance", "filter"),
             *("--collection", "scenes", "--geometry", json.dumps(footprint)),
         ],
         capture_output=True, text=True, timeout=240,
