@@ -62,6 +62,11 @@ class ServerConfig(Strict):
     #: the header a trusted reverse proxy puts the client's address in (e.g.
     #: x-forwarded-for: its last entry counts); without it, the connection's address
     trusted_proxy_header: str | None = None
+    #: on SIGTERM: seconds to keep serving while /readyz says 503 (load balancers and
+    #: Kubernetes endpoints stop sending new requests), before the listener closes
+    drain_seconds: float = Field(0.0, ge=0, le=3600)
+    #: then: seconds in-flight responses may take to finish before they are cut
+    grace_seconds: float = Field(10.0, ge=0, le=86400)
 
 
 class CacheConfig(Strict):

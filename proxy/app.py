@@ -82,6 +82,8 @@ async def readyz(request: Request) -> Response:
         "cache": cache,
         "queue": queue,
     }
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "draining", "checks": checks}, status_code=503)
     return JSONResponse({"status": "ready", "checks": checks})
 
 
@@ -168,7 +170,9 @@ class App:
             await self.starlette(scope, receive, send)
 
     def draining(self) -> None:
-        """The server stops taking requests: end every hold now, so shutdown is quick."""
+        """The server is stopping: not ready from now on, and every hold ends now (its
+        client is told to come back), so shutdown is quick."""
+        self.starlette.state.draining = True
         self.assets.stopping.set()
 
     async def admin_gate(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -30,7 +30,6 @@ log = logging.getLogger("fdp")
 #: seconds uvicorn gives open requests to finish on SIGINT/SIGTERM: a deployment drains them;
 #: the embedded default runs in someone's terminal, where Ctrl+C must stop it at once, even
 #: while a request is held waiting for a retrieval
-GRACE = 10.0
 DEMO_GRACE = 2.0
 
 
@@ -99,7 +98,7 @@ def check_port(host: str, port: int, demo: bool = False) -> None:
             ) from None
 
 
-def uvicorn_options(settings: Settings, grace: float = GRACE) -> dict[str, Any]:
+def uvicorn_options(settings: Settings, grace: float | None = None) -> dict[str, Any]:
     return {
         "host": settings.server.host,
         "port": settings.server.port,
@@ -107,26 +106,45 @@ def uvicorn_options(settings: Settings, grace: float = GRACE) -> dict[str, Any]:
         "access_log": False,  # fdp writes its own (`fdp.access`), without query strings
         "http": "proxy.server:LimitedProtocol",  # header size and header time limits
         "proxy_headers": False,
-        "timeout_graceful_shutdown": grace,
+        "timeout_graceful_shutdown": settings.server.grace_seconds if grace is None else grace,
         "server_header": False,  # no "server: uvicorn" on every response
     }
 
 
-def _serve(settings: Settings, source: str, banner: str | None, grace: float = GRACE) -> None:
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, stopping as Kubernetes expects: at the first SIGTERM (or SIGINT)
+    `/readyz` turns 503 at once and requests are still served for `drain` seconds, then
+    the listener closes and in-flight responses get the grace period to finish. A second
+    signal skips the rest of the drain."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, drain: float) -> None:
+        super().__init__(config)
+        self.app, self.drain = app, drain
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._signalled = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.app.draining()
+        if self._signalled or self.drain <= 0 or self.loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._signalled = True
+        log.info("draining: not ready, closing the listener in %g s", self.drain)
+        self.loop.call_soon_threadsafe(self.loop.call_later, self.drain, self._close, sig)
+
+    def _close(self, sig: int) -> None:
+        super().handle_exit(sig, None)
+
+
+def _serve(settings: Settings, source: str, banner: str | None, grace: float | None = None) -> None:
     """Run uvicorn on its preferred loop (uvloop when installed), then print the banner."""
     app = create_app(settings, source)
     config = uvicorn.Config(app, **uvicorn_options(settings, grace))
-    server = uvicorn.Server(config)
-
-    async def drain_on_exit() -> None:
-        while not server.should_exit:  # noqa: ASYNC110 (uvicorn: only a flag)
-            await asyncio.sleep(0.1)
-        app.draining()
+    server = DrainingServer(config, app, settings.server.drain_seconds)
 
     async def main() -> None:
+        server.loop = asyncio.get_running_loop()
         task = asyncio.create_task(server.serve())
-        watcher = asyncio.create_task(drain_on_exit())
-        task.add_done_callback(lambda _: watcher.cancel())
         while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn: only a flag)
             await asyncio.sleep(0.05)
         if server.started:
@@ -134,6 +152,7 @@ def _serve(settings: Settings, source: str, banner: str | None, grace: float = G
             if banner:
                 print(banner, flush=True)
         await task
+        app.draining()  # (a server that could not start)
 
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(main())

@@ -105,6 +105,9 @@ def test_pods_run_hardened_with_probes(name):
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["args"][0] == "serve"
+    env = _env(proxy)
+    drain, grace = (float(env[f"FDP_SERVER__{k}_SECONDS"]["value"]) for k in ("DRAIN", "GRACE"))
+    assert drain + grace < proxy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert worker["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker"]
     grace = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= 300  # time for a retrieval to finish
