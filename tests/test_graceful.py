@@ -11,6 +11,9 @@ import time
 import httpx
 
 from tests.conftest import NO_CACHE, fdp_serve
+from tests.harness.procs import BIN, ServerProcess
+from tests.test_async import archive_config
+from tests.test_queue import fresh_redis
 
 FILE = "demo-cogs/scene-a/visual.tif"
 
@@ -94,3 +97,27 @@ def test_the_grace_period_bounds_a_stop(upstream, tmp_path):
         assert time.monotonic() - stopped < 8  # the grace period, then the cut
         download.join(30)
         assert "error" in out  # the client learns the body is incomplete, never a short 200
+
+
+def test_a_worker_told_to_stop_finishes_its_job_first(start_proxy, upstream, redis_url, tmp_path):
+    config = archive_config(upstream.url, tmp_path, fresh_redis(redis_url))
+    proxy = start_proxy(config)
+    worker = ServerProcess(
+        "worker", [BIN / "fdp", "worker", "--config", proxy.config], log_dir=tmp_path,
+        ready=lambda: True,
+    ).start()  # fmt: skip
+    try:
+        url = f"{proxy.url}/assets/archive/archived-a/visual"
+        job = httpx.get(url, headers={"Prefer": "respond-async"}).headers["location"]
+        deadline = time.monotonic() + 20
+        while not [e for e in upstream.data_requests() if e["method"] == "GET"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker._signal(signal.SIGTERM)  # mid-job: the archive takes seconds to answer
+        assert worker.proc.wait(60) in (0, 1, -signal.SIGTERM)
+        status = httpx.get(job)
+        assert status.status_code == 303, status.text  # done before the worker left
+    finally:
+        worker.stop()
+    r = httpx.get(url)
+    assert r.status_code == 200 and r.content == upstream.file("demo-archive/archived-a/visual.tif")
