@@ -93,6 +93,9 @@ class QueueConfig(Strict):
     connect_timeout_seconds: float = Field(1.0, gt=0, le=60)
     #: retrievals the embedded runner (no redis_url) runs at once
     workers: int = Field(2, ge=1, le=64)
+    #: `fdp worker` told to stop (SIGTERM) finishes its job if it can within this many
+    #: seconds, else hands the job back to the queue and exits; None: waits for the job
+    worker_grace_seconds: float | None = Field(None, ge=0)
 
 
 class AuthConfig(Strict):

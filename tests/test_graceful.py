@@ -121,3 +121,40 @@ def test_a_worker_told_to_stop_finishes_its_job_first(start_proxy, upstream, red
         worker.stop()
     r = httpx.get(url)
     assert r.status_code == 200 and r.content == upstream.file("demo-archive/archived-a/visual.tif")
+
+
+def test_a_worker_that_cannot_finish_in_its_grace_hands_the_job_back(
+    start_proxy, upstream, redis_url, tmp_path
+):
+    config = archive_config(upstream.url, tmp_path, fresh_redis(redis_url))
+    config["queue"]["worker_grace_seconds"] = 1  # the archive takes 5 s to answer
+    proxy = start_proxy(config)
+    worker = ServerProcess(
+        "worker-a", [BIN / "fdp", "worker", "--config", proxy.config], log_dir=tmp_path,
+        ready=lambda: True,
+    ).start()  # fmt: skip
+    url = f"{proxy.url}/assets/archive/archived-b/visual"
+    try:
+        job = httpx.get(url, headers={"Prefer": "respond-async"}).headers["location"]
+        deadline = time.monotonic() + 20
+        while not [e for e in upstream.data_requests() if e["method"] == "GET"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker._signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert worker.proc.wait(15) == 0
+        assert time.monotonic() - stopped < 4  # the grace, not the job, set the pace
+        assert httpx.get(job).json()["state"] == "queued"  # back in the queue at once
+    finally:
+        worker.stop()
+    with ServerProcess(
+        "worker-b", [BIN / "fdp", "worker", "--config", proxy.config], log_dir=tmp_path,
+        ready=lambda: True,
+    ):  # fmt: skip
+        deadline = time.monotonic() + 40
+        while (status := httpx.get(job)).status_code != 303:
+            assert status.json()["state"] in ("queued", "running"), status.text
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    r = httpx.get(url)
+    assert r.status_code == 200 and r.content == upstream.file("demo-archive/archived-b/visual.tif")

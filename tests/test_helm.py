@@ -110,7 +110,9 @@ def test_pods_run_hardened_with_probes(name):
     assert drain + grace < proxy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert worker["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker"]
     grace = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= 300  # time for a retrieval to finish
+    assert grace >= 300  # time for a retrieval to finish...
+    handed_back = float(_env(worker)["FDP_QUEUE__WORKER_GRACE_SECONDS"]["value"])
+    assert 0 < handed_back < grace  # ... or to be handed back before the pod is killed
 
 
 def _env(deployment: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -118,11 +119,40 @@ class Heartbeat:
 
 
 class Worker(SimpleWorker):
-    """RQ's SimpleWorker (no fork per job: warm handles) with heartbeats during each job."""
+    """RQ's SimpleWorker (no fork per job: warm handles) with heartbeats during each job,
+    and a bounded warm shutdown: a job that does not end within `grace` seconds of the stop
+    request goes back to the front of its queue (its cached blocks stay), and the worker
+    exits."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, grace: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._heartbeat: Heartbeat | None = None
+        self.grace = grace
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        if self.grace is not None and self.get_current_job_id() is not None:
+            timer = threading.Timer(self.grace, self._give_back, (self.get_current_job_id(),))
+            timer.daemon = True
+            timer.start()
+        super().request_stop(signum, frame)
+
+    def _give_back(self, job_id: str) -> None:
+        """(On a timer thread: the job still runs on the main one.) Requeue and leave."""
+        job = self.get_current_job()
+        if job is None or job.id != job_id or job.get_status() != JobStatus.STARTED:
+            return  # it ended in time
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        queue = Queue(job.origin, connection=self.connection)
+        with self.connection.pipeline() as pipe:
+            queue.started_job_registry.remove_executions(job, pipeline=pipe)
+            pipe.execute()
+        queue.enqueue_job(job, at_front=True)
+        log.warning(
+            "job %s handed back to the queue: it did not end within %g s", job_id, self.grace
+        )
+        logging.shutdown()
+        os._exit(0)  # the main thread is inside the job: leave without finishing it
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         return LEASE_SECONDS
@@ -182,6 +212,7 @@ def run_worker(
         [Queue(QUEUE_NAME, connection=redis)],
         connection=redis,
         maintenance_interval=MAINTENANCE_SECONDS,
+        grace=settings.queue.worker_grace_seconds,
     )
     if on_start is not None:
         on_start()
