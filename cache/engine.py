@@ -31,6 +31,7 @@ import urllib3
 from cache.fetch import ObjectChanged, fetch_span, names, new_record, verify_object
 from cache.fill import CacheWriteFailed, Fill, FillFailed, Fills
 from cache.integrity import ChecksumMismatch, Digest
+from cache.shared import SharedTier
 from cache.store import STORE_ERRORS, ObjectRecord, Store, version_tag
 from upstreams.base import UpstreamError, UpstreamObject, host_of
 from upstreams.caps import Caps
@@ -48,6 +49,8 @@ RETRY_CACHE_AFTER = 10.0  # seconds of pass-through after a cache failure before
 STORE_THREADS = 4
 #: Threads fetching blocks from one origin at a time.
 FETCH_THREADS = 8
+#: threads reading from and copying to the shared tier
+SHARED_THREADS = 8
 #: Seconds before another background completion of the same object is tried.
 RETRY_COMPLETION = 60.0
 #: Seconds between looks at a part file another process is filling.
@@ -148,8 +151,13 @@ class FillEngine:
         verify_max_bytes: int = 2**30,
         window: int = 4,
         caps: Caps | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
         self.store = store
+        #: the tier every replica shares (`s3://`), behind this process's store
+        self.shared = shared
+        #: threads talking to the shared tier (uploads never hold up a fill)
+        self._shared_threads = anyio.CapacityLimiter(SHARED_THREADS)
         #: per-origin caps every block fetch keeps to
         self.caps = caps
         #: objects with a catalogue checksum up to this size are completed to be verified
@@ -185,10 +193,27 @@ class FillEngine:
     ) -> ObjectRecord:
         """A new record: size and validators as the upstream's GETs report them."""
         assert self.store is not None
+        if self.shared is not None:  # another replica may have sized it already
+            raw = await self._on_shared(self.shared.record, key)
+            if raw is not None and raw["block_size"] == self.block_size:
+                now = self.clock()
+                raw |= {"dataset": dataset, "path": path}
+                record = ObjectRecord(key=key, created=now, accessed=now, **raw)
+                if not outdated(record, obj):
+                    return await self.index(
+                        "writing the cache index", self.store.add_record, record
+                    )
         since = time.monotonic()
         meta = await anyio.to_thread.run_sync(self._probe, obj, since, limiter=self._limiter(obj))
         record = new_record(meta, obj, key, dataset, path, self.block_size, self.clock())
-        return await self.index("writing the cache index", self.store.add_record, record)
+        record = await self.index("writing the cache index", self.store.add_record, record)
+        if self.shared is not None:
+            self.fills.spawn(self._on_shared(self.shared.put_record, record))
+        return record
+
+    async def _on_shared(self, fn: Callable[..., T], *args: Any) -> T:
+        """A call to the shared tier, on its own threads."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._shared_threads)
 
     def _probe(self, obj: UpstreamObject, since: float) -> Meta:
         """The 1-byte GET that sizes a new object, in a slot of its origin."""
@@ -242,6 +267,12 @@ class FillEngine:
             resume = os.fstat(fill.fd).st_size
             if resume == 0 and await self._read_stored(record, index, fill):
                 return
+            if (
+                resume == 0
+                and self.shared is not None
+                and await self._read_shared(record, index, fill)
+            ):
+                return
             if resume >= fill.size:
                 os.ftruncate(fill.fd, 0)
                 resume = 0
@@ -257,6 +288,8 @@ class FillEngine:
             updated = await self._commit(record, index, fill.path, sink.sha256, digest)
             if updated is not None:
                 self.complete_later(updated, obj)
+                if self.shared is not None:
+                    self.fills.spawn(self._share(updated, index, sink.sha256))
         except ObjectChanged as e:
             log.warning("%s/%s: %s: record dropped", record.dataset, record.path, e)
             with contextlib.suppress(*STORE_ERRORS):  # keep no record of that version
@@ -303,6 +336,37 @@ class FillEngine:
         fill.grew(fill.size)
         fill.finish()
         return True
+
+    async def _read_shared(self, record: ObjectRecord, index: int, fill: Fill) -> bool:
+        """If the shared tier has the block (checked against its sha-256), the fill takes
+        it from there: into the local store, then to its readers. Else the caller fetches."""
+        assert self.shared is not None
+        sha = await self._on_shared(self.shared.read_block, record, index, fill.fd)
+        updated = None
+        if sha is not None:
+            updated = await self._commit(record, index, fill.path, sha, None)
+        if updated is None:  # not there, damaged, or not checkable: from the upstream
+            os.ftruncate(fill.fd, 0)
+            return False
+        fill.begin()
+        fill.grew(fill.size)
+        fill.finish()
+        return True
+
+    async def _share(self, record: ObjectRecord, index: int, sha256: str) -> None:
+        """Copy a block filled from the upstream to the shared tier (in the background)."""
+        assert self.store is not None and self.shared is not None
+        try:
+            f = self.store.held_block(record.key, index) or await self.io(
+                self.store.block_file, record.key, index
+            )
+            if f is None:
+                return
+            b0, b1 = record.block_range(index)
+            data = await self.io(os.pread, f.fileno(), b1 - b0, 0)
+        except STORE_ERRORS:
+            return  # evicted meanwhile: nothing to share
+        await self._on_shared(self.shared.write_block, record, index, data, sha256)
 
     async def _commit(
         self,

@@ -69,8 +69,55 @@ class ServerConfig(Strict):
     grace_seconds: float = Field(10.0, ge=0, le=86400)
 
 
+class S3Access(Strict):
+    """Where an S3-compatible store is and how to sign for it."""
+
+    endpoint_url: AnyHttpUrl | None = None
+    region: str | None = None
+    # credentials: inline (e.g. from FDP_DATASETS__X__UPSTREAM__S3__SECRET_ACCESS_KEY), from
+    # files (*_file, e.g. Kubernetes secrets), else boto3's default chain (AWS_* variables...)
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    access_key_id_file: FilePath | None = None
+    secret_access_key_file: FilePath | None = None
+
+    @field_validator("access_key_id_file", "secret_access_key_file")
+    @classmethod
+    def _readable(cls, v: FilePath | None) -> FilePath | None:
+        if v is not None:
+            read_secret_file(v)
+        return v
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """(access key id, secret key), read from the files (now, for rotation) when given so.
+
+        Raises SecretFileError when a file went bad after the config was loaded.
+        """
+
+        def pick(inline: SecretStr | None, file: FilePath | None) -> str | None:
+            if file is not None:
+                return read_secret_file(file)
+            return inline.get_secret_value() if inline is not None else None
+
+        return (
+            pick(self.access_key_id, self.access_key_id_file),
+            pick(self.secret_access_key, self.secret_access_key_file),
+        )
+
+
+class LocalTier(Strict):
+    """The local tier in front of a shared `s3://` cache: hot blocks, and fills staged."""
+
+    store: str = "./var/cache-local"
+    max_bytes: ByteSize = ByteSize(10 * 2**30)
+
+
 class CacheConfig(Strict):
+    #: a folder, or `s3://bucket/prefix`: one cache every replica and worker shares
     store: str = "./var/cache"
+    #: an `s3://` store's endpoint and credentials (as for `s3` upstreams)
+    s3: S3Access = S3Access()
+    local: LocalTier = LocalTier()
     max_bytes: ByteSize = ByteSize(50 * 2**30)
     block_size: ByteSize = Field(ByteSize(4 * 2**20), ge=64 * 2**10)
     sweep_seconds: float = Field(60.0, gt=0)  # how often retention runs
@@ -81,6 +128,26 @@ class CacheConfig(Strict):
     verify_max_bytes: ByteSize = ByteSize(2**30)
     #: cached bytes re-hashed against their recorded sha-256 per retention sweep
     scrub_bytes: ByteSize = ByteSize(256 * 2**20)
+
+    @property
+    def shared(self) -> tuple[str, str] | None:
+        """(bucket, prefix) of an `s3://` store; None for a folder."""
+        if not self.store.startswith("s3://"):
+            return None
+        bucket, _, prefix = self.store.removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
+
+    @property
+    def folder(self) -> str:
+        """The local folder: the store itself, or the local tier in front of `s3://`."""
+        return self.local.store if self.shared else self.store
+
+    @field_validator("store")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if v.startswith("s3://") and not v.removeprefix("s3://").split("/")[0]:
+            raise ValueError("an s3:// store needs a bucket: s3://bucket/prefix")
+        return v
 
 
 class QueueConfig(Strict):
@@ -174,42 +241,11 @@ class EodagUpstream(Strict):
         return self.providers or [self.provider or ""]
 
 
-class S3Upstream(Strict):
+class S3Upstream(S3Access):
     bucket: str
     prefix: str = ""
-    endpoint_url: AnyHttpUrl | None = None
-    region: str | None = None
     #: where clients reach the store, for presigned URLs (default: endpoint_url)
     public_endpoint_url: AnyHttpUrl | None = None
-    # credentials: inline (e.g. from FDP_DATASETS__X__UPSTREAM__S3__SECRET_ACCESS_KEY), from
-    # files (*_file, e.g. Kubernetes secrets), else boto3's default chain (AWS_* variables...)
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    access_key_id_file: FilePath | None = None
-    secret_access_key_file: FilePath | None = None
-
-    @field_validator("access_key_id_file", "secret_access_key_file")
-    @classmethod
-    def _readable(cls, v: FilePath | None) -> FilePath | None:
-        if v is not None:
-            read_secret_file(v)
-        return v
-
-    def credentials(self) -> tuple[str | None, str | None]:
-        """(access key id, secret key), read from the files (now, for rotation) when given so.
-
-        Raises SecretFileError when a file went bad after the config was loaded.
-        """
-
-        def pick(inline: SecretStr | None, file: FilePath | None) -> str | None:
-            if file is not None:
-                return read_secret_file(file)
-            return inline.get_secret_value() if inline is not None else None
-
-        return (
-            pick(self.access_key_id, self.access_key_id_file),
-            pick(self.secret_access_key, self.secret_access_key_file),
-        )
 
 
 class FdpUpstream(Strict):

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from cache.engine import FillEngine
 from cache.retention import Rule, sweep
+from cache.shared import SharedTier
 from cache.store import CacheUnavailable, Store
 from policies.config import Dataset, Settings
 from policies.loader import load_settings
@@ -119,7 +120,7 @@ def delivery_log(settings: Settings) -> DeliveryLog:
             settings.queue.redis_url, config.keep_days * 86400, settings.queue.timeout_seconds
         )
     else:
-        file = config.file or Path(settings.cache.store).parent / "deliveries.sqlite"
+        file = config.file or Path(settings.cache.folder).parent / "deliveries.sqlite"
         try:
             backend = deliveries.SqliteBackend(Path(file))
         except (OSError, sqlite3.Error) as e:
@@ -135,14 +136,14 @@ def policy_store(settings: Settings) -> PolicyStore:
     if settings.queue.redis_url:
         backend = RedisBackend(settings.queue.redis_url, keep, settings.queue.timeout_seconds)
     else:
-        file = settings.policy_store.file or Path(settings.cache.store).parent / "policies.json"
+        file = settings.policy_store.file or Path(settings.cache.folder).parent / "policies.json"
         backend = FileBackend(Path(file), keep)
     return PolicyStore(backend)
 
 
 def open_store(settings: Settings, clock: Callable[[], float]) -> tuple[Store | None, str | None]:
     try:
-        return Store(settings.cache.store, clock), None
+        return Store(settings.cache.folder, clock), None
     except CacheUnavailable as e:
         log.error("%s; serving pass-through until restart", e)
         return None, str(e)
@@ -201,7 +202,8 @@ def create_app(
     policies = Policies(policy_store(settings), settings, registry)
     policies.start()  # the store's versions (edits made while this process was away) win
     store, store_error = open_store(settings, clock)
-    max_bytes = int(settings.cache.max_bytes)
+    local = settings.cache.local if settings.cache.shared else settings.cache
+    max_bytes = int(local.max_bytes)
 
     async def housekeeping(delivery: CacheDelivery) -> None:
         """Batch access-time writes and run retention, off the request path."""
@@ -214,6 +216,8 @@ def create_app(
                 if time.monotonic() - last_sweep >= settings.cache.sweep_seconds:
                     last_sweep = time.monotonic()
                     rules = retention_rules({n: e.policy for n, e in registry.entries.items()})
+                    if settings.cache.shared:  # the local tier only keeps what is hot
+                        rules = {n: Rule("lru", None, None) for n in rules}
                     # a deleted dataset's objects stay until the global cap needs room
                     rules |= {n: Rule("lru", None, None) for n in policies.deleted - set(rules)}
                     await anyio.to_thread.run_sync(sweep, store, rules, max_bytes, clock())
@@ -244,6 +248,7 @@ def create_app(
                 verify_max_bytes=int(settings.cache.verify_max_bytes),
                 window=settings.cache.read_ahead,
                 caps=assets.caps,
+                shared=SharedTier(settings.cache) if settings.cache.shared else None,
             )
             delivery = CacheDelivery(engine, settings.cache.read_ahead)
             if store_error:

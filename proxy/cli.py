@@ -206,7 +206,7 @@ def _store(args: argparse.Namespace) -> tuple[Settings, Store]:
     path = _config_path(args)
     settings = load_settings(path) if path else _embedded(Path(args.var))
     try:
-        return settings, Store(settings.cache.store)
+        return settings, Store(settings.cache.folder)
     except CacheUnavailable as e:
         raise SystemExit(f"fdp: {e}") from None
 

@@ -65,7 +65,7 @@ class Context:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry(settings)
-        self.store = Store(settings.cache.store)
+        self.store = Store(settings.cache.folder)
         self.pool = make_pool(self.registry.timeouts)
         self.caps = Caps(
             lambda: self.registry.upstream_limits, settings.queue.redis_url, settings.qos

@@ -1,0 +1,174 @@
+"""The shared cache tier: blocks and object records in an S3 bucket every replica and worker
+reads (`cache.store: s3://bucket/prefix`).
+
+Each process keeps its local tier (the diskcache `Store`) in front: a block missing there
+is looked for here before the upstream is asked, and a block filled from the upstream is
+copied here in the background. In the bucket:
+- `{prefix}/objects/{key}.json`: an object's record (size, validators, type, checksums);
+- `{prefix}/blocks/{key}/{version}/{index}`: a block, its sha-256 in `x-amz-meta-sha256`,
+  so a block of one version never serves another, and a damaged one is never served.
+
+Every call here blocks (boto3): the engine runs them in threads. A tier that fails is left
+alone for `PAUSE` seconds, so a dead or silent object store costs one timeout, not one per
+request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+from cache.store import ObjectRecord, version_tag
+from policies.config import CacheConfig
+from upstreams.base import ObjectNotFound, Timeouts, UpstreamError
+from upstreams.s3 import S3Resolver, map_boto_errors
+
+log = logging.getLogger("fdp.cache")
+
+#: seconds the tier is skipped after it failed (the upstream serves meanwhile)
+PAUSE = 30.0
+#: a shared store answers quickly or not at all: requests wait on these
+TIMEOUTS = Timeouts(connect=2.0, read=5.0)
+#: record fields another process may use (the rest is each tier's own bookkeeping)
+SHARED_FIELDS = (
+    "dataset",
+    "path",
+    "size",
+    "block_size",
+    "etag",
+    "last_modified",
+    "media_type",
+    "checksum",
+    "sha256",
+    "verified",
+)
+
+
+class SharedTier:
+    def __init__(self, config: CacheConfig) -> None:
+        assert config.shared is not None
+        bucket, prefix = config.shared
+        key_id, secret = config.s3.credentials()
+        endpoint = str(config.s3.endpoint_url) if config.s3.endpoint_url else None
+        s3 = S3Resolver(
+            bucket, prefix, endpoint, None, config.s3.region, key_id, secret, timeouts=TIMEOUTS
+        )
+        self.client, self.bucket = s3.client, bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.url = config.store
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+
+    # -- health ----------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._paused_until
+
+    def _failed(self, what: str, error: Exception) -> None:
+        with self._lock:
+            if self.available:
+                log.warning(
+                    "shared cache %s: %s (%s); skipped for %g s", self.url, what, error, PAUSE
+                )
+            self._paused_until = time.monotonic() + PAUSE
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _record_key(self, key: str) -> str:
+        return f"{self.prefix}objects/{key}.json"
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        """The shared record of an object (its SHARED_FIELDS), or None."""
+        if not self.available:
+            return None
+        try:
+            with map_boto_errors("a shared record"):
+                body = self.client.get_object(Bucket=self.bucket, Key=self._record_key(key))["Body"]
+                with body:
+                    raw = json.loads(body.read(1 << 20))
+        except ObjectNotFound:
+            return None
+        except (UpstreamError, ValueError) as e:
+            self._failed("reading a record", e)
+            return None
+        if not isinstance(raw, dict):
+            return None
+        doc = {k: raw[k] for k in SHARED_FIELDS if k in raw}
+        sizes = (doc.get("size"), doc.get("block_size"))
+        if not all(isinstance(n, int) and n >= 0 for n in sizes) or not doc["block_size"]:
+            return None  # not a record we wrote
+        return doc
+
+    def put_record(self, record: ObjectRecord) -> None:
+        if not self.available:
+            return
+        doc = {k: v for k, v in asdict(record).items() if k in SHARED_FIELDS}
+        try:
+            with map_boto_errors("writing a shared record"):
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._record_key(record.key),
+                    Body=json.dumps(doc).encode(),
+                    ContentType="application/json",
+                )
+        except UpstreamError as e:
+            self._failed("writing a record", e)
+
+    # -- blocks ----------------------------------------------------------------------------
+
+    def _block_key(self, record: ObjectRecord, index: int) -> str:
+        tag = version_tag(record.size, record.etag, record.last_modified)
+        return f"{self.prefix}blocks/{record.key}/{tag}/{index}"
+
+    def read_block(self, record: ObjectRecord, index: int, fd: int) -> str | None:
+        """Copy block `index` into `fd` (from offset 0) and return its sha-256, or None when
+        the tier does not have it, fails, or holds bytes that do not match their sha-256."""
+        if not self.available:
+            return None
+        b0, b1 = record.block_range(index)
+        try:
+            with map_boto_errors("a shared block"):
+                answer = self.client.get_object(
+                    Bucket=self.bucket, Key=self._block_key(record, index)
+                )
+                expected = answer.get("Metadata", {}).get("sha256")
+                digest, pos = hashlib.sha256(), 0
+                with answer["Body"] as body:
+                    while chunk := body.read(1 << 20):
+                        if pos + len(chunk) > b1 - b0:
+                            break
+                        os.pwrite(fd, chunk, pos)
+                        digest.update(chunk)
+                        pos += len(chunk)
+        except ObjectNotFound:
+            return None
+        except (UpstreamError, OSError) as e:
+            self._failed("reading a block", e)
+            return None
+        sha = digest.hexdigest()
+        if pos != b1 - b0 or sha != expected:
+            log.error("shared cache block %s/%d is damaged: not used", record.key, index)
+            return None
+        return sha
+
+    def write_block(self, record: ObjectRecord, index: int, data: bytes, sha256: str) -> None:
+        if not self.available:
+            return
+        try:
+            with map_boto_errors("writing a shared block"):
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._block_key(record, index),
+                    Body=io.BytesIO(data),
+                    Metadata={"sha256": sha256},
+                )
+        except UpstreamError as e:
+            self._failed("writing a block", e)

@@ -1,0 +1,111 @@
+"""The shared cache tier (`cache.store: s3://bucket/prefix`) on a real SeaweedFS: two proxies
+with their own local tiers, one bucket between them."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+import httpx
+import pytest
+
+from tests.harness.services import boto3_client
+
+OBJECT = "demo-cogs/scene-a/visual.tif"
+
+
+def _config(upstream, s3, bucket, work, name, endpoint=None):
+    return {
+        "cache": {
+            "store": f"s3://{bucket}/cache",
+            "s3": {
+                "endpoint_url": endpoint or s3.endpoint_url,
+                "region": s3.region,
+                "access_key_id": s3.access_key,
+                "secret_access_key": s3.secret_key,
+            },
+            "local": {"store": str(work / f"{name}-local")},
+            "block_size": "256KiB",
+        },
+        "datasets": {
+            "files": {"upstream": {"http": {"base_url": f"{upstream.url}/data/demo-cogs"}}}
+        },
+    }
+
+
+@pytest.fixture
+def bucket(s3):
+    name = f"fdp-{secrets.token_hex(4)}"
+    boto3_client(s3).create_bucket(Bucket=name)
+    return name
+
+
+def _shared_blocks(s3, bucket):
+    pages = (
+        boto3_client(s3)
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket, Prefix="cache/blocks/")
+    )
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _wait_for(predicate, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_second_proxy_serves_from_the_shared_tier(start_proxy, upstream, s3, bucket, tmp_path):
+    data = upstream.file(OBJECT)
+    nblocks = -(-len(data) // (256 * 1024))
+    a = start_proxy(_config(upstream, s3, bucket, tmp_path, "a"))
+    b = start_proxy(_config(upstream, s3, bucket, tmp_path, "b"))
+    url = "/assets/files/scene-a/visual.tif"
+    r = httpx.get(a.url + url)
+    assert r.status_code == 200 and r.content == data
+    _wait_for(lambda: len(_shared_blocks(s3, bucket)) == nblocks)  # copied in the background
+    fetched = len(upstream.data_requests())
+    r = httpx.get(b.url + url, headers={"Range": "bytes=1000-299999"})
+    assert r.status_code == 206 and r.content == data[1000:300000]
+    r = httpx.get(b.url + url)
+    assert r.status_code == 200
+    assert hashlib.sha256(r.content).digest() == hashlib.sha256(data).digest()
+    assert len(upstream.data_requests()) == fetched  # B never asked the upstream: not even its size
+
+
+def test_a_damaged_shared_block_is_never_served(start_proxy, upstream, s3, bucket, tmp_path):
+    data = upstream.file(OBJECT)
+    a = start_proxy(_config(upstream, s3, bucket, tmp_path, "a"))
+    url = "/assets/files/scene-a/visual.tif"
+    assert httpx.get(a.url + url, headers={"Range": "bytes=0-99"}).content == data[:100]
+    _wait_for(lambda: len(_shared_blocks(s3, bucket)) == 1)
+    [key] = _shared_blocks(s3, bucket)
+    client = boto3_client(s3)
+    sha = client.head_object(Bucket=bucket, Key=key)["Metadata"]["sha256"]
+    client.put_object(Bucket=bucket, Key=key, Body=b"X" * 256 * 1024, Metadata={"sha256": sha})
+    fetched = len(upstream.data_requests())
+    b = start_proxy(_config(upstream, s3, bucket, tmp_path, "b"))
+    r = httpx.get(b.url + url, headers={"Range": "bytes=0-99"})
+    assert r.status_code == 206 and r.content == data[:100]  # from the upstream instead
+    assert len(upstream.data_requests()) > fetched
+
+
+def test_a_silent_shared_tier_costs_one_timeout_not_one_per_request(
+    start_proxy, upstream, blackhole, tmp_path
+):
+    class Silent:  # a SeaweedFS stand-in that accepts connections and never answers
+        endpoint_url, region, access_key, secret_key = blackhole.url, "us-east-1", "AK", "SK"
+
+    proxy = start_proxy(_config(upstream, Silent, "nowhere", tmp_path, "silent"))
+    data = upstream.file(OBJECT)
+    started = time.monotonic()
+    r = httpx.get(proxy.url + "/assets/files/scene-a/visual.tif", timeout=60)
+    first = time.monotonic() - started
+    assert r.status_code == 200 and r.content == data
+    started = time.monotonic()
+    r = httpx.get(proxy.url + "/assets/files/scene-b/visual.tif", timeout=60)
+    assert r.status_code == 200 and r.content == upstream.file("demo-cogs/scene-b/visual.tif")
+    assert time.monotonic() - started < 2  # the tier is skipped while it is down
+    assert first < 30
