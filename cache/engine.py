@@ -193,16 +193,9 @@ class FillEngine:
     ) -> ObjectRecord:
         """A new record: size and validators as the upstream's GETs report them."""
         assert self.store is not None
-        if self.shared is not None:  # another replica may have sized it already
-            raw = await self._on_shared(self.shared.record, key)
-            if raw is not None and raw["block_size"] == self.block_size:
-                now = self.clock()
-                raw |= {"dataset": dataset, "path": path}
-                record = ObjectRecord(key=key, created=now, accessed=now, **raw)
-                if not outdated(record, obj):
-                    return await self.index(
-                        "writing the cache index", self.store.add_record, record
-                    )
+        record = await self.shared_record(dataset, key, path, obj)
+        if record is not None:  # another replica has sized it already
+            return record
         since = time.monotonic()
         meta = await anyio.to_thread.run_sync(self._probe, obj, since, limiter=self._limiter(obj))
         record = new_record(meta, obj, key, dataset, path, self.block_size, self.clock())
@@ -210,6 +203,25 @@ class FillEngine:
         if self.shared is not None:
             self.fills.spawn(self._on_shared(self.shared.put_record, record))
         return record
+
+    async def shared_record(
+        self, dataset: str, key: str, path: str, obj: UpstreamObject, complete: bool = False
+    ) -> ObjectRecord | None:
+        """A local record made from the shared tier's (no blocks yet), if it has one of
+        this version (and, with `complete`, every block of it); else None."""
+        if self.shared is None or self.store is None:
+            return None
+        raw = await self._on_shared(self.shared.record, key)
+        if raw is None or (raw.pop("complete") is not True and complete):
+            return None
+        if raw["block_size"] != self.block_size:
+            return None
+        now = self.clock()
+        raw |= {"dataset": dataset, "path": path}
+        record = ObjectRecord(key=key, created=now, accessed=now, **raw)
+        if outdated(record, obj):
+            return None
+        return await self.index("writing the cache index", self.store.add_record, record)
 
     async def _on_shared(self, fn: Callable[..., T], *args: Any) -> T:
         """A call to the shared tier, on its own threads."""

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from cache.store import ObjectRecord, version_tag
+from cache.store import ObjectRecord, Store, version_tag
 from policies.config import CacheConfig
 from upstreams.base import ObjectNotFound, Timeouts, UpstreamError
 from upstreams.s3 import S3Resolver, map_boto_errors
@@ -86,7 +86,8 @@ class SharedTier:
         return f"{self.prefix}objects/{key}.json"
 
     def record(self, key: str) -> dict[str, Any] | None:
-        """The shared record of an object (its SHARED_FIELDS), or None."""
+        """The shared record of an object (its SHARED_FIELDS, and `complete`: every block
+        is in the bucket), or None."""
         if not self.available:
             return None
         try:
@@ -102,15 +103,18 @@ class SharedTier:
         if not isinstance(raw, dict):
             return None
         doc = {k: raw[k] for k in SHARED_FIELDS if k in raw}
+        doc["complete"] = raw.get("complete") is True
         sizes = (doc.get("size"), doc.get("block_size"))
         if not all(isinstance(n, int) and n >= 0 for n in sizes) or not doc["block_size"]:
             return None  # not a record we wrote
         return doc
 
-    def put_record(self, record: ObjectRecord) -> None:
+    def put_record(self, record: ObjectRecord, complete: bool = False) -> None:
+        """Write the record; `complete` once every block of it is in the bucket."""
         if not self.available:
             return
         doc = {k: v for k, v in asdict(record).items() if k in SHARED_FIELDS}
+        doc["complete"] = complete
         try:
             with map_boto_errors("writing a shared record"):
                 self.client.put_object(
@@ -172,3 +176,22 @@ class SharedTier:
                 )
         except UpstreamError as e:
             self._failed("writing a block", e)
+
+    def publish(self, store: Store, record: ObjectRecord) -> bool:
+        """Copy a whole object from a local store (a finished retrieval): its blocks, then
+        its record marked complete, so other replicas serve it without the upstream."""
+        for index in record.blocks:
+            f = store.block_file(record.key, index)
+            if f is None or not self.available:
+                return False
+            b0, b1 = record.block_range(index)
+            data = os.pread(f.fileno(), b1 - b0, 0)
+            self.write_block(record, index, data, record.block_sha256.get(index) or sha_of(data))
+        if not self.available:
+            return False
+        self.put_record(record, complete=record.complete)
+        return self.available
+
+
+def sha_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

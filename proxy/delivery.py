@@ -125,9 +125,17 @@ class CacheDelivery:
         record, fresh = self.store.peek(x.cache_key)  # the common case: no await at all
         if not fresh or record is None or outdated(record, x.obj):
             record = await self.record(x, x.obj) if create else await self.lookup(x.cache_key, x)
+        whole_elsewhere = False  # every block is in the shared tier: no upstream needed
+        if record is None and not create:
+            record = await self.engine.shared_record(
+                x.dataset, x.cache_key, x.rel, x.obj, complete=True
+            )
+            whole_elsewhere = record is not None
         if record is None:
             return None
-        if not create and (outdated(record, x.obj) or (whole and not record.complete)):
+        if not create and (
+            outdated(record, x.obj) or (whole and not record.complete and not whole_elsewhere)
+        ):
             return None
         selection = _simple(x, record) or select(x, record.size, record.etag, record.last_modified)
         if x.method == "HEAD" or selection.status == 304 or record.complete:

@@ -10,7 +10,10 @@ import time
 import httpx
 import pytest
 
+from tests.harness.procs import BIN, ServerProcess
 from tests.harness.services import boto3_client
+from tests.test_async import archive_config
+from tests.test_queue import fresh_redis
 
 OBJECT = "demo-cogs/scene-a/visual.tif"
 
@@ -109,3 +112,34 @@ def test_a_silent_shared_tier_costs_one_timeout_not_one_per_request(
     assert r.status_code == 200 and r.content == upstream.file("demo-cogs/scene-b/visual.tif")
     assert time.monotonic() - started < 2  # the tier is skipped while it is down
     assert first < 30
+
+
+def test_an_archive_retrieved_by_a_worker_is_served_by_another_proxy(
+    start_proxy, upstream, s3, bucket, redis_url, tmp_path
+):
+    """Proxy A queues the retrieval, a worker fetches and publishes it to the shared tier,
+    proxy B (its own local tier) serves it with no data request to the upstream."""
+    shared = _config(upstream, s3, bucket, tmp_path, "unused")["cache"]
+    redis = fresh_redis(redis_url)
+    configs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        config = archive_config(upstream.url, tmp_path / name, redis)
+        config["cache"] = {**shared, "local": {"store": str(tmp_path / f"{name}-local")}}
+        configs.append(config)
+    a, b = start_proxy(configs[0]), start_proxy(configs[1])
+    url = "/assets/archive/archived-a/visual"
+    with ServerProcess(
+        "worker", [BIN / "fdp", "worker", "--config", a.config], log_dir=tmp_path,
+        ready=lambda: True,
+    ):  # fmt: skip
+        job = httpx.get(a.url + url, headers={"Prefer": "respond-async"}).headers["location"]
+        deadline = time.monotonic() + 60
+        while httpx.get(job).status_code != 303:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    data = upstream.file("demo-archive/archived-a/visual.tif")
+    fetched = len(upstream.data_requests())
+    r = httpx.get(b.url + url)
+    assert r.status_code == 200 and r.content == data  # no job: the tier has it whole
+    assert len(upstream.data_requests()) == fetched

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cache.shared import SharedTier
 from cache.store import Store
 from policies.config import Settings
 from upstreams.base import Orderable, UpstreamError
@@ -66,6 +67,7 @@ class Context:
         self.settings = settings
         self.registry = Registry(settings)
         self.store = Store(settings.cache.folder)
+        self.shared = SharedTier(settings.cache) if settings.cache.shared else None
         self.pool = make_pool(self.registry.timeouts)
         self.caps = Caps(
             lambda: self.registry.upstream_limits, settings.queue.redis_url, settings.qos
@@ -89,7 +91,9 @@ def retrieve(context: Context, dataset: str, path: str, progress: Progress) -> N
             raise RetrievalFailed("the object is offline and its provider takes no orders")
         obj = entry.resolver.order(path, progress)
     target = Target(dataset, path, int(context.settings.cache.block_size))
-    fetch_into_cache(context.store, target, obj, progress, context.pool, context.caps)
+    record = fetch_into_cache(context.store, target, obj, progress, context.pool, context.caps)
+    if context.shared is not None and not context.shared.publish(context.store, record):
+        log.warning("%s/%s: retrieved, but not copied to the shared cache", dataset, path)
 
 
 def describe(exc: BaseException) -> str:
