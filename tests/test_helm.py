@@ -170,6 +170,15 @@ def test_the_mounted_config_is_one_fdp_accepts(name, tmp_path):
     assert set(settings.datasets) == set(VALUE_SETS[name].get("config", {}).get("datasets", {}))
 
 
+def test_a_shared_s3_cache_keeps_its_local_tier_in_the_pod_volume(tmp_path):
+    shared = {"store": "s3://fdp-cache/eo", "s3": {"endpoint_url": "https://s3.example"}}
+    [configmap] = of_kind(render({"config": {"cache": shared}}), "ConfigMap")
+    (tmp_path / "config.yaml").write_text(configmap["data"]["config.yaml"])
+    settings = load_settings(tmp_path / "config.yaml", environ={})
+    assert settings.cache.shared == ("fdp-cache", "eo")
+    assert settings.cache.folder == "/var/cache/fdp"  # the emptyDir, not the read-only root
+
+
 @pytest.mark.parametrize(
     "bad",
     [

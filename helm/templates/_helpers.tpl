@@ -38,6 +38,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- $server := merge (dict "host" "0.0.0.0" "port" 8080) (get $config "server" | default dict) -}}
 {{- $_ := set $config "server" $server -}}
 {{- $cache := merge (get $config "cache" | default dict) (dict "store" "/var/cache/fdp") -}}
+{{- if hasPrefix "s3://" $cache.store -}}
+{{- $_ := set $cache "local" (merge (get $cache "local" | default dict) (dict "store" "/var/cache/fdp")) -}}
+{{- end -}}
 {{- $_ := set $config "cache" $cache -}}
 {{- if .Values.eodagProviders -}}
 {{- $_ := set $config "eodag" (merge (get $config "eodag" | default dict) (dict "providers_file" "providers.yml")) -}}
