@@ -212,9 +212,10 @@ class FillEngine:
         if self.shared is None or self.store is None:
             return None
         raw = await self._on_shared(self.shared.record, key)
-        if raw is None or (raw.pop("complete") is not True and complete):
+        if raw is None:
             return None
-        if raw["block_size"] != self.block_size:
+        whole, _ = raw.pop("complete"), raw.pop("created")
+        if (complete and not whole) or raw["block_size"] != self.block_size:
             return None
         now = self.clock()
         raw |= {"dataset": dataset, "path": path}

@@ -15,16 +15,24 @@ request.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
+import socket
 import threading
 import time
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from redis import Redis
+from redis.exceptions import RedisError
+
+from cache.retention import EVICTIONS, Rule, plan
 from cache.store import ObjectRecord, Store, version_tag
 from policies.config import CacheConfig
 from upstreams.base import ObjectNotFound, Timeouts, UpstreamError
@@ -32,6 +40,8 @@ from upstreams.s3 import S3Resolver, map_boto_errors
 
 log = logging.getLogger("fdp.cache")
 
+#: Redis: when each shared object was last read; who sweeps the bucket now
+ACCESSED, SWEEPER = "fdp:cache:accessed", "fdp:cache:sweeper"
 #: seconds the tier is skipped after it failed (the upstream serves meanwhile)
 PAUSE = 30.0
 #: a shared store answers quickly or not at all: requests wait on these
@@ -52,7 +62,7 @@ SHARED_FIELDS = (
 
 
 class SharedTier:
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(self, config: CacheConfig, redis_url: str | None = None) -> None:
         assert config.shared is not None
         bucket, prefix = config.shared
         key_id, secret = config.s3.credentials()
@@ -65,6 +75,13 @@ class SharedTier:
         self.url = config.store
         self._paused_until = 0.0
         self._lock = threading.Lock()
+        #: access times of shared objects, and the sweeper's lease (without Redis: none)
+        self.redis = (
+            Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=1)
+            if redis_url
+            else None
+        )
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
 
     # -- health ----------------------------------------------------------------------------
 
@@ -104,6 +121,8 @@ class SharedTier:
             return None
         doc = {k: raw[k] for k in SHARED_FIELDS if k in raw}
         doc["complete"] = raw.get("complete") is True
+        created = raw.get("created")
+        doc["created"] = float(created) if isinstance(created, int | float) else 0.0
         sizes = (doc.get("size"), doc.get("block_size"))
         if not all(isinstance(n, int) and n >= 0 for n in sizes) or not doc["block_size"]:
             return None  # not a record we wrote
@@ -114,7 +133,7 @@ class SharedTier:
         if not self.available:
             return
         doc = {k: v for k, v in asdict(record).items() if k in SHARED_FIELDS}
-        doc["complete"] = complete
+        doc |= {"complete": complete, "created": record.created}
         try:
             with map_boto_errors("writing a shared record"):
                 self.client.put_object(
@@ -192,6 +211,120 @@ class SharedTier:
         self.put_record(record, complete=record.complete)
         return self.available
 
+    # -- retention: one sweeper at a time --------------------------------------------------
+
+    def accessed(self, touched: dict[str, float]) -> None:
+        """Note when objects were last read (a batch, from a store's flush)."""
+        if self.redis is None or not touched:
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key, when in touched.items():
+                    pipe.hset(ACCESSED, key, f"{when:.3f}")
+                pipe.execute()
+        except RedisError as e:
+            log.warning("shared cache: access times not recorded (%s)", type(e).__name__)
+
+    def elected(self, seconds: float) -> bool:
+        """Whether this process sweeps the bucket now: it holds the lease (Redis), or there
+        is no Redis to agree on one (each sweep is idempotent)."""
+        if self.redis is None:
+            return True
+        ms = int(seconds * 1000)
+        try:
+            if self.redis.set(SWEEPER, self.identity, nx=True, px=ms):
+                return True
+            if (self.redis.get(SWEEPER) or b"").decode() == self.identity:
+                self.redis.pexpire(SWEEPER, ms)
+                return True
+        except RedisError:
+            return False
+        return False
+
+    def records(self) -> list[ObjectRecord]:
+        """Every object in the bucket, as a record with the blocks it has there (any version
+        other than its record's is garbage: those blocks are left out and deleted)."""
+        stored: dict[str, dict[str, list[int]]] = {}
+        stale: set[str] = set()  # keys with blocks an hour old (not a copy under way)
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        with map_boto_errors("listing the shared cache"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}blocks/"
+            )
+            for page in pages:
+                for o in page.get("Contents", []):
+                    key, tag, index = o["Key"][len(self.prefix) + 7 :].split("/")
+                    stored.setdefault(key, {}).setdefault(tag, []).append(int(index))
+                    if o["LastModified"] < hour_ago:
+                        stale.add(key)
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}objects/"
+            )
+            keys = [
+                o["Key"][len(self.prefix) + 8 : -5]
+                for page in pages
+                for o in page.get("Contents", [])
+                if o["Key"].endswith(".json")
+            ]
+        times = self._access_times()
+        out = []
+        for key in keys:
+            raw = self.record(key)
+            if raw is None:
+                continue
+            raw.pop("complete")
+            created = raw.pop("created")
+            record = ObjectRecord(key=key, created=created, accessed=created, **raw)
+            tag = version_tag(record.size, record.etag, record.last_modified)
+            blocks = tuple(sorted(stored.pop(key, {}).get(tag, [])))
+            out.append(replace(record, blocks=blocks, accessed=times.get(key, created)))
+        for key in stored.keys() & stale:  # blocks no record names (an interrupted copy)
+            out.append(ObjectRecord(key=key, dataset="", path="", size=0, block_size=1))
+        return out
+
+    def _access_times(self) -> dict[str, float]:
+        if self.redis is None:
+            return {}
+        try:
+            return {k.decode(): float(v) for k, v in self.redis.hgetall(ACCESSED).items()}
+        except (RedisError, ValueError):
+            return {}
+
+    def evict(self, key: str) -> None:
+        """Delete an object's record and every block of it (all versions)."""
+        with map_boto_errors("evicting from the shared cache"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._record_key(key))
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}blocks/{key}/"
+            )
+            for page in pages:
+                doomed = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if doomed:
+                    self.client.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": doomed, "Quiet": True}
+                    )
+        if self.redis is not None:
+            with contextlib.suppress(RedisError):
+                self.redis.hdel(ACCESSED, key)
+
 
 def sha_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sweep_shared(
+    tier: SharedTier, rules: Mapping[str, Rule], max_bytes: int | None, now: float
+) -> int:
+    """Retention on the bucket, as `retention.sweep` does on a folder; returns the bytes
+    freed. Blocking: run it in a thread, on the elected replica."""
+    freed = 0
+    try:
+        for record in plan(tier.records(), rules, max_bytes, now):
+            tier.evict(record.key)
+            freed += record.stored_bytes
+            if record.dataset:
+                EVICTIONS.labels(record.dataset if record.dataset in rules else "(deleted)").inc()
+                log.info("shared cache: evicted %s/%s", record.dataset, record.path)
+    except UpstreamError as e:
+        tier._failed("retention", e)
+    return freed

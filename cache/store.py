@@ -384,7 +384,8 @@ class Store:
         _, hits = self._touched.get(key, (0.0, 0))
         self._touched[key] = (self.clock(), hits + 1)
 
-    def flush(self) -> None:
+    def flush(self) -> dict[str, float]:
+        """Write the hits counted since the last flush; returns when each object was read."""
         touched, self._touched = self._touched, {}
         for key, (when, hits) in touched.items():
             with self.objects.transact():
@@ -393,6 +394,7 @@ class Store:
                     raw["accessed"] = max(raw["accessed"], when)
                     raw["hits"] += hits
                     self.objects.set(key, raw)
+        return {key: when for key, (when, _) in touched.items()}
 
     # -- housekeeping ---------------------------------------------------------------------
 

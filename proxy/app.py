@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from cache.engine import FillEngine
 from cache.retention import Rule, sweep
-from cache.shared import SharedTier
+from cache.shared import SharedTier, sweep_shared
 from cache.store import CacheUnavailable, Store
 from policies.config import Dataset, Settings
 from policies.loader import load_settings
@@ -202,6 +202,7 @@ def create_app(
     policies = Policies(policy_store(settings), settings, registry)
     policies.start()  # the store's versions (edits made while this process was away) win
     store, store_error = open_store(settings, clock)
+    shared = SharedTier(settings.cache, settings.queue.redis_url) if settings.cache.shared else None
     local = settings.cache.local if settings.cache.shared else settings.cache
     max_bytes = int(local.max_bytes)
 
@@ -216,16 +217,28 @@ def create_app(
                 if time.monotonic() - last_sweep >= settings.cache.sweep_seconds:
                     last_sweep = time.monotonic()
                     rules = retention_rules({n: e.policy for n, e in registry.entries.items()})
-                    if settings.cache.shared:  # the local tier only keeps what is hot
-                        rules = {n: Rule("lru", None, None) for n in rules}
                     # a deleted dataset's objects stay until the global cap needs room
                     rules |= {n: Rule("lru", None, None) for n in policies.deleted - set(rules)}
-                    await anyio.to_thread.run_sync(sweep, store, rules, max_bytes, clock())
+                    touched = await anyio.to_thread.run_sync(store.flush)
+                    if shared is None:
+                        await anyio.to_thread.run_sync(sweep, store, rules, max_bytes, clock())
+                    else:  # the bucket keeps by the rules; the local tier only what is hot
+                        hot = {n: Rule("lru", None, None) for n in rules}
+                        await anyio.to_thread.run_sync(sweep, store, hot, max_bytes, clock())
+                        await anyio.to_thread.run_sync(shared.accessed, touched)
+                        lease = 3 * settings.cache.sweep_seconds
+                        if await anyio.to_thread.run_sync(shared.elected, lease):
+                            cap = int(settings.cache.max_bytes)
+                            await anyio.to_thread.run_sync(
+                                sweep_shared, shared, rules, cap, clock()
+                            )
                     scrubbed = await anyio.to_thread.run_sync(
                         store.scrub, int(settings.cache.scrub_bytes), scrubbed
                     )
                 else:
-                    await anyio.to_thread.run_sync(store.flush)
+                    touched = await anyio.to_thread.run_sync(store.flush)
+                    if shared is not None:
+                        await anyio.to_thread.run_sync(shared.accessed, touched)
             except Exception as e:  # a full disk must not stop housekeeping for good
                 delivery.health.failed("housekeeping", e)
 
@@ -248,7 +261,7 @@ def create_app(
                 verify_max_bytes=int(settings.cache.verify_max_bytes),
                 window=settings.cache.read_ahead,
                 caps=assets.caps,
-                shared=SharedTier(settings.cache) if settings.cache.shared else None,
+                shared=shared,
             )
             delivery = CacheDelivery(engine, settings.cache.read_ahead)
             if store_error:

@@ -143,3 +143,39 @@ def test_an_archive_retrieved_by_a_worker_is_served_by_another_proxy(
     r = httpx.get(b.url + url)
     assert r.status_code == 200 and r.content == data  # no job: the tier has it whole
     assert len(upstream.data_requests()) == fetched
+
+
+def test_retention_runs_on_the_bucket_by_one_elected_replica(
+    start_proxy, upstream, s3, bucket, redis_url, tmp_path
+):
+    redis = fresh_redis(redis_url)
+    configs = []
+    for name in ("a", "b"):
+        config = _config(upstream, s3, bucket, tmp_path, name)
+        config["cache"]["sweep_seconds"] = 1
+        config["queue"] = {"redis_url": redis}
+        config["datasets"]["files"]["retention"] = {"mode": "lru", "max_bytes": "1MiB"}
+        configs.append(config)
+    a, b = start_proxy(configs[0]), start_proxy(configs[1])
+    first, second = "scene-a/B04.tif", "scene-b/B04.tif"
+    sizes = [len(upstream.file(f"demo-cogs/{p}")) for p in (first, second)]
+    assert max(sizes) < 2**20 < sum(sizes)  # both do not fit: the older one must go
+    assert httpx.get(f"{a.url}/assets/files/{first}").status_code == 200
+    time.sleep(1.1)  # (access times have a resolution: make the order plain)
+    assert httpx.get(f"{b.url}/assets/files/{second}").status_code == 200
+
+    def objects_left():
+        keys = _shared_blocks(s3, bucket)
+        return {k.split("/")[2] for k in keys}
+
+    from cache.store import object_key
+
+    _wait_for(lambda: objects_left() == {object_key("files", second)}, 30)
+    listed = boto3_client(s3).list_objects_v2(Bucket=bucket, Prefix="cache/objects/")
+    assert [o["Key"] for o in listed.get("Contents", [])] == [
+        f"cache/objects/{object_key('files', second)}.json"
+    ]
+    import redis as redis_lib
+
+    sweeper = redis_lib.Redis.from_url(redis).get("fdp:cache:sweeper")
+    assert sweeper is not None and b":" in sweeper  # one replica holds the lease
