@@ -270,7 +270,8 @@ class SharedTier:
         out = []
         for key in keys:
             raw = self.record(key)
-            if raw is None:
+            if raw is None:  # unreadable now: its blocks are not orphans either
+                stored.pop(key, None)
                 continue
             raw.pop("complete")
             created = raw.pop("created")
