@@ -152,10 +152,13 @@ class FillEngine:
         window: int = 4,
         caps: Caps | None = None,
         shared: SharedTier | None = None,
+        wants_whole: Callable[[str], bool] = lambda dataset: False,
     ) -> None:
         self.store = store
         #: the tier every replica shares (`s3://`), behind this process's store
         self.shared = shared
+        #: datasets whose complete objects get a whole copy in the shared tier (presigning)
+        self.wants_whole = wants_whole
         #: threads talking to the shared tier (uploads never hold up a fill)
         self._shared_threads = anyio.CapacityLimiter(SHARED_THREADS)
         #: per-origin caps every block fetch keeps to
@@ -201,7 +204,7 @@ class FillEngine:
         record = new_record(meta, obj, key, dataset, path, self.block_size, self.clock())
         record = await self.index("writing the cache index", self.store.add_record, record)
         if self.shared is not None:
-            self.fills.spawn(self._on_shared(self.shared.put_record, record))
+            self.fills.spawn(self.on_shared(self.shared.put_record, record))
         return record
 
     async def shared_record(
@@ -211,7 +214,7 @@ class FillEngine:
         this version (and, with `complete`, every block of it); else None."""
         if self.shared is None or self.store is None:
             return None
-        raw = await self._on_shared(self.shared.record, key)
+        raw = await self.on_shared(self.shared.record, key)
         if raw is None:
             return None
         whole, _ = raw.pop("complete"), raw.pop("created")
@@ -224,7 +227,7 @@ class FillEngine:
             return None
         return await self.index("writing the cache index", self.store.add_record, record)
 
-    async def _on_shared(self, fn: Callable[..., T], *args: Any) -> T:
+    async def on_shared(self, fn: Callable[..., T], *args: Any) -> T:
         """A call to the shared tier, on its own threads."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._shared_threads)
 
@@ -303,6 +306,7 @@ class FillEngine:
                 self.complete_later(updated, obj)
                 if self.shared is not None:
                     self.fills.spawn(self._share(updated, index, sink.sha256))
+                    self.share_whole(updated)
         except ObjectChanged as e:
             log.warning("%s/%s: %s: record dropped", record.dataset, record.path, e)
             with contextlib.suppress(*STORE_ERRORS):  # keep no record of that version
@@ -354,7 +358,7 @@ class FillEngine:
         """If the shared tier has the block (checked against its sha-256), the fill takes
         it from there: into the local store, then to its readers. Else the caller fetches."""
         assert self.shared is not None
-        sha = await self._on_shared(self.shared.read_block, record, index, fill.fd)
+        sha = await self.on_shared(self.shared.read_block, record, index, fill.fd)
         updated = None
         if sha is not None:
             updated = await self._commit(record, index, fill.path, sha, None)
@@ -364,7 +368,15 @@ class FillEngine:
         fill.begin()
         fill.grew(fill.size)
         fill.finish()
+        self.share_whole(updated)
         return True
+
+    def share_whole(self, record: ObjectRecord) -> None:
+        """A complete object of a presigning dataset: copy it whole to the shared tier (in
+        the background), so later requests can be redirected there."""
+        if self.shared is not None and record.complete and self.wants_whole(record.dataset):
+            assert self.store is not None
+            self.fills.spawn(self.on_shared(self.shared.write_whole, self.store, record))
 
     async def _share(self, record: ObjectRecord, index: int, sha256: str) -> None:
         """Copy a block filled from the upstream to the shared tier (in the background)."""
@@ -379,7 +391,7 @@ class FillEngine:
             data = await self.io(os.pread, f.fileno(), b1 - b0, 0)
         except STORE_ERRORS:
             return  # evicted meanwhile: nothing to share
-        await self._on_shared(self.shared.write_block, record, index, data, sha256)
+        await self.on_shared(self.shared.write_block, record, index, data, sha256)
 
     async def _commit(
         self,

@@ -36,10 +36,13 @@ from cache.retention import EVICTIONS, Rule, plan
 from cache.store import ObjectRecord, Store, version_tag
 from policies.config import CacheConfig
 from upstreams.base import ObjectNotFound, Timeouts, UpstreamError
+from upstreams.memo import Memo
 from upstreams.s3 import S3Resolver, map_boto_errors
 
 log = logging.getLogger("fdp.cache")
 
+#: whole copies remembered as present, and for how long
+WHOLE_MEMO, WHOLE_TTL = 65536, 60.0
 #: Redis: when each shared object was last read; who sweeps the bucket now
 ACCESSED, SWEEPER = "fdp:cache:accessed", "fdp:cache:sweeper"
 #: seconds the tier is skipped after it failed (the upstream serves meanwhile)
@@ -67,10 +70,13 @@ class SharedTier:
         bucket, prefix = config.shared
         key_id, secret = config.s3.credentials()
         endpoint = str(config.s3.endpoint_url) if config.s3.endpoint_url else None
+        public = str(config.s3.public_endpoint_url) if config.s3.public_endpoint_url else None
         s3 = S3Resolver(
-            bucket, prefix, endpoint, None, config.s3.region, key_id, secret, timeouts=TIMEOUTS
+            bucket, prefix, endpoint, public, config.s3.region, key_id, secret, timeouts=TIMEOUTS
         )
-        self.client, self.bucket = s3.client, bucket
+        self.client, self.public, self.bucket = s3.client, s3.public, bucket
+        #: whole copies known to be in the bucket (for presigned redirects)
+        self._whole: Memo[str, bool] = Memo(WHOLE_MEMO, WHOLE_TTL)
         self.prefix = f"{prefix}/" if prefix else ""
         self.url = config.store
         self._paused_until = 0.0
@@ -211,6 +217,55 @@ class SharedTier:
         self.put_record(record, complete=record.complete)
         return self.available
 
+    # -- whole copies, for presigned redirects into the bucket ---------------------------
+
+    def _whole_key(self, record: ObjectRecord) -> str:
+        tag = version_tag(record.size, record.etag, record.last_modified)
+        return f"{self.prefix}whole/{record.key}/{tag}"
+
+    def has_whole(self, record: ObjectRecord) -> bool:
+        """Whether the bucket holds the object whole, in this version (one HEAD a minute)."""
+        key = self._whole_key(record)
+        if key in self._whole:
+            return True
+        if not self.available:
+            return False
+        try:
+            with map_boto_errors("a whole copy"):
+                self.client.head_object(Bucket=self.bucket, Key=key)
+        except ObjectNotFound:
+            return False
+        except UpstreamError as e:
+            self._failed("looking for a whole copy", e)
+            return False
+        self._whole[key] = True
+        return True
+
+    def write_whole(self, store: Store, record: ObjectRecord) -> None:
+        """Copy a complete local object whole (multipart, read block by block)."""
+        if not self.available or not record.complete or self.has_whole(record):
+            return
+        try:
+            with map_boto_errors("writing a whole copy"), BlocksReader(store, record) as reader:
+                self.client.upload_fileobj(
+                    reader,
+                    self.bucket,
+                    self._whole_key(record),
+                    ExtraArgs={"ContentType": record.media_type or "application/octet-stream"},
+                )
+        except (UpstreamError, OSError) as e:
+            self._failed("writing a whole copy", e)
+            return
+        self._whole[self._whole_key(record)] = True
+
+    def presign(self, record: ObjectRecord, expires: int) -> str:
+        """A GET URL of the whole copy for clients (signed, never the credentials)."""
+        return self.public.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._whole_key(record)},
+            ExpiresIn=expires,
+        )
+
     # -- retention: one sweeper at a time --------------------------------------------------
 
     def accessed(self, touched: dict[str, float]) -> None:
@@ -295,18 +350,45 @@ class SharedTier:
         """Delete an object's record and every block of it (all versions)."""
         with map_boto_errors("evicting from the shared cache"):
             self.client.delete_object(Bucket=self.bucket, Key=self._record_key(key))
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=f"{self.prefix}blocks/{key}/"
-            )
-            for page in pages:
-                doomed = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                if doomed:
-                    self.client.delete_objects(
-                        Bucket=self.bucket, Delete={"Objects": doomed, "Quiet": True}
-                    )
+            for folder in ("blocks", "whole"):
+                pages = self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=f"{self.prefix}{folder}/{key}/"
+                )
+                for page in pages:
+                    doomed = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                    if doomed:
+                        self.client.delete_objects(
+                            Bucket=self.bucket, Delete={"Objects": doomed, "Quiet": True}
+                        )
         if self.redis is not None:
             with contextlib.suppress(RedisError):
                 self.redis.hdel(ACCESSED, key)
+
+
+class BlocksReader(io.RawIOBase):
+    """A complete cached object as one readable file, block after block (for uploads)."""
+
+    def __init__(self, store: Store, record: ObjectRecord) -> None:
+        self.store, self.record, self.pos = store, record, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.pos >= self.record.size:
+            return 0
+        index = self.pos // self.record.block_size
+        f = self.store.block_file(self.record.key, index)
+        if f is None:
+            raise OSError(f"block {index} of {self.record.key} left the cache")
+        b0, b1 = self.record.block_range(index)
+        n = min(len(buffer), b1 - self.pos)
+        data = os.pread(f.fileno(), n, self.pos - b0)
+        if not data:
+            raise OSError(f"block {index} of {self.record.key} is short")
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 def sha_of(data: bytes) -> str:

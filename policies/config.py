@@ -74,6 +74,8 @@ class S3Access(Strict):
 
     endpoint_url: AnyHttpUrl | None = None
     region: str | None = None
+    #: where clients reach the store, for presigned URLs (default: endpoint_url)
+    public_endpoint_url: AnyHttpUrl | None = None
     # credentials: inline (e.g. from FDP_DATASETS__X__UPSTREAM__S3__SECRET_ACCESS_KEY), from
     # files (*_file, e.g. Kubernetes secrets), else boto3's default chain (AWS_* variables...)
     access_key_id: SecretStr | None = None
@@ -244,8 +246,6 @@ class EodagUpstream(Strict):
 class S3Upstream(S3Access):
     bucket: str
     prefix: str = ""
-    #: where clients reach the store, for presigned URLs (default: endpoint_url)
-    public_endpoint_url: AnyHttpUrl | None = None
 
 
 class FdpUpstream(Strict):
@@ -406,12 +406,6 @@ class Dataset(Strict):
     #: Cache-Control max-age of public data (private data is always `private`)
     max_age: int = Field(3600, ge=0)
 
-    @model_validator(mode="after")
-    def _presign_needs_s3(self) -> Dataset:
-        if self.delivery == "presign" and self.upstream.s3 is None:
-            raise ValueError("delivery 'presign' needs an s3 upstream")
-        return self
-
 
 class LogConfig(Strict):
     format: Literal["text", "json"] = "text"  # json: one JSON object per line
@@ -484,6 +478,16 @@ class Settings(Strict):
     log: LogConfig = LogConfig()
     upstream_defaults: UpstreamDefaults = UpstreamDefaults()
     datasets: dict[Annotated[str, Field(pattern=DATASET_NAME)], Dataset] = {}
+
+    @model_validator(mode="after")
+    def _presign_needs_s3(self) -> Settings:
+        for name, ds in self.datasets.items():
+            if ds.delivery == "presign" and ds.upstream.s3 is None and not self.cache.shared:
+                raise ValueError(
+                    f"datasets.{name}.delivery 'presign' needs an s3 upstream "
+                    "or an s3:// cache store"
+                )
+        return self
 
     @model_validator(mode="after")
     def _auth_for_protected(self) -> Settings:

@@ -262,6 +262,10 @@ def create_app(
                 window=settings.cache.read_ahead,
                 caps=assets.caps,
                 shared=shared,
+                wants_whole=lambda dataset: (
+                    dataset in registry.entries
+                    and registry.entries[dataset].policy.delivery == "presign"
+                ),
             )
             delivery = CacheDelivery(engine, settings.cache.read_ahead)
             if store_error:

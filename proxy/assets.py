@@ -9,6 +9,7 @@ and the framework's per-request objects would cost more than all of that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -61,9 +62,13 @@ SEEN_SIZE, SEEN_TTL = 65536, 86400.0
 FLOW_TTL = 6 * 3600.0
 
 
-def caches(policy: Dataset) -> bool:
-    """`delivery: cache` keeps bytes unless its retention allows none (`lru`, `max_bytes: 0`)."""
-    return policy.delivery == "cache" and policy.retention.max_bytes != 0
+def caches(policy: Dataset, resolver: object) -> bool:
+    """`delivery: cache` keeps bytes unless its retention allows none (`lru`, `max_bytes: 0`);
+    so does `presign` when the store cannot presign (the shared cache tier then does)."""
+    kept = policy.delivery == "cache" or (
+        policy.delivery == "presign" and not isinstance(resolver, Presigning)
+    )
+    return kept and policy.retention.max_bytes != 0
 
 
 def cache_control(policy: Dataset) -> bytes:
@@ -180,8 +185,14 @@ class Assets:
         assert x.entry is not None and x.obj is not None
         policy, resolver = x.entry.policy, x.entry.resolver
         delivery = self.delivery
-        if x.method == "GET" and policy.delivery == "presign" and isinstance(resolver, Presigning):
-            url = resolver.presign(x.rel, "GET", policy.presign_expires)
+        url = None
+        if x.method == "GET" and policy.delivery == "presign":
+            if isinstance(resolver, Presigning):
+                url = resolver.presign(x.rel, "GET", policy.presign_expires)
+            elif delivery is not None and delivery.usable:  # a whole copy in the shared tier
+                with contextlib.suppress(CacheWriteFailed):
+                    url = await delivery.presigned(x, policy.presign_expires)
+        if url is not None:
             x.plan = Plan(Kind.PRESIGN, location=url)
         elif x.method == "GET" and policy.delivery == "redirect":
             x.plan = Plan(Kind.REDIRECT, location=x.obj.href)
@@ -191,7 +202,7 @@ class Assets:
             try:
                 if self.queue is not None and is_slow(policy, x.obj):
                     x.plan = await delivery.plan(x, create=False) or Plan(Kind.SLOW)
-                elif caches(policy):  # an object not cached yet: its record after admission
+                elif caches(policy, resolver):  # not cached yet: its record after admission
                     x.plan = await delivery.plan(x, create=False, whole=False) or Plan(Kind.MISS)
                 else:
                     x.plan = Plan(Kind.PASSTHROUGH)

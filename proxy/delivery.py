@@ -115,6 +115,24 @@ class CacheDelivery:
             await self.engine.index("evicting an outdated object", self.store.evict, x.cache_key)
         return await self.engine.create_record(x.dataset, x.cache_key, x.rel, obj)
 
+    async def presigned(self, x: Exchange, expires: int) -> str | None:
+        """A presigned URL of the object's whole copy in the shared tier, if it has one of
+        this version; else None (and, for a complete object, the copy is made for later)."""
+        shared = self.engine.shared
+        if shared is None or self.store is None or x.obj is None:
+            return None
+        record = self.store.peek(x.cache_key)[0] or await self.lookup(x.cache_key, x)
+        if record is None or not record.complete:
+            record = await self.engine.shared_record(
+                x.dataset, x.cache_key, x.rel, x.obj, complete=True
+            )
+        if record is None or outdated(record, x.obj):
+            return None
+        if not await self.engine.on_shared(shared.has_whole, record):
+            self.engine.share_whole(record)
+            return None
+        return shared.presign(record, expires)
+
     # -- planning: hit or miss, before anything is sent ---------------------------------
 
     async def plan(self, x: Exchange, create: bool = True, whole: bool = True) -> Plan | None:

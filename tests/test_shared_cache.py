@@ -179,3 +179,32 @@ def test_retention_runs_on_the_bucket_by_one_elected_replica(
 
     sweeper = redis_lib.Redis.from_url(redis).get("fdp:cache:sweeper")
     assert sweeper is not None and b":" in sweeper  # one replica holds the lease
+
+
+def test_presign_delivery_redirects_into_the_bucket_once_it_holds_the_object(
+    start_proxy, upstream, s3, bucket, tmp_path
+):
+    config = _config(upstream, s3, bucket, tmp_path, "a")
+    config["datasets"]["files"]["delivery"] = "presign"
+    proxy = start_proxy(config)
+    url = f"{proxy.url}/assets/files/scene-b/B04.tif"
+    data = upstream.file("demo-cogs/scene-b/B04.tif")
+    r = httpx.get(url)  # not in the bucket yet: served, and filled
+    assert r.status_code == 200 and r.content == data
+
+    def redirected():
+        return httpx.get(url).status_code == 307
+
+    _wait_for(redirected)  # once the whole copy is up
+    r = httpx.get(url)
+    location = r.headers["location"]
+    assert location.startswith(f"{s3.endpoint_url}/{bucket}/cache/whole/")
+    assert s3.secret_key not in location and "X-Amz-Signature" in location
+    fetched = len(upstream.data_requests())
+    assert httpx.get(location).content == data  # signed: SeaweedFS enforces it
+    assert len(upstream.data_requests()) == fetched
+    r = httpx.get(url, headers={"Range": "bytes=0-99"})  # ranges are redirected too
+    assert r.status_code == 307
+    assert httpx.get(r.headers["location"], headers={"Range": "bytes=0-99"}).content == data[:100]
+    tampered = location.replace("X-Amz-Signature=", "X-Amz-Signature=0")
+    assert httpx.get(tampered).status_code == 403

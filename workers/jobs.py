@@ -92,8 +92,11 @@ def retrieve(context: Context, dataset: str, path: str, progress: Progress) -> N
         obj = entry.resolver.order(path, progress)
     target = Target(dataset, path, int(context.settings.cache.block_size))
     record = fetch_into_cache(context.store, target, obj, progress, context.pool, context.caps)
-    if context.shared is not None and not context.shared.publish(context.store, record):
-        log.warning("%s/%s: retrieved, but not copied to the shared cache", dataset, path)
+    if context.shared is not None:
+        if not context.shared.publish(context.store, record):
+            log.warning("%s/%s: retrieved, but not copied to the shared cache", dataset, path)
+        elif entry.policy.delivery == "presign":  # clients are sent to a whole copy
+            context.shared.write_whole(context.store, record)
 
 
 def describe(exc: BaseException) -> str:
