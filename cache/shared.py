@@ -95,7 +95,8 @@ class SharedTier:
     def available(self) -> bool:
         return time.monotonic() >= self._paused_until
 
-    def _failed(self, what: str, error: Exception) -> None:
+    def failed(self, what: str, error: Exception) -> None:
+        """Note a failure: the tier is skipped for PAUSE seconds (logged once a pause)."""
         with self._lock:
             if self.available:
                 log.warning(
@@ -121,7 +122,7 @@ class SharedTier:
         except ObjectNotFound:
             return None
         except (UpstreamError, ValueError) as e:
-            self._failed("reading a record", e)
+            self.failed("reading a record", e)
             return None
         if not isinstance(raw, dict):
             return None
@@ -149,7 +150,7 @@ class SharedTier:
                     ContentType="application/json",
                 )
         except UpstreamError as e:
-            self._failed("writing a record", e)
+            self.failed("writing a record", e)
 
     # -- blocks ----------------------------------------------------------------------------
 
@@ -180,7 +181,7 @@ class SharedTier:
         except ObjectNotFound:
             return None
         except (UpstreamError, OSError) as e:
-            self._failed("reading a block", e)
+            self.failed("reading a block", e)
             return None
         sha = digest.hexdigest()
         if pos != b1 - b0 or sha != expected:
@@ -200,7 +201,7 @@ class SharedTier:
                     Metadata={"sha256": sha256},
                 )
         except UpstreamError as e:
-            self._failed("writing a block", e)
+            self.failed("writing a block", e)
 
     def publish(self, store: Store, record: ObjectRecord) -> bool:
         """Copy a whole object from a local store (a finished retrieval): its blocks, then
@@ -236,7 +237,7 @@ class SharedTier:
         except ObjectNotFound:
             return False
         except UpstreamError as e:
-            self._failed("looking for a whole copy", e)
+            self.failed("looking for a whole copy", e)
             return False
         self._whole[key] = True
         return True
@@ -254,7 +255,7 @@ class SharedTier:
                     ExtraArgs={"ContentType": record.media_type or "application/octet-stream"},
                 )
         except (UpstreamError, OSError) as e:
-            self._failed("writing a whole copy", e)
+            self.failed("writing a whole copy", e)
             return
         self._whole[self._whole_key(record)] = True
 
@@ -409,5 +410,5 @@ def sweep_shared(
                 EVICTIONS.labels(record.dataset if record.dataset in rules else "(deleted)").inc()
                 log.info("shared cache: evicted %s/%s", record.dataset, record.path)
     except UpstreamError as e:
-        tier._failed("retention", e)
+        tier.failed("retention", e)
     return freed
