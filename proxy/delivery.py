@@ -9,6 +9,7 @@ so an upstream error is still a proper problem response, not a broken body.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
@@ -377,5 +378,8 @@ class CacheDelivery:
             headers.append((b"etag", record.etag.encode("latin-1")))
         if record.last_modified:
             headers.append((b"last-modified", record.last_modified.encode("latin-1")))
+        if record.sha256 and record.complete:  # RFC 9530: of the whole representation
+            digest = base64.b64encode(bytes.fromhex(record.sha256))
+            headers.append((b"repr-digest", b"sha-256=:" + digest + b":"))
         headers.append((b"cache-control", cache_control))  # last: the memo checks it
         return tuple(headers)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import email
+import hashlib
 import http.client
 import json
 import time
@@ -170,3 +172,19 @@ def test_every_asset_request_is_one_json_access_line_without_tokens(hproxy, upst
     assert last_two[0]["bytes"] == 10
     assert last_two[1]["status"] == 404 and last_two[1]["error"] == "not-found"
     assert "s3cr3t" not in hproxy.proc.log_text()
+
+
+def test_a_whole_cached_object_carries_its_sha256_as_repr_digest(hproxy, upstream):
+    data = upstream.file("demo-cogs/scene-c/B04.tif")
+    target = url(hproxy, "cached", "scene-c/B04.tif")
+    assert "repr-digest" not in httpx.get(target, headers={"Range": "bytes=0-9"}).headers
+    assert httpx.get(target).content == data  # now whole, and hashed
+    expected = "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
+    deadline = time.monotonic() + 10
+    while httpx.head(target).headers.get("repr-digest") != expected:
+        assert time.monotonic() < deadline, "no Repr-Digest"
+        time.sleep(0.1)
+    r = httpx.get(target, headers={"Range": "bytes=10-19"})  # a part: the whole's digest
+    assert r.status_code == 206 and r.headers["repr-digest"] == expected
+    through = httpx.get(url(hproxy, "through", "scene-c/B04.tif"))
+    assert "repr-digest" not in through.headers  # nothing hashed, nothing claimed
