@@ -25,7 +25,7 @@ from policies.pacing import Pace
 from policies.qos import Limiter, applicable
 from proxy.accesslog import AccessLog
 from proxy.auth import ANONYMOUS, Authenticator, Identity, check
-from proxy.conditional import select
+from proxy.conditional import check_range, select
 from proxy.deliveries import DeliveryLog
 from proxy.delivery import CacheDelivery
 from proxy.exchange import MISSES, Exchange, Kind, Plan
@@ -136,6 +136,8 @@ class Assets:
                 raise MethodNotAllowed("use GET or HEAD", headers={"allow": "GET, HEAD"})
             await self.authenticate(x)
             self.authorize(x)
+            if x.range is not None:
+                check_range(x.range)
             await self.resolve(x)
             await self.plan(x)
             await self.admit(x)

@@ -76,6 +76,18 @@ def _if_range_holds(header: str, etag: str | None, last_modified: str | None) ->
     return wanted is not None and modified is not None and wanted == modified
 
 
+def check_range(spec: str) -> None:
+    """Refuse a malformed bytes Range at once: knowing that needs no size, so nobody (the
+    cache index, the upstream) is asked first. Other units and long lists pass (ignored)."""
+    unit, _, ranges = spec.partition("=")
+    parts = ranges.split(",")
+    if unit.strip().lower() != "bytes" or len(parts) > MAX_PARTS:
+        return
+    for part in parts:
+        if parse_range_header(f"bytes={part.strip()}") is None:
+            raise MalformedRange(f"malformed Range header {spec!r}; expected e.g. bytes=0-1023")
+
+
 def byte_ranges(spec: str, size: int) -> tuple[tuple[int, int], ...] | None:
     """Satisfiable ranges of `spec` for an object of `size` bytes, merged and in order.
 
