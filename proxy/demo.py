@@ -85,7 +85,6 @@ def demo_config(var_dir: Path, upstream_url: str = OFFLINE_UPSTREAM) -> dict[str
     Writes nothing and needs no running upstream, so every command can use it (`fdp cache`
     with the placeholder URL); `fdp serve` calls `write_providers` once its upstream listens.
     """
-    objects = [f"{s}/{a}.tif" for s in ("scene-a", "scene-b", "scene-c") for a in ("visual", "B04")]
     return {
         "cache": {"store": str(var_dir / "cache")},
         "eodag": {"providers_file": str(providers_path(var_dir))},
@@ -101,9 +100,8 @@ def demo_config(var_dir: Path, upstream_url: str = OFFLINE_UPSTREAM) -> dict[str
             },
             "demo-files": {
                 "title": "Demo files (plain HTTP)",
-                "upstream": {
-                    "http": {"base_url": f"{upstream_url}/data/demo-cogs/", "objects": objects}
-                },
+                # listed from the upstream's autoindex pages (nginx style)
+                "upstream": {"http": {"base_url": f"{upstream_url}/data/demo-cogs/"}},
             },
         },
     }
