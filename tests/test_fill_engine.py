@@ -81,7 +81,7 @@ def test_an_upstream_that_ignores_range_still_fills_the_right_block(fproxy, upst
 
 
 def test_an_object_replaced_upstream_is_never_mixed_with_its_old_blocks(fproxy, upstream):
-    from upstreams.demo.server import changed_bytes
+    from upstreams.demo.state import changed_bytes
 
     data = upstream.file("demo-cogs/scene-a/B04.tif")
     url = f"{fproxy.url}/assets/files/scene-a/B04.tif"

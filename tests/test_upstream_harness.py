@@ -100,7 +100,7 @@ def test_per_user_403(upstream):
 
 
 def test_changed_object_has_another_etag_and_other_bytes(upstream):
-    from upstreams.demo.server import changed_bytes
+    from upstreams.demo.state import changed_bytes
 
     original = httpx.get(upstream.url + B04)
     upstream.fault("scene-a/B04", changed=True)
