@@ -25,7 +25,7 @@ from policies.pacing import Pace
 from policies.qos import Limiter, applicable
 from proxy.accesslog import AccessLog
 from proxy.auth import ANONYMOUS, Authenticator, Identity, check
-from proxy.conditional import check_range, select
+from proxy.conditional import range_parts, select
 from proxy.deliveries import DeliveryLog
 from proxy.delivery import CacheDelivery
 from proxy.exchange import MISSES, Exchange, Kind, Plan
@@ -136,8 +136,6 @@ class Assets:
                 raise MethodNotAllowed("use GET or HEAD", headers={"allow": "GET, HEAD"})
             await self.authenticate(x)
             self.authorize(x)
-            if x.range is not None:
-                check_range(x.range)
             await self.resolve(x)
             await self.plan(x)
             await self.admit(x)
@@ -253,6 +251,8 @@ class Assets:
         (the cache notes them itself, to keep a hit short)."""
         assert x.entry is not None and x.plan is not None and x.obj is not None
         plan = x.plan
+        if plan.record is None and x.range is not None:
+            range_parts(x.range)  # malformed: a 400 before anyone is asked for the size
         if plan.kind in (Kind.HIT, Kind.MISS):
             assert self.delivery is not None
             if plan.record is None:  # admitted: now the upstream may be asked for its size

@@ -76,16 +76,21 @@ def _if_range_holds(header: str, etag: str | None, last_modified: str | None) ->
     return wanted is not None and modified is not None and wanted == modified
 
 
-def check_range(spec: str) -> None:
-    """Refuse a malformed bytes Range at once: knowing that needs no size, so nobody (the
-    cache index, the upstream) is asked first. Other units and long lists pass (ignored)."""
+def range_parts(spec: str) -> list[tuple[int, int | None]] | None:
+    """The parts of a bytes Range, as werkzeug parses them one by one (it refuses unordered
+    or overlapping sets); None for another unit or too many parts (send it all). Raises
+    MalformedRange: that needs no size, so it can be said before anyone is asked for one."""
     unit, _, ranges = spec.partition("=")
     parts = ranges.split(",")
     if unit.strip().lower() != "bytes" or len(parts) > MAX_PARTS:
-        return
+        return None
+    wanted: list[tuple[int, int | None]] = []
     for part in parts:
-        if parse_range_header(f"bytes={part.strip()}") is None:
+        parsed = parse_range_header(f"bytes={part.strip()}")
+        if parsed is None:
             raise MalformedRange(f"malformed Range header {spec!r}; expected e.g. bytes=0-1023")
+        wanted += parsed.ranges
+    return wanted
 
 
 def byte_ranges(spec: str, size: int) -> tuple[tuple[int, int], ...] | None:
@@ -94,18 +99,9 @@ def byte_ranges(spec: str, size: int) -> tuple[tuple[int, int], ...] | None:
     None: not a bytes range we use (another unit, or too many parts): send it all.
     Raises MalformedRange for a malformed header and RangeNotSatisfiable when no part fits.
     """
-    unit = spec.partition("=")[0].strip().lower()
-    if unit != "bytes":
+    wanted = range_parts(spec)
+    if wanted is None:
         return None
-    parts = spec.partition("=")[2].split(",")
-    if len(parts) > MAX_PARTS:
-        return None
-    wanted: list[tuple[int, int | None]] = []
-    for part in parts:  # one by one: werkzeug refuses unordered or overlapping sets
-        parsed = parse_range_header(f"bytes={part.strip()}")
-        if parsed is None:
-            raise MalformedRange(f"malformed Range header {spec!r}; expected e.g. bytes=0-1023")
-        wanted += parsed.ranges
     found: list[tuple[int, int]] = []
     for start, stop in wanted:
         if start < 0:  # suffix: the last -start bytes, all of them if the object is shorter
