@@ -37,7 +37,7 @@ from policies.store import PolicyStore, Stale, Version, watch
 from proxy.auth import identity
 from proxy.problems import PreconditionFailed, ProxyError, problem
 from upstreams.base import DatasetNotFound
-from upstreams.registry import Registry
+from upstreams.registry import Entry, Registry
 
 log = logging.getLogger("fdp.policies")
 
@@ -93,13 +93,14 @@ class Policies:
         for version in self.store.versions().values():
             self.apply(version)
 
-    def apply(self, version: Version) -> None:
+    def apply(self, version: Version, entry: Entry | None = None) -> None:
+        """Put a stored version in force (with `entry`, built for it by `check`)."""
         with self._lock:
             if self.applied.get(version.dataset, 0) >= version.version:
                 return
             try:
                 ds = Dataset.model_validate(version.document) if version.document else None
-                self.registry.apply(version.dataset, ds)
+                self.registry.apply(version.dataset, ds, entry)
             except Exception as e:  # (a version written elsewhere this one cannot serve)
                 log.error("policy %s v%d not applied: %s", version.dataset, version.version, e)
                 return
@@ -112,24 +113,25 @@ class Policies:
                 "policy %s v%d in force (%s)", version.dataset, version.version, version.action
             )
 
-    def check(self, name: str, doc: Any) -> Dataset:
-        """`doc` as dataset `name`'s policy, or InvalidPolicy listing every problem."""
+    def check(self, name: str, doc: Any) -> tuple[Dataset, Entry]:
+        """`doc` as dataset `name`'s policy and the entry that would serve it (its resolver
+        built only if the upstream changed), or InvalidPolicy listing every problem."""
         ds = checked(self.settings, name, doc)
         try:
-            self.registry.build(name, ds)
+            return ds, self.registry.reusable(name, ds) or self.registry.build(name, ds)
         except ConfigError as e:
             raise InvalidPolicy(
                 name, [p.removeprefix(f"datasets.{name}.") for p in e.problems]
             ) from None
-        return ds
 
     def write(
         self, name: str, doc: Document | None, by: str, action: str, expected: int
     ) -> Version:
         """Check, store and apply a new version (blocks); raises InvalidPolicy, Stale."""
-        document = stored(self.check(name, doc)) if doc is not None else None
+        ds, entry = self.check(name, doc) if doc is not None else (None, None)
+        document = stored(ds) if ds is not None else None
         version = self.store.write(name, document, by, action, expected)
-        self.apply(version)
+        self.apply(version, entry)
         return version
 
 
@@ -315,7 +317,7 @@ async def validate_policy(request: Request) -> Response:
     current = await _current(request, name)
     doc = keep_secrets(await _body(request), current.document if current else None)
     try:
-        ds = await _call(policies.check, name, doc)
+        ds, _ = await _call(policies.check, name, doc)
     except InvalidPolicy as e:
         return _invalid(e, request.url.path)
     return JSONResponse(

@@ -263,8 +263,8 @@ def create_app(
                 caps=assets.caps,
                 shared=shared,
                 wants_whole=lambda dataset: (
-                    dataset in registry.entries
-                    and registry.entries[dataset].policy.delivery == "presign"
+                    (entry := registry.entries.get(dataset)) is not None
+                    and entry.presigns_from_cache
                 ),
             )
             delivery = CacheDelivery(engine, settings.cache.read_ahead)

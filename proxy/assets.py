@@ -45,7 +45,7 @@ from upstreams.base import (
 from upstreams.caps import Caps, Meter
 from upstreams.http import Body, Meta, head, probe, stream
 from upstreams.memo import Memo
-from upstreams.registry import Registry
+from upstreams.registry import Entry, Registry
 from workers.jobs import SUCCEEDED
 from workers.queue import JobQueue
 
@@ -62,13 +62,11 @@ SEEN_SIZE, SEEN_TTL = 65536, 86400.0
 FLOW_TTL = 6 * 3600.0
 
 
-def caches(policy: Dataset, resolver: object) -> bool:
+def caches(entry: Entry) -> bool:
     """`delivery: cache` keeps bytes unless its retention allows none (`lru`, `max_bytes: 0`);
-    so does `presign` when the store cannot presign (the shared cache tier then does)."""
-    kept = policy.delivery == "cache" or (
-        policy.delivery == "presign" and not isinstance(resolver, Presigning)
-    )
-    return kept and policy.retention.max_bytes != 0
+    so does `presign` from the shared cache tier."""
+    kept = entry.policy.delivery == "cache" or entry.presigns_from_cache
+    return kept and entry.policy.retention.max_bytes != 0
 
 
 def cache_control(policy: Dataset) -> bytes:
@@ -189,7 +187,7 @@ class Assets:
         if x.method == "GET" and policy.delivery == "presign":
             if isinstance(resolver, Presigning):
                 url = resolver.presign(x.rel, "GET", policy.presign_expires)
-            elif delivery is not None and delivery.usable:  # a whole copy in the shared tier
+            elif delivery is not None and delivery.usable:  # from the shared cache tier
                 with contextlib.suppress(CacheWriteFailed):
                     url = await delivery.presigned(x, policy.presign_expires)
         if url is not None:
@@ -202,7 +200,7 @@ class Assets:
             try:
                 if self.queue is not None and is_slow(policy, x.obj):
                     x.plan = await delivery.plan(x, create=False) or Plan(Kind.SLOW)
-                elif caches(policy, resolver):  # not cached yet: its record after admission
+                elif caches(x.entry):  # not cached yet: its record after admission
                     x.plan = await delivery.plan(x, create=False, whole=False) or Plan(Kind.MISS)
                 else:
                     x.plan = Plan(Kind.PASSTHROUGH)

@@ -11,7 +11,7 @@ import anyio
 
 from policies.config import Dataset, Settings
 from policies.loader import ConfigError
-from upstreams.base import DatasetNotFound, Origins, Resolver, Timeouts
+from upstreams.base import DatasetNotFound, Origins, Presigning, Resolver, Timeouts
 from upstreams.eodag import (
     EodagResolver,
     EodagWorkdir,
@@ -32,6 +32,12 @@ class Entry:
     #: where this dataset's fetches may go: its upstream's own origins plus `allowed_hosts`
     origins: Origins
     timeouts: Timeouts
+
+    @property
+    def presigns_from_cache(self) -> bool:
+        """`delivery: presign` with an upstream that cannot presign: clients are sent to
+        the object's whole copy in the shared cache tier, which is filled for them."""
+        return self.policy.delivery == "presign" and not isinstance(self.resolver, Presigning)
 
 
 def dataset_timeouts(settings: Settings, ds: Dataset) -> Timeouts:
@@ -137,12 +143,9 @@ class Registry:
             )
         return Entry(name, ds, resolver, resolver.origins, timeouts)
 
-    def apply(self, name: str, ds: Dataset | None) -> None:
-        """Serve dataset `name` under policy `ds` from the next request on (None: stop
-        serving it). Its resolver is kept when its upstream did not change."""
-        if ds is None:
-            self.entries.pop(name, None)
-            return
+    def reusable(self, name: str, ds: Dataset) -> Entry | None:
+        """Dataset `name` under policy `ds` with the resolver it has now, if its upstream
+        did not change (None: it needs `build`)."""
         old = self.entries.get(name)
         if (
             old is not None
@@ -150,9 +153,19 @@ class Registry:
             and old.policy.timeouts == ds.timeouts
             and old.policy.allowed_hosts == ds.allowed_hosts
         ):
-            self.entries[name] = Entry(name, ds, old.resolver, old.origins, old.timeouts)
+            return Entry(name, ds, old.resolver, old.origins, old.timeouts)
+        return None
+
+    def apply(self, name: str, ds: Dataset | None, entry: Entry | None = None) -> None:
+        """Serve dataset `name` under policy `ds` from the next request on (None: stop
+        serving it), with `entry` if the caller built it already. The entries are replaced
+        whole, never changed in place: other threads may be reading them meanwhile."""
+        entries = dict(self.entries)
+        if ds is None:
+            entries.pop(name, None)
         else:
-            self.entries[name] = self.build(name, ds)
+            entries[name] = entry or self.reusable(name, ds) or self.build(name, ds)
+        self.entries = entries
 
     def _limiter(self, settings: Settings, upstream: str) -> anyio.CapacityLimiter:
         if upstream not in self.limiters:

@@ -95,7 +95,7 @@ def retrieve(context: Context, dataset: str, path: str, progress: Progress) -> N
     if context.shared is not None:
         if not context.shared.publish(context.store, record):
             log.warning("%s/%s: retrieved, but not copied to the shared cache", dataset, path)
-        elif entry.policy.delivery == "presign":  # clients are sent to a whole copy
+        elif entry.presigns_from_cache:  # clients are sent to a whole copy
             context.shared.write_whole(context.store, record)
 
 
