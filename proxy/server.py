@@ -47,7 +47,7 @@ class LimitedProtocol(HttpToolsProtocol):
             # only the bytes up to the end of the headers count (a body may come along)
             end = (self._tail + data).find(b"\r\n\r\n")
             self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
-            self._tail = data[-3:]
+            self._tail = (self._tail + data)[-3:]
             if self._header_bytes > self.max_header_bytes:
                 self._refuse()
                 return

@@ -19,11 +19,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from proxy.auth import Forbidden, Unauthorized, identity
+from proxy.exchange import MISSES, Kind
 from proxy.metrics import registry
 from upstreams.http import HEALTH
 
 RECENT_JOBS = 20
-MISS_KINDS = ("miss", "pass-through", "slow")
 
 
 def _samples() -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -35,26 +35,43 @@ def _samples() -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
-def gather(request: Request) -> dict[str, Any]:
-    """Every figure of the page (blocks: the cache index, the queue, the metrics files)."""
+def _blocking(state: Any) -> dict[str, Any]:
+    """The figures that take I/O: the metrics (files, under `--workers`), the cache index
+    and the queue. Run in a thread; nothing here is shared with the event loop."""
+    try:
+        depth: int | None = state.queue.depth()
+        jobs = [j.public() for j in state.queue.recent(RECENT_JOBS)]
+    except Exception:  # (a silent Redis: the page still shows the rest)
+        depth, jobs = None, []
+    usage = state.live_figures.cache_usage()
+    return {"samples": _samples(), "usage": usage, "depth": depth, "jobs": jobs}
+
+
+async def gather(request: Request) -> dict[str, Any]:
+    """Every figure of the page: this process's own read on the event loop (where they
+    change), the rest in a thread."""
     state = request.app.state
-    samples = _samples()
+    state.assets.metrics.publish()
+    entries, applied = state.registry.entries, dict(state.policies.applied)
+    health = {origin: h.public() for origin, h in list(HEALTH.items())}
+    limiter = state.assets.limiter
+    rejected, recent = dict(limiter.rejected), list(limiter.recent)
+    slow = await anyio.to_thread.run_sync(_blocking, state)
+    samples, usage = slow["samples"], slow["usage"]
     served: dict[str, dict[str, float]] = defaultdict(lambda: {"hits": 0.0, "misses": 0.0})
     for labels, v in samples["fdp_requests_total"]:
         if labels["dataset"] == "(none)" or labels["status_class"] not in ("2xx", "3xx"):
             continue  # (a refused or failed request delivered nothing)
-        if labels["cache"] == "hit":
+        if labels["cache"] == Kind.HIT:
             served[labels["dataset"]]["hits"] += v
-        elif labels["cache"] in MISS_KINDS:
+        elif labels["cache"] in MISSES:
             served[labels["dataset"]]["misses"] += v
-    usage = state.live_figures.cache_usage()
-    applied = state.policies.applied
     datasets = {}
-    for name in sorted(set(state.registry.entries) | set(usage)):
+    for name in sorted(set(entries) | set(usage)):
         hits, misses = served[name]["hits"], served[name]["misses"]
         size, count = usage.get(name, (0, 0))
         datasets[name] = {
-            "serving": name in state.registry.entries,
+            "serving": name in entries,
             "policy_version": applied.get(name),
             "cache_bytes": size,
             "cache_objects": count,
@@ -71,15 +88,8 @@ def gather(request: Request) -> dict[str, Any]:
     for labels, v in samples["fdp_upstream_errors_total"]:
         errors = upstreams[labels["upstream"]].setdefault("errors", {})
         errors[labels["kind"]] = errors.get(labels["kind"], 0) + int(v)
-    for origin, health in list(HEALTH.items()):
-        upstreams[origin] |= health.public()
-    limiter = state.assets.limiter
-    queue = state.queue
-    try:
-        depth: int | None = queue.depth()
-        jobs = [j.public() for j in queue.recent(RECENT_JOBS)]
-    except Exception:  # (a silent Redis: the page still shows the rest)
-        depth, jobs = None, []
+    for origin, public in health.items():
+        upstreams[origin] |= public
     return {
         "time": time.time(),
         "upstreams": dict(sorted(upstreams.items())),
@@ -89,12 +99,12 @@ def gather(request: Request) -> dict[str, Any]:
             "max_bytes": int(state.settings.cache.max_bytes),
             "error": state.delivery.health.error if state.delivery is not None else None,
         },
-        "queue": {"depth": depth, "recent_jobs": jobs},
+        "queue": {"depth": slow["depth"], "recent_jobs": slow["jobs"]},
         "qos": {
-            "rejected": {f"{d}/{k}": n for (d, k), n in sorted(limiter.rejected.items())},
+            "rejected": {f"{d}/{k}": n for (d, k), n in sorted(rejected.items())},
             "recent_rejections": [
                 {"time": t, "dataset": d, "kind": k, "scope": s, "who": w}
-                for t, d, k, s, w in reversed(limiter.recent)
+                for t, d, k, s, w in reversed(recent)
             ],
         },
     }
@@ -112,21 +122,16 @@ async def _allowed(request: Request) -> None:
 
 async def status_json(request: Request) -> Response:
     await _allowed(request)
-    request.app.state.assets.metrics.publish()
-    figures = await anyio.to_thread.run_sync(gather, request)
-    return JSONResponse(figures, headers={"cache-control": "no-store"})
+    return JSONResponse(await gather(request), headers={"cache-control": "no-store"})
 
 
 async def status_html(request: Request) -> Response:
     await _allowed(request)
-    request.app.state.assets.metrics.publish()
-    figures = await anyio.to_thread.run_sync(gather, request)
-    return HTMLResponse(render(figures), headers={"cache-control": "no-store"})
+    return HTMLResponse(render(await gather(request)), headers={"cache-control": "no-store"})
 
 
 # -- the page -----------------------------------------------------------------------------
 
-OK, FAILING = '<span class="ok">ok</span>', '<span class="bad">failing</span>'
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
@@ -140,11 +145,11 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 def _size(n: float | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
+    return f"{n:.1f} TiB"
 
 
 def _when(t: float | None) -> str:
