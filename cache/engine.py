@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -161,6 +161,8 @@ class FillEngine:
         self.wants_whole = wants_whole
         #: threads talking to the shared tier (uploads never hold up a fill)
         self._shared_threads = anyio.CapacityLimiter(SHARED_THREADS)
+        #: whole copies being uploaded (one upload per object at a time)
+        self._whole_uploads: set[str] = set()
         #: per-origin caps every block fetch keeps to
         self.caps = caps
         #: objects with a catalogue checksum up to this size are completed to be verified
@@ -214,15 +216,11 @@ class FillEngine:
         this version (and, with `complete`, every block of it); else None."""
         if self.shared is None or self.store is None:
             return None
-        raw = await self.on_shared(self.shared.record, key)
-        if raw is None:
-            return None
-        whole, _ = raw.pop("complete"), raw.pop("created")
-        if (complete and not whole) or raw["block_size"] != self.block_size:
+        found = await self.on_shared(self.shared.record, key)
+        if found is None or (complete and not found[1]) or found[0].block_size != self.block_size:
             return None
         now = self.clock()
-        raw |= {"dataset": dataset, "path": path}
-        record = ObjectRecord(key=key, created=now, accessed=now, **raw)
+        record = replace(found[0], dataset=dataset, path=path, created=now, accessed=now)
         if outdated(record, obj):
             return None
         return await self.index("writing the cache index", self.store.add_record, record)
@@ -374,23 +372,34 @@ class FillEngine:
     def share_whole(self, record: ObjectRecord) -> None:
         """A complete object of a presigning dataset: copy it whole to the shared tier (in
         the background), so later requests can be redirected there."""
-        if self.shared is not None and record.complete and self.wants_whole(record.dataset):
-            assert self.store is not None
-            self.fills.spawn(self.on_shared(self.shared.write_whole, self.store, record))
+        if (
+            self.shared is None
+            or not record.complete
+            or not self.wants_whole(record.dataset)
+            or record.key in self._whole_uploads
+        ):
+            return
+        assert self.store is not None
+        self._whole_uploads.add(record.key)
+
+        async def upload() -> None:
+            assert self.shared is not None
+            try:
+                await self.on_shared(self.shared.write_whole, self.store, record)
+            finally:
+                self._whole_uploads.discard(record.key)
+
+        self.fills.spawn(upload())
 
     async def _share(self, record: ObjectRecord, index: int, sha256: str) -> None:
         """Copy a block filled from the upstream to the shared tier (in the background)."""
         assert self.store is not None and self.shared is not None
         try:
-            f = self.store.held_block(record.key, index) or await self.io(
-                self.store.block_file, record.key, index
-            )
-            if f is None:
-                return
-            b0, b1 = record.block_range(index)
-            data = await self.io(os.pread, f.fileno(), b1 - b0, 0)
+            data = await self.io(self.store.block_bytes, record, index)
         except STORE_ERRORS:
             return  # evicted meanwhile: nothing to share
+        if data is None:
+            return
         await self.on_shared(self.shared.write_block, record, index, data, sha256)
 
     async def _commit(

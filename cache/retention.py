@@ -7,12 +7,16 @@ of sleeping; `sweep` applies it to a store.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
 from cache.store import ObjectRecord, Store
+
+if TYPE_CHECKING:
+    from cache.shared import SharedTier
 
 EVICTIONS = Counter(
     "fdp_cache_evictions", "Objects retention evicted from the cache, by dataset", ["dataset"]
@@ -68,13 +72,48 @@ def plan(
     return out
 
 
+def evict_planned(
+    records: Iterable[ObjectRecord],
+    rules: Mapping[str, Rule],
+    max_bytes: int | None,
+    now: float,
+    evict: Callable[[ObjectRecord], int],
+    where: str = "",
+) -> int:
+    """Evict (with `evict`, which returns the bytes it freed) what `plan` says; returns the
+    bytes freed."""
+    freed = 0
+    for record in plan(records, rules, max_bytes, now):
+        freed += evict(record)
+        if record.dataset:  # (not blocks that no record named)
+            EVICTIONS.labels(record.dataset if record.dataset in rules else "(deleted)").inc()
+            size = record.stored_bytes
+            log.info("%sevicted %s/%s (%d bytes)", where, record.dataset, record.path, size)
+    return freed
+
+
 def sweep(store: Store, rules: Mapping[str, Rule], max_bytes: int | None, now: float) -> int:
     """Evict what `plan` says; returns the bytes freed. Blocking: run it in a thread."""
     store.flush()
     store.clean_tmp()
-    freed = 0
-    for record in plan(store.records(), rules, max_bytes, now):
-        freed += store.evict(record.key)
-        EVICTIONS.labels(record.dataset if record.dataset in rules else "(deleted)").inc()
-        log.info("evicted %s/%s (%d bytes)", record.dataset, record.path, record.stored_bytes)
-    return freed
+    return evict_planned(store.records(), rules, max_bytes, now, lambda r: store.evict(r.key))
+
+
+def retain(
+    store: Store,
+    shared: SharedTier | None,
+    rules: Mapping[str, Rule],
+    local_max: int,
+    shared_max: int,
+    lease: float,
+    now: float,
+) -> None:
+    """One retention pass. Without a shared tier the store keeps by the rules; with one,
+    the bucket does (swept by the replica that holds the lease) and the local tier keeps
+    only what is hot. Blocking: run it in a thread."""
+    if shared is None:
+        sweep(store, rules, local_max, now)
+        return
+    sweep(store, {n: Rule("lru", None, None) for n in rules}, local_max, now)
+    if shared.elected(lease):
+        shared.sweep(rules, shared_max, now)

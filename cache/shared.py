@@ -32,17 +32,19 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from cache.retention import EVICTIONS, Rule, plan
+from cache.retention import Rule, evict_planned
 from cache.store import ObjectRecord, Store, version_tag
 from policies.config import CacheConfig
 from upstreams.base import ObjectNotFound, Timeouts, UpstreamError
 from upstreams.memo import Memo
-from upstreams.s3 import S3Resolver, map_boto_errors
+from upstreams.s3 import make_clients, map_boto_errors
 
 log = logging.getLogger("fdp.cache")
 
 #: whole copies remembered as present, and for how long
 WHOLE_MEMO, WHOLE_TTL = 65536, 60.0
+#: how long "no record of it" stands (a replica that just filled it publishes its record)
+ABSENT_TTL = 5.0
 #: Redis: when each shared object was last read; who sweeps the bucket now
 ACCESSED, SWEEPER = "fdp:cache:accessed", "fdp:cache:sweeper"
 #: seconds the tier is skipped after it failed (the upstream serves meanwhile)
@@ -68,16 +70,12 @@ class SharedTier:
     def __init__(self, config: CacheConfig, redis_url: str | None = None) -> None:
         assert config.shared is not None
         bucket, prefix = config.shared
-        key_id, secret = config.s3.credentials()
-        endpoint = str(config.s3.endpoint_url) if config.s3.endpoint_url else None
-        public = str(config.s3.public_endpoint_url) if config.s3.public_endpoint_url else None
-        s3 = S3Resolver(
-            bucket, prefix, endpoint, public, config.s3.region, key_id, secret, timeouts=TIMEOUTS
-        )
-        self.client, self.public, self.bucket = s3.client, s3.public, bucket
+        self.client, self.public = make_clients(config.s3, TIMEOUTS)
+        self.bucket, self.prefix = bucket, f"{prefix}/" if prefix else ""
         #: whole copies known to be in the bucket (for presigned redirects)
         self._whole: Memo[str, bool] = Memo(WHOLE_MEMO, WHOLE_TTL)
-        self.prefix = f"{prefix}/" if prefix else ""
+        #: objects the bucket had no record of lately
+        self._absent: Memo[str, bool] = Memo(WHOLE_MEMO, ABSENT_TTL)
         self.url = config.store
         self._paused_until = 0.0
         self._lock = threading.Lock()
@@ -109,10 +107,11 @@ class SharedTier:
     def _record_key(self, key: str) -> str:
         return f"{self.prefix}objects/{key}.json"
 
-    def record(self, key: str) -> dict[str, Any] | None:
-        """The shared record of an object (its SHARED_FIELDS, and `complete`: every block
-        is in the bucket), or None."""
-        if not self.available:
+    def record(self, key: str) -> tuple[ObjectRecord, bool] | None:
+        """The shared record of an object (no blocks; `created` as first recorded), and
+        whether every block of it is in the bucket; None when there is none. A miss is
+        remembered for a few seconds: one request asks the bucket, not every stage of it."""
+        if not self.available or key in self._absent:
             return None
         try:
             with map_boto_errors("a shared record"):
@@ -120,6 +119,7 @@ class SharedTier:
                 with body:
                     raw = json.loads(body.read(1 << 20))
         except ObjectNotFound:
+            self._absent[key] = True
             return None
         except (UpstreamError, ValueError) as e:
             self.failed("reading a record", e)
@@ -127,18 +127,20 @@ class SharedTier:
         if not isinstance(raw, dict):
             return None
         doc = {k: raw[k] for k in SHARED_FIELDS if k in raw}
-        doc["complete"] = raw.get("complete") is True
-        created = raw.get("created")
-        doc["created"] = float(created) if isinstance(created, int | float) else 0.0
         sizes = (doc.get("size"), doc.get("block_size"))
         if not all(isinstance(n, int) and n >= 0 for n in sizes) or not doc["block_size"]:
             return None  # not a record we wrote
-        return doc
+        created = raw.get("created")
+        created = float(created) if isinstance(created, int | float) else 0.0
+        record = ObjectRecord(key=key, created=created, accessed=created, **doc)
+        return record, raw.get("complete") is True
 
-    def put_record(self, record: ObjectRecord, complete: bool = False) -> None:
-        """Write the record; `complete` once every block of it is in the bucket."""
+    def put_record(self, record: ObjectRecord, complete: bool = False) -> bool:
+        """Write the record; `complete` once every block of it is in the bucket. Whether it
+        was written."""
         if not self.available:
-            return
+            return False
+        self._absent.pop(record.key)
         doc = {k: v for k, v in asdict(record).items() if k in SHARED_FIELDS}
         doc |= {"complete": complete, "created": record.created}
         try:
@@ -151,6 +153,8 @@ class SharedTier:
                 )
         except UpstreamError as e:
             self.failed("writing a record", e)
+            return False
+        return True
 
     # -- blocks ----------------------------------------------------------------------------
 
@@ -189,9 +193,10 @@ class SharedTier:
             return None
         return sha
 
-    def write_block(self, record: ObjectRecord, index: int, data: bytes, sha256: str) -> None:
+    def write_block(self, record: ObjectRecord, index: int, data: bytes, sha256: str) -> bool:
+        """Copy one block (with its sha-256) into the bucket; whether it was written."""
         if not self.available:
-            return
+            return False
         try:
             with map_boto_errors("writing a shared block"):
                 self.client.put_object(
@@ -202,21 +207,19 @@ class SharedTier:
                 )
         except UpstreamError as e:
             self.failed("writing a block", e)
+            return False
+        return True
 
     def publish(self, store: Store, record: ObjectRecord) -> bool:
         """Copy a whole object from a local store (a finished retrieval): its blocks, then
         its record marked complete, so other replicas serve it without the upstream."""
         for index in record.blocks:
-            f = store.block_file(record.key, index)
-            if f is None or not self.available:
+            data = store.block_bytes(record, index)
+            if data is None or not self.write_block(
+                record, index, data, record.block_sha256[index]
+            ):
                 return False
-            b0, b1 = record.block_range(index)
-            data = os.pread(f.fileno(), b1 - b0, 0)
-            self.write_block(record, index, data, record.block_sha256.get(index) or sha_of(data))
-        if not self.available:
-            return False
-        self.put_record(record, complete=record.complete)
-        return self.available
+        return self.put_record(record, complete=record.complete)
 
     # -- whole copies, for presigned redirects into the bucket ---------------------------
 
@@ -325,16 +328,15 @@ class SharedTier:
         times = self._access_times()
         out = []
         for key in keys:
-            raw = self.record(key)
-            if raw is None:  # unreadable now: its blocks are not orphans either
+            found = self.record(key)
+            if found is None:  # unreadable now: its blocks are not orphans either
                 stored.pop(key, None)
                 continue
-            raw.pop("complete")
-            created = raw.pop("created")
-            record = ObjectRecord(key=key, created=created, accessed=created, **raw)
+            record = found[0]
             tag = version_tag(record.size, record.etag, record.last_modified)
             blocks = tuple(sorted(stored.pop(key, {}).get(tag, [])))
-            out.append(replace(record, blocks=blocks, accessed=times.get(key, created)))
+            accessed = times.get(key, record.created)
+            out.append(replace(record, blocks=blocks, accessed=accessed))
         for key in stored.keys() & stale:  # blocks no record names (an interrupted copy)
             out.append(ObjectRecord(key=key, dataset="", path="", size=0, block_size=1))
         return out
@@ -347,8 +349,9 @@ class SharedTier:
         except (RedisError, ValueError):
             return {}
 
-    def evict(self, key: str) -> None:
-        """Delete an object's record and every block of it (all versions)."""
+    def evict(self, record: ObjectRecord) -> int:
+        """Delete an object's record and every block of it (all versions); the bytes freed."""
+        key = record.key
         with map_boto_errors("evicting from the shared cache"):
             self.client.delete_object(Bucket=self.bucket, Key=self._record_key(key))
             for folder in ("blocks", "whole"):
@@ -364,6 +367,16 @@ class SharedTier:
         if self.redis is not None:
             with contextlib.suppress(RedisError):
                 self.redis.hdel(ACCESSED, key)
+        return record.stored_bytes
+
+    def sweep(self, rules: Mapping[str, Rule], max_bytes: int | None, now: float) -> int:
+        """Retention on the bucket, as `retention.sweep` does on a folder; the bytes freed.
+        Blocking: run it in a thread, on the elected replica."""
+        try:
+            return evict_planned(self.records(), rules, max_bytes, now, self.evict, "shared: ")
+        except UpstreamError as e:
+            self.failed("retention", e)
+            return 0
 
 
 class BlocksReader(io.RawIOBase):
@@ -390,25 +403,3 @@ class BlocksReader(io.RawIOBase):
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
-
-
-def sha_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sweep_shared(
-    tier: SharedTier, rules: Mapping[str, Rule], max_bytes: int | None, now: float
-) -> int:
-    """Retention on the bucket, as `retention.sweep` does on a folder; returns the bytes
-    freed. Blocking: run it in a thread, on the elected replica."""
-    freed = 0
-    try:
-        for record in plan(tier.records(), rules, max_bytes, now):
-            tier.evict(record.key)
-            freed += record.stored_bytes
-            if record.dataset:
-                EVICTIONS.labels(record.dataset if record.dataset in rules else "(deleted)").inc()
-                log.info("shared cache: evicted %s/%s", record.dataset, record.path)
-    except UpstreamError as e:
-        tier.failed("retention", e)
-    return freed

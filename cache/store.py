@@ -282,6 +282,14 @@ class Store:
             self._shed()
         return f
 
+    def block_bytes(self, record: ObjectRecord, index: int) -> bytes | None:
+        """Block `index` of the object, read whole (None when it is not cached)."""
+        f = self.held_block(record.key, index) or self.block_file(record.key, index)
+        if f is None:
+            return None
+        b0, b1 = record.block_range(index)
+        return os.pread(f.fileno(), b1 - b0, 0)
+
     def commit_block(
         self, record: ObjectRecord, index: int, part: Path, sha256: str
     ) -> ObjectRecord | None:

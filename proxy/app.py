@@ -21,8 +21,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cache.engine import FillEngine
-from cache.retention import Rule, sweep
-from cache.shared import SharedTier, sweep_shared
+from cache.retention import Rule, retain
+from cache.shared import SharedTier
 from cache.store import CacheUnavailable, Store
 from policies.config import Dataset, Settings
 from policies.loader import load_settings
@@ -214,31 +214,22 @@ def create_app(
         while True:
             await anyio.sleep(min(FLUSH_SECONDS, settings.cache.sweep_seconds))
             try:
+                touched = await anyio.to_thread.run_sync(store.flush)
+                if shared is not None:
+                    await anyio.to_thread.run_sync(shared.accessed, touched)
                 if time.monotonic() - last_sweep >= settings.cache.sweep_seconds:
                     last_sweep = time.monotonic()
                     rules = retention_rules({n: e.policy for n, e in registry.entries.items()})
                     # a deleted dataset's objects stay until the global cap needs room
                     rules |= {n: Rule("lru", None, None) for n in policies.deleted - set(rules)}
-                    touched = await anyio.to_thread.run_sync(store.flush)
-                    if shared is None:
-                        await anyio.to_thread.run_sync(sweep, store, rules, max_bytes, clock())
-                    else:  # the bucket keeps by the rules; the local tier only what is hot
-                        hot = {n: Rule("lru", None, None) for n in rules}
-                        await anyio.to_thread.run_sync(sweep, store, hot, max_bytes, clock())
-                        await anyio.to_thread.run_sync(shared.accessed, touched)
-                        lease = 3 * settings.cache.sweep_seconds
-                        if await anyio.to_thread.run_sync(shared.elected, lease):
-                            cap = int(settings.cache.max_bytes)
-                            await anyio.to_thread.run_sync(
-                                sweep_shared, shared, rules, cap, clock()
-                            )
+                    await anyio.to_thread.run_sync(
+                        retain,
+                        *(store, shared, rules, max_bytes, int(settings.cache.max_bytes)),
+                        *(3 * settings.cache.sweep_seconds, clock()),
+                    )
                     scrubbed = await anyio.to_thread.run_sync(
                         store.scrub, int(settings.cache.scrub_bytes), scrubbed
                     )
-                else:
-                    touched = await anyio.to_thread.run_sync(store.flush)
-                    if shared is not None:
-                        await anyio.to_thread.run_sync(shared.accessed, touched)
             except Exception as e:  # a full disk must not stop housekeeping for good
                 delivery.health.failed("housekeeping", e)
 

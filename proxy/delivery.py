@@ -122,7 +122,7 @@ class CacheDelivery:
         shared = self.engine.shared
         if shared is None or self.store is None or x.obj is None:
             return None
-        record = self.store.peek(x.cache_key)[0] or await self.lookup(x.cache_key, x)
+        record = await self.lookup(x.cache_key, x)
         if record is None or not record.complete:
             record = await self.engine.shared_record(
                 x.dataset, x.cache_key, x.rel, x.obj, complete=True

@@ -93,15 +93,10 @@ class Registry:
                 f"{base}/assets/{up.fdp.dataset or name}/", None, allowed, timeouts, False
             )
         elif up.s3 is not None:
-            key_id, secret = up.s3.credentials()
             resolver = S3Resolver(
                 up.s3.bucket,
                 up.s3.prefix,
-                str(up.s3.endpoint_url) if up.s3.endpoint_url else None,
-                str(up.s3.public_endpoint_url) if up.s3.public_endpoint_url else None,
-                up.s3.region,
-                key_id,
-                secret,
+                up.s3,
                 timeouts=timeouts,
                 limiter=self._limiter(settings, f"s3 {up.s3.endpoint_url}"),
                 origins=allowed,

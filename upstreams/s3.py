@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import anyio
 import boto3
+from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -22,6 +23,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from policies.config import S3Access
 from upstreams.base import (
     Listed,
     ObjectNotFound,
@@ -65,16 +67,37 @@ def map_boto_errors(what: str) -> Iterator[None]:
         raise UpstreamUnavailable(f"{what}: object store failed ({type(e).__name__})") from None
 
 
+def make_clients(access: S3Access, timeouts: Timeouts) -> tuple[BaseClient, BaseClient]:
+    """(the client we call the store with, the one that presigns URLs for clients: signed
+    for `public_endpoint_url`): SigV4, path-style, bounded timeouts and attempts.
+    Credentials are read now (their files may have been rotated)."""
+    key_id, secret = access.credentials()
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        connect_timeout=timeouts.connect,
+        read_timeout=timeouts.read,
+        retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+    )
+    session = boto3.session.Session(
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        region_name=access.region or "us-east-1",
+    )
+    endpoint = str(access.endpoint_url) if access.endpoint_url else None
+    public = str(access.public_endpoint_url) if access.public_endpoint_url else endpoint
+    return (
+        session.client("s3", endpoint_url=endpoint, config=config),
+        session.client("s3", endpoint_url=public, config=config),
+    )
+
+
 class S3Resolver:
     def __init__(
         self,
         bucket: str,
-        prefix: str = "",
-        endpoint_url: str | None = None,
-        public_endpoint_url: str | None = None,
-        region: str | None = None,
-        access_key_id: str | None = None,
-        secret_access_key: str | None = None,
+        prefix: str,
+        access: S3Access,
         *,
         timeouts: Timeouts | None = None,
         limiter: anyio.CapacityLimiter | None = None,
@@ -84,22 +107,7 @@ class S3Resolver:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.timeouts = timeouts or Timeouts()
         self.limiter = limiter or anyio.CapacityLimiter(8)
-        config = Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            connect_timeout=self.timeouts.connect,
-            read_timeout=self.timeouts.read,
-            retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-        )
-        session = boto3.session.Session(
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            region_name=region or "us-east-1",
-        )
-        self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
-        self.public = session.client(
-            "s3", endpoint_url=public_endpoint_url or endpoint_url, config=config
-        )
+        self.client, self.public = make_clients(access, self.timeouts)
         # the presigned URLs we fetch point at the endpoint: it is always allowed
         self.origins = (origins or Origins()) | Origins.of(self.client.meta.endpoint_url)
         self._seen: Memo[str, UpstreamObject] = Memo(MEMO_SIZE, RESOLVE_TTL)
