@@ -122,7 +122,7 @@ class FileBackend:
         try:
             return json.loads(self.path.read_text())  # type: ignore[no-any-return]
         except FileNotFoundError:
-            return {"serial": 0, "datasets": {}, "history": {}}
+            return {"datasets": {}, "history": {}}
 
     def _write(self, data: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
@@ -159,7 +159,6 @@ class FileBackend:
             history = data["history"].setdefault(record.dataset, [])
             history.insert(0, asdict(new))
             del history[self.keep :]
-            data["serial"] += 1
             self._write(data)
             return new
 

@@ -40,7 +40,7 @@ from starlette.responses import Response
 
 from cache.store import Store
 from proxy.exchange import Exchange
-from workers.stats import JobStats
+from workers.stats import JobStats, bucket_label
 
 log = logging.getLogger("fdp.proxy")
 
@@ -151,12 +151,8 @@ class LiveFigures(Collector):
         for outcome, n in outcomes.items():
             ended.add_metric([outcome], n)
         took = HistogramMetricFamily("fdp_job_duration_seconds", "How long attempts ran")
-        took.add_metric([], [(_le(le), n) for le, n in buckets], total)
+        took.add_metric([], [(bucket_label(le), n) for le, n in buckets], total)
         return [queued, ended, took]
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else f"{bound:g}"
 
 
 def registry() -> CollectorRegistry:

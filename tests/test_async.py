@@ -12,7 +12,7 @@ import rasterio
 from rasterio.windows import Window
 
 from proxy.demo import providers_yaml
-from tests.harness.procs import BIN, ServerProcess
+from tests.harness.procs import BIN, ServerProcess, worker_process
 from tests.test_queue import fresh_redis  # one database counter for every module
 
 ARCHIVE_DELAY = 5.0  # the demo upstream stages an archived file for this long
@@ -44,12 +44,7 @@ def backend(request, redis_url, tmp_path):
     workers: list[ServerProcess] = []
 
     def worker(config_path):
-        proc = ServerProcess(
-            f"worker-{len(workers)}",
-            [BIN / "fdp", "worker", "--config", config_path],
-            log_dir=tmp_path,
-            ready=lambda: True,
-        )
+        proc = worker_process(config_path, tmp_path, f"worker-{len(workers)}")
         workers.append(proc.start())
         time.sleep(0.5)
         return proc
@@ -173,12 +168,7 @@ def test_many_requests_on_two_replicas_make_one_retrieval(
     config = archive_config(upstream.url, tmp_path, redis)
     first = start_proxy(config)
     second = start_proxy(dict(config))
-    worker = ServerProcess(
-        "worker",
-        [BIN / "fdp", "worker", "--config", first.config],
-        log_dir=tmp_path,
-        ready=lambda: True,
-    )
+    worker = worker_process(first.config, tmp_path, "worker")
     with worker:
 
         def get(n):
@@ -207,12 +197,7 @@ def test_a_worker_killed_mid_job_leaves_nothing_and_another_takes_over(
     redis = fresh_redis(redis_url)
     config = archive_config(upstream.url, tmp_path, redis)
     proxy = start_proxy(config)
-    first = ServerProcess(
-        "worker-a",
-        [BIN / "fdp", "worker", "--config", proxy.config],
-        log_dir=tmp_path,
-        ready=lambda: True,
-    ).start()
+    first = worker_process(proxy.config, tmp_path, "worker-a").start()
     url = f"{proxy.url}/assets/archive/archived-b/visual"
     job = httpx.get(url, headers={"Prefer": "respond-async"}).headers["location"]
     deadline = time.monotonic() + 20
@@ -229,12 +214,7 @@ def test_a_worker_killed_mid_job_leaves_nothing_and_another_takes_over(
         timeout=60,
     )
     assert "archived-b/visual" not in ls.stdout  # no partial entry
-    with ServerProcess(
-        "worker-b",
-        [BIN / "fdp", "worker", "--config", proxy.config],
-        log_dir=tmp_path,
-        ready=lambda: True,
-    ):
+    with worker_process(proxy.config, tmp_path, "worker-b"):
         deadline = time.monotonic() + 40
         while (status := httpx.get(job)).status_code != 303:
             assert status.json()["state"] in ("queued", "running"), status.text
@@ -307,12 +287,7 @@ def test_a_finished_job_wakes_held_requests_at_once(start_proxy, upstream, redis
     config = archive_config(upstream.url, tmp_path, fresh_redis(redis_url))
     config["queue"]["poll_seconds"] = 60
     proxy = start_proxy(config)
-    with ServerProcess(
-        "worker",
-        [BIN / "fdp", "worker", "--config", proxy.config],
-        log_dir=tmp_path,
-        ready=lambda: True,
-    ):
+    with worker_process(proxy.config, tmp_path, "worker"):
         t = time.monotonic()
         r = httpx.get(f"{proxy.url}/assets/archive/archived-b/B04", timeout=60)
         took = time.monotonic() - t

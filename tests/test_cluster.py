@@ -13,7 +13,7 @@ import httpx
 import yaml
 
 from tests.conftest import fdp_serve
-from tests.harness.procs import BIN, ServerProcess
+from tests.harness.procs import worker_process
 from tests.harness.services import boto3_client
 from tests.test_async import archive_config
 from tests.test_policies import Admin
@@ -60,10 +60,7 @@ def test_a_cluster_shares_its_cache_limits_and_policies_and_survives_losing_memb
     b = fdp_serve(members["proxy-b"], tmp_path / "proxy-b", name="proxy-b")
 
     def worker(name):
-        return ServerProcess(
-            name, [BIN / "fdp", "worker", "--config", tmp_path / name / "fdp.yaml"],
-            log_dir=tmp_path / name, ready=lambda: True,
-        )  # fmt: skip
+        return worker_process(tmp_path / name / "fdp.yaml", tmp_path / name, name)
 
     for name in ("worker-a", "worker-b"):  # their config files, written as fdp_serve does
         config = {**members[name], "server": {"public_url": a.url}}

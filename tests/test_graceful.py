@@ -11,7 +11,7 @@ import time
 import httpx
 
 from tests.conftest import NO_CACHE, fdp_serve
-from tests.harness.procs import BIN, ServerProcess
+from tests.harness.procs import worker_process
 from tests.test_async import archive_config
 from tests.test_queue import fresh_redis
 
@@ -102,10 +102,7 @@ def test_the_grace_period_bounds_a_stop(upstream, tmp_path):
 def test_a_worker_told_to_stop_finishes_its_job_first(start_proxy, upstream, redis_url, tmp_path):
     config = archive_config(upstream.url, tmp_path, fresh_redis(redis_url))
     proxy = start_proxy(config)
-    worker = ServerProcess(
-        "worker", [BIN / "fdp", "worker", "--config", proxy.config], log_dir=tmp_path,
-        ready=lambda: True,
-    ).start()  # fmt: skip
+    worker = worker_process(proxy.config, tmp_path, "worker").start()
     try:
         url = f"{proxy.url}/assets/archive/archived-a/visual"
         job = httpx.get(url, headers={"Prefer": "respond-async"}).headers["location"]
@@ -129,10 +126,7 @@ def test_a_worker_that_cannot_finish_in_its_grace_hands_the_job_back(
     config = archive_config(upstream.url, tmp_path, fresh_redis(redis_url))
     config["queue"]["worker_grace_seconds"] = 1  # the archive takes 5 s to answer
     proxy = start_proxy(config)
-    worker = ServerProcess(
-        "worker-a", [BIN / "fdp", "worker", "--config", proxy.config], log_dir=tmp_path,
-        ready=lambda: True,
-    ).start()  # fmt: skip
+    worker = worker_process(proxy.config, tmp_path, "worker-a").start()
     url = f"{proxy.url}/assets/archive/archived-b/visual"
     try:
         job = httpx.get(url, headers={"Prefer": "respond-async"}).headers["location"]
@@ -147,10 +141,7 @@ def test_a_worker_that_cannot_finish_in_its_grace_hands_the_job_back(
         assert httpx.get(job).json()["state"] == "queued"  # back in the queue at once
     finally:
         worker.stop()
-    with ServerProcess(
-        "worker-b", [BIN / "fdp", "worker", "--config", proxy.config], log_dir=tmp_path,
-        ready=lambda: True,
-    ):  # fmt: skip
+    with worker_process(proxy.config, tmp_path, "worker-b"):
         deadline = time.monotonic() + 40
         while (status := httpx.get(job)).status_code != 303:
             assert status.json()["state"] in ("queued", "running"), status.text

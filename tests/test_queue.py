@@ -28,7 +28,7 @@ from rq import Queue, get_current_job
 
 from policies.config import QueueConfig, Settings
 from policies.loader import load_settings
-from tests.harness.procs import BIN, ServerProcess
+from tests.harness.procs import worker_process
 from tests.harness.services import start_redis
 from workers.base import running
 from workers.embedded import EmbeddedQueue
@@ -86,12 +86,7 @@ async def until(check: Callable[[], Any], seconds: float, every: float = 0.05) -
 def fdp_worker(doc: dict[str, Any], work: Path) -> Any:
     path = work / "worker.yaml"
     path.write_text(yaml.safe_dump(doc))
-    with ServerProcess(
-        f"worker-{time.monotonic_ns()}",
-        [BIN / "fdp", "worker", "--config", path],
-        log_dir=work,
-        ready=lambda: True,
-    ) as proc:
+    with worker_process(path, work, f"worker-{time.monotonic_ns()}") as proc:
         yield proc
 
 

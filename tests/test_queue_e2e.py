@@ -21,7 +21,7 @@ import pytest
 import redis as redis_lib
 
 from tests.conftest import NO_CACHE, fdp_serve
-from tests.harness.procs import BIN, ServerProcess
+from tests.harness.procs import BIN, ServerProcess, worker_process
 from tests.harness.services import start_redis
 from tests.test_queue import config, fresh_redis, gets
 
@@ -39,12 +39,7 @@ def backend(request, redis_url, tmp_path) -> Iterator[tuple[str | None, list[Ser
 
 
 def worker(config_path: Path, log_dir: Path) -> ServerProcess:
-    return ServerProcess(
-        f"worker-{time.monotonic_ns()}",
-        [BIN / "fdp", "worker", "--config", config_path],
-        log_dir=log_dir,
-        ready=lambda: True,
-    ).start()
+    return worker_process(config_path, log_dir, f"worker-{time.monotonic_ns()}").start()
 
 
 def test_missing_objects_do_not_delay_a_real_retrieval(

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness.procs import BIN, ServerProcess
+from tests.harness.procs import worker_process
 from tests.harness.services import boto3_client
 from tests.test_async import archive_config
 from tests.test_queue import fresh_redis
@@ -129,10 +129,7 @@ def test_an_archive_retrieved_by_a_worker_is_served_by_another_proxy(
         configs.append(config)
     a, b = start_proxy(configs[0]), start_proxy(configs[1])
     url = "/assets/archive/archived-a/visual"
-    with ServerProcess(
-        "worker", [BIN / "fdp", "worker", "--config", a.config], log_dir=tmp_path,
-        ready=lambda: True,
-    ):  # fmt: skip
+    with worker_process(a.config, tmp_path, "worker"):
         job = httpx.get(a.url + url, headers={"Prefer": "respond-async"}).headers["location"]
         deadline = time.monotonic() + 60
         while httpx.get(job).status_code != 303:

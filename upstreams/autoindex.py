@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import deque
 from html.parser import HTMLParser
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -112,10 +113,10 @@ async def crawl(
     crawl, so a half-read listing is never taken for the whole.
     """
     found: list[Listed] = []
-    queue: list[tuple[str, int]] = [("", 0)]
+    queue: deque[tuple[str, int]] = deque([("", 0)])
     pages = 0
     while queue and len(found) < limit:
-        prefix, depth = queue.pop(0)
+        prefix, depth = queue.popleft()
         url = base_url + quote_key(prefix)
         origins.check(url, "listing")
         pages += 1
@@ -132,7 +133,7 @@ async def crawl(
                     raise UpstreamUnavailable(
                         f"listing a folder: upstream answered {r.status_code}", r.status_code
                     )
-                body = b""
+                body = bytearray()
                 async for chunk in r.aiter_bytes():
                     body += chunk
                     if len(body) > MAX_PAGE_BYTES:
@@ -142,7 +143,7 @@ async def crawl(
             raise UpstreamTimeout("listing the upstream timed out") from None
         except httpx.HTTPError as e:
             raise UpstreamUnavailable(f"listing the upstream failed ({type(e).__name__})") from None
-        files, folders = parse(url, body, media)
+        files, folders = parse(url, bytes(body), media)
         found += [Listed(prefix + f.key, f.size) for f in files]
         if depth < MAX_DEPTH:
             queue += [(prefix + f, depth + 1) for f in folders]

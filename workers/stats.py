@@ -21,7 +21,8 @@ OUTCOMES = ("succeeded", "failed", "retried")
 Snapshot = tuple[dict[str, int], list[tuple[float, int]], float]
 
 
-def _bucket(le: float) -> str:
+def bucket_label(le: float) -> str:
+    """A histogram bound as Prometheus writes it (`le`)."""
     return "+Inf" if math.isinf(le) else f"{le:g}"
 
 
@@ -34,7 +35,7 @@ class JobStats:
     def record(self, outcome: str, seconds: float) -> None:
         """One attempt ended (blocks: a Redis call when shared)."""
         fields = {f"outcome:{outcome}": 1.0, "sum": max(0.0, seconds)}
-        fields |= {f"le:{_bucket(le)}": 1.0 for le in BUCKETS if seconds <= le}
+        fields |= {f"le:{bucket_label(le)}": 1.0 for le in BUCKETS if seconds <= le}
         if self.client is None:
             with self._lock:
                 for k, v in fields.items():
@@ -57,5 +58,5 @@ class JobStats:
             raw = self.client.hgetall(KEY)
             counts = {k.decode(): float(v) for k, v in raw.items()}  # type: ignore[union-attr]
         outcomes = {o: int(counts.get(f"outcome:{o}", 0)) for o in OUTCOMES}
-        buckets = [(le, int(counts.get(f"le:{_bucket(le)}", 0))) for le in BUCKETS]
+        buckets = [(le, int(counts.get(f"le:{bucket_label(le)}", 0))) for le in BUCKETS]
         return outcomes, buckets, counts.get("sum", 0.0)

@@ -128,6 +128,7 @@ class Worker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self._heartbeat: Heartbeat | None = None
         self.grace = grace
+        self.stats = JobStats(self.connection)
 
     def request_stop(self, signum: int, frame: Any) -> None:
         if self.grace is not None and self.get_current_job_id() is not None:
@@ -177,7 +178,7 @@ class Worker(SimpleWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
         super().handle_job_success(job, queue, started_job_registry)
-        JobStats(self.connection).record("succeeded", _took(job))
+        self.stats.record("succeeded", _took(job))
         announce(self.connection, job.id)
 
     def handle_job_failure(
@@ -185,10 +186,10 @@ class Worker(SimpleWorker):
     ) -> None:
         super().handle_job_failure(job, queue, started_job_registry, exc_string)
         if job.get_status(refresh=False) == JobStatus.FAILED:  # not rescheduled: it ended
-            JobStats(self.connection).record("failed", _took(job))
+            self.stats.record("failed", _took(job))
             announce(self.connection, job.id)
         else:
-            JobStats(self.connection).record("retried", _took(job))
+            self.stats.record("retried", _took(job))
 
 
 def _took(job: Job) -> float:

@@ -139,3 +139,12 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def worker_process(
+    config: str | os.PathLike[str], log_dir: Path, name: str = "worker"
+) -> ServerProcess:
+    """`fdp worker --config FILE`, not started (it listens on no port: ready at once)."""
+    return ServerProcess(
+        name, [BIN / "fdp", "worker", "--config", config], log_dir=log_dir, ready=lambda: True
+    )
