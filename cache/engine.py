@@ -37,6 +37,7 @@ from upstreams.base import UpstreamError, UpstreamObject, host_of
 from upstreams.caps import Caps
 from upstreams.http import Meta, make_pool, probe_sync
 from upstreams.memo import Memo
+from upstreams.mirrors import agree
 
 T = TypeVar("T")
 
@@ -202,7 +203,11 @@ class FillEngine:
         if record is not None:  # another replica has sized it already
             return record
         since = time.monotonic()
-        meta = await anyio.to_thread.run_sync(self._probe, obj, since, limiter=self._limiter(obj))
+
+        async def probe(o: UpstreamObject) -> Meta:
+            return await anyio.to_thread.run_sync(self._probe, o, since, limiter=self._limiter(o))
+
+        meta = await agree(obj, probe)  # a mirrored object: by every mirror at once
         record = new_record(meta, obj, key, dataset, path, self.block_size, self.clock())
         record = await self.index("writing the cache index", self.store.add_record, record)
         if self.shared is not None:

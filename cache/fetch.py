@@ -12,6 +12,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import urllib3
@@ -22,6 +25,7 @@ from cache.store import ObjectRecord, Store
 from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
 from upstreams.caps import Caps
 from upstreams.http import Meta, SyncBody, open_sync
+from upstreams.mirrors import Member, attempts
 
 log = logging.getLogger("fdp.cache")
 
@@ -62,9 +66,15 @@ def strong(etag: str | None) -> bool:
 
 
 def check_response(
-    record: ObjectRecord, status: int, headers: urllib3.HTTPHeaderDict, start: int, end: int
+    record: ObjectRecord,
+    status: int,
+    headers: urllib3.HTTPHeaderDict,
+    start: int,
+    end: int,
+    etag: str | None,
 ) -> None:
-    """The upstream must send exactly bytes [start, end) of the object we think it is."""
+    """The upstream must send exactly bytes [start, end) of the object we think it is
+    (`etag`: the ETag it gave this version, if known)."""
     want = f"bytes {start}-{end - 1}/{record.size}"
     got = headers.get("content-range", "") if status == 206 else None
     length = headers.get("content-length")
@@ -75,8 +85,8 @@ def check_response(
         raise FillFailed(f"upstream sent {got or 'no Content-Range'}, expected {want}")
     if status not in (200, 206):
         raise FillFailed(f"upstream answered {status} to a range request")
-    etag = headers.get("etag")
-    if record.etag and etag and etag != record.etag:
+    answered = headers.get("etag")
+    if etag and answered and answered != etag:
         raise ObjectChanged("the object changed upstream (new ETag)")
 
 
@@ -101,6 +111,21 @@ def _rehash(fd: int, length: int, *hashes: object) -> None:
         pos += len(chunk)
 
 
+@dataclass
+class Cursor:
+    """Where a span's bytes have got to: block `index`, `pos` bytes of it written to `fd`
+    and hashed into `block`. A read that fails leaves it where the next one resumes."""
+
+    index: int
+    pos: int
+    fd: int
+    block: Any
+
+    @property
+    def at(self) -> tuple[int, int]:
+        return self.index, self.pos
+
+
 def fetch_span(
     pool: urllib3.PoolManager,
     record: ObjectRecord,
@@ -113,7 +138,8 @@ def fetch_span(
     caps: Caps | None = None,
     since: float | None = None,
 ) -> None:
-    """Blocks `first`..`last` in one GET (tied to the record's version with `If-Match`).
+    """Blocks `first`..`last` in one GET (tied to the record's version with `If-Match`);
+    for a mirrored object, from the best mirror, and on from the next one where it fails.
 
     `resume` bytes of block `first` are already in its part file (a fill taken over from a
     process that died). `digest`, for a span that is the whole object, is checked before the
@@ -122,81 +148,184 @@ def fetch_span(
     since `since`) and keeps to the origin's rate. Raises ObjectChanged, FillFailed,
     ChecksumMismatch or UpstreamError; never commits anything itself.
     """
-    start, end = record.block_range(first)[0] + resume, record.block_range(last)[1]
+    cursor = Cursor(first, resume, sink.part(first), hashlib.sha256())
+    _rehash(cursor.fd, resume, cursor.block, *([digest] if digest else []))
+    if obj.mirrors is None:
+        try:
+            _read(pool, record, obj, record.etag, cursor, last, sink, digest, caps, since)
+        except ObjectNotFound as e:
+            raise ObjectChanged("the object is gone upstream") from e
+        except UpstreamUnavailable as e:
+            if e.status == 412:
+                raise ObjectChanged("the object changed upstream (If-Match failed)") from e
+            raise
+        return
+    _from_mirrors(pool, record, obj, cursor, last, sink, digest, caps, since)
+
+
+def _from_mirrors(
+    pool: urllib3.PoolManager,
+    record: ObjectRecord,
+    obj: UpstreamObject,
+    cursor: Cursor,
+    last: int,
+    sink: Sink,
+    digest: Digest | None,
+    caps: Caps | None,
+    since: float | None,
+) -> None:
+    """The span from the mirrors in order: a mirror that fails is marked down and the next
+    one goes on from the byte where it stopped (`Range`, and `If-Range` with that mirror's
+    own ETag), so readers see one continuous body. A mirror holding another version is
+    inconsistent once another one serves this version; if none does, the object changed."""
+    assert obj.mirrors is not None
+    mirrors = obj.mirrors.set
+    began = cursor.at
+    other_version: list[tuple[Member, str]] = []
+    contributors: list[Member] = []
+    failure: Exception | None = None
+    for member, candidate in attempts(obj):
+        assert member is not None
+        if sink.stopped():
+            raise FillFailed("stopped")
+        before, started = cursor.at, time.monotonic()
+        etag = mirrors.validator(candidate.href)
+
+        def answered(
+            headers: urllib3.HTTPHeaderDict,
+            member: Member = member,
+            href: str = candidate.href,
+            known: str | None = etag,
+            started: float = started,
+        ) -> None:
+            member.answered(time.monotonic() - started)
+            if known is None:  # the first this process has seen of it there
+                mirrors.note_validator(href, headers.get("etag"))
+
+        try:
+            with member.fetching():
+                _read(
+                    *(pool, record, candidate, etag, cursor, last, sink, digest, caps, since),
+                    resuming=cursor.at != began,
+                    answered=answered,
+                )
+        except ChecksumMismatch:
+            if cursor.at != before:
+                contributors.append(member)
+            if len(set(contributors)) == 1:  # its bytes alone made the object
+                member.disagrees("its bytes do not match the catalogue checksum")
+            raise
+        except (ObjectChanged, ObjectNotFound, UpstreamUnavailable) as e:
+            if isinstance(e, UpstreamUnavailable) and e.status != 412:
+                member.failed(str(e))
+                failure = e
+            elif not isinstance(e, ObjectNotFound):  # another version there
+                mirrors.note_validator(candidate.href, None)
+                other_version.append((member, str(e)))
+            if cursor.at != before:
+                contributors.append(member)
+            log.warning("%s/%s: mirror %s: %s; trying the next", *names(record), member.name, e)
+            continue
+        except CacheWriteFailed:
+            raise
+        except FillFailed as e:  # a short or cut body
+            if sink.stopped():
+                raise
+            member.failed(str(e))
+            failure = e
+            if cursor.at != before:
+                contributors.append(member)
+            log.warning("%s/%s: mirror %s: %s; trying the next", *names(record), member.name, e)
+            continue
+        for other, why in other_version:
+            other.disagrees(why)
+        return
+    if other_version and failure is None:
+        raise ObjectChanged("no mirror holds the version this record describes")
+    raise failure or ObjectChanged("no mirror holds the object any more")
+
+
+def _read(
+    pool: urllib3.PoolManager,
+    record: ObjectRecord,
+    obj: UpstreamObject,
+    etag: str | None,
+    cursor: Cursor,
+    last: int,
+    sink: Sink,
+    digest: Digest | None,
+    caps: Caps | None,
+    since: float | None,
+    resuming: bool = False,
+    answered: Callable[[urllib3.HTTPHeaderDict], None] | None = None,
+) -> None:
+    """One GET from where `cursor` is to the end of block `last`: `If-Match` its version,
+    or when it resumes what another answer began, `If-Range` (a changed object then comes
+    whole, with its new validators, and is refused)."""
+    start, end = record.block_range(cursor.index)[0] + cursor.pos, record.block_range(last)[1]
     asked = {"range": f"bytes={start}-{end - 1}"}
-    if strong(record.etag):
-        asked["if-match"] = record.etag  # type: ignore[assignment]  # this version, or a 412
-    fd = sink.part(first)
-    block = hashlib.sha256()
-    _rehash(fd, resume, block, *([digest] if digest else []))
-    try:
-        with (
-            caps.slot(obj.href, since) if caps else contextlib.nullcontext() as meter,
-            open_sync(pool, obj, asked) as body,
-        ):
-            check_response(record, body.status, body.headers, start, end)
-            sink.begin(body.headers.get("etag"), body.headers.get("last-modified"))
-            skip = start if body.status == 200 else 0
-            body = meter.wrap(body) if meter is not None else body
-            write_blocks(body, record, first, last, sink, fd, block, resume, skip, digest)
-    except ObjectNotFound as e:
-        raise ObjectChanged("the object is gone upstream") from e
-    except UpstreamUnavailable as e:
-        if e.status == 412:
-            raise ObjectChanged("the object changed upstream (If-Match failed)") from e
-        raise
+    if strong(etag):
+        asked["if-range" if resuming else "if-match"] = etag  # type: ignore[assignment]
+    with (
+        caps.slot(obj.href, since) if caps else contextlib.nullcontext() as meter,
+        open_sync(pool, obj, asked) as body,
+    ):
+        check_response(record, body.status, body.headers, start, end, etag)
+        if answered is not None:
+            answered(body.headers)
+        sink.begin(body.headers.get("etag"), body.headers.get("last-modified"))
+        skip = start if body.status == 200 else 0
+        body = meter.wrap(body) if meter is not None else body
+        write_blocks(body, record, cursor, last, sink, skip, digest)
 
 
 def write_blocks(
     body: SyncBody,
     record: ObjectRecord,
-    first: int,
+    cursor: Cursor,
     last: int,
     sink: Sink,
-    fd: int,
-    block: Any,
-    pos: int = 0,
     skip: int = 0,
     digest: Digest | None = None,
 ) -> None:
-    """Copy an open answer's bytes into blocks `first`..`last` (the first one at `fd`,
-    already holding `pos` bytes hashed into `block`), skipping `skip` bytes first.
+    """Copy an open answer's bytes into blocks `cursor.index`..`last`, from where the cursor
+    is, skipping `skip` bytes of the answer first.
 
     Each piece is announced as it comes off the network, before it is hashed and written:
     readers here need not wait for the disk, and readers in other processes see the file
     grow piece by piece.
     """
-    index = first
-    b0, b1 = record.block_range(index)
-    while index <= last:
+    c = cursor
+    b0, b1 = record.block_range(c.index)
+    while c.index <= last:
         if sink.stopped():
             raise FillFailed("stopped")
         data = memoryview(body.read(READ))
         n = len(data)
         if n == 0:
-            raise FillFailed(f"upstream sent {pos} of {b1 - b0} bytes of block {index}")
+            raise FillFailed(f"upstream sent {c.pos} of {b1 - b0} bytes of block {c.index}")
         if skip:
             cut = min(skip, n)
             data, skip = data[cut:], skip - cut
-        while data and index <= last:
-            piece = data[: b1 - b0 - pos]
-            sink.arrived(index, pos, piece)
-            block.update(piece)
+        while data and c.index <= last:
+            piece = data[: b1 - b0 - c.pos]
+            sink.arrived(c.index, c.pos, piece)
+            c.block.update(piece)
             if digest is not None:
                 digest.update(piece)
-            _write(fd, piece, pos)
-            pos += len(piece)
+            _write(c.fd, piece, c.pos)
+            c.pos += len(piece)
             data = data[len(piece) :]
-            sink.wrote(index, pos)
-            if pos < b1 - b0:
+            sink.wrote(c.index, c.pos)
+            if c.pos < b1 - b0:
                 continue
-            if index == last and digest is not None and not digest.matches():
+            if c.index == last and digest is not None and not digest.matches():
                 raise ChecksumMismatch(f"{record.dataset}/{record.path}: checksum mismatch")
-            sink.done(index, block.hexdigest())
-            index += 1
-            if index <= last:
-                b0, b1 = record.block_range(index)
-                fd, pos, block = sink.part(index), 0, hashlib.sha256()
+            sink.done(c.index, c.block.hexdigest())
+            c.index += 1
+            if c.index <= last:
+                b0, b1 = record.block_range(c.index)
+                c.fd, c.pos, c.block = sink.part(c.index), 0, hashlib.sha256()
 
 
 def new_record(

@@ -55,6 +55,9 @@ class ServerConfig(Strict):
     public_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8080")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    #: what this fdp calls itself in `Via` (tiers of fdps detect loops by it); default:
+    #: `public_url`'s host:port. Each fdp of a chain needs its own.
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._:-]{1,100}$")
     #: a request whose line and headers exceed this is refused with 431 and closed
     max_header_bytes: ByteSize = Field(ByteSize(64 * 2**10), ge=1024)
     #: seconds a client may take to send its headers (and may pause within a body)
@@ -249,15 +252,81 @@ class S3Upstream(S3Access):
 
 
 class FdpUpstream(Strict):
+    """Another fdp (a central tier): its `/assets/{dataset}/` are this dataset's objects."""
+
     base_url: AnyHttpUrl
     dataset: str | None = None  # the dataset's name at the other fdp; default: the same name
+    #: the bearer token this fdp shows the other one (a service account; inline, from
+    #: FDP_DATASETS__X__UPSTREAM__FDP__TOKEN, or `token_file`); else the caller's own with
+    #: the dataset's `forward_token`, else none (anonymous)
+    token: SecretStr | None = None
+    token_file: FilePath | None = None
+
+    @field_validator("token_file")
+    @classmethod
+    def _readable(cls, v: FilePath | None) -> FilePath | None:
+        if v is not None:
+            read_secret_file(v)
+        return v
+
+    def bearer(self) -> str | None:
+        """The service token (read from its file now, for rotation), if one is configured."""
+        if self.token_file is not None:
+            return read_secret_file(self.token_file)
+        return self.token.get_secret_value() if self.token else None
+
+
+#: the kinds of upstream a dataset (or one mirror of a set) can have
+SINGLE_KINDS = ("eodag", "s3", "http", "fdp")
 
 
 class Mirror(Strict):
-    http: HttpUpstream | None = None
+    """One member of a mirror set: an upstream, and how much it is preferred."""
+
+    eodag: EodagUpstream | None = None
     s3: S3Upstream | None = None
+    http: HttpUpstream | None = None
     fdp: FdpUpstream | None = None
-    priority: int = 100
+    #: lower is tried first (RFC 6249's `pri`); mirrors of one priority share by `weight`
+    priority: int = Field(100, ge=1, le=999999)
+    weight: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Mirror:
+        kinds = [k for k in SINGLE_KINDS if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(
+                "a mirror is exactly one of eodag, s3, http, fdp"
+                + (f" (got {', '.join(kinds)})" if kinds else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SINGLE_KINDS if getattr(self, k))
+
+
+class MirrorHealth(Strict):
+    """How a mirror set watches its mirrors.
+
+    Passive, always: a mirror that fails, or answers slower than `slow_seconds`, is down for
+    `backoff_seconds`, doubling with each failure in a row up to `max_backoff_seconds`.
+    Active, with `probe` (an object path of the dataset): every `interval_seconds` each
+    mirror is asked for it (bounded by `timeout_seconds`), and its size and sha-256 are
+    compared across mirrors: one that disagrees with the rest is inconsistent, not used.
+    """
+
+    probe: str | None = None
+    interval_seconds: float = Field(60.0, ge=1, le=86400)
+    timeout_seconds: float = Field(10.0, gt=0, le=600)
+    #: the largest probe object read whole to be hashed (a bigger one is compared by size)
+    probe_max_bytes: ByteSize = Field(ByteSize(16 * 2**20), ge=0)
+    slow_seconds: float = Field(10.0, gt=0, le=3600)
+    backoff_seconds: float = Field(5.0, gt=0, le=3600)
+    max_backoff_seconds: float = Field(300.0, gt=0, le=86400)
+    #: how long an inconsistent mirror is left out before it gets another chance
+    #: (a probe that finds it consistent again brings it back sooner)
+    inconsistent_seconds: float = Field(3600.0, gt=0, le=30 * 86400)
 
 
 class Upstream(Strict):
@@ -267,21 +336,25 @@ class Upstream(Strict):
     s3: S3Upstream | None = None
     http: HttpUpstream | None = None
     fdp: FdpUpstream | None = None
-    mirrors: list[Mirror] | None = None
+    mirrors: list[Mirror] | None = Field(None, min_length=1)
+    #: for `mirrors`: how their health is watched
+    health: MirrorHealth | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Upstream:
-        kinds = [k for k in ("eodag", "s3", "http", "fdp", "mirrors") if getattr(self, k)]
+        kinds = [k for k in (*SINGLE_KINDS, "mirrors") if getattr(self, k)]
         if len(kinds) != 1:
             raise ValueError(
                 "expected exactly one of eodag, s3, http, fdp, mirrors"
                 + (f" (got {', '.join(kinds)})" if kinds else "")
             )
+        if self.health is not None and self.mirrors is None:
+            raise ValueError("'health' watches the members of 'mirrors'; this is one upstream")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("eodag", "s3", "http", "fdp", "mirrors") if getattr(self, k))
+        return next(k for k in (*SINGLE_KINDS, "mirrors") if getattr(self, k))
 
 
 class Access(Strict):

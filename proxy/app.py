@@ -42,6 +42,7 @@ from proxy.usage import address_usage, my_usage, user_usage
 from proxy.usage import counters as qos_counters
 from upstreams.caps import Caps
 from upstreams.http import make_client, make_pool
+from upstreams.mirrors import watch as watch_mirrors
 from upstreams.registry import Registry
 from workers.jobs import SUCCEEDED
 from workers.queue import make_queue
@@ -268,6 +269,7 @@ def create_app(
             await queue.start()
             policies.follow()
             tg.start_soon(publish_metrics)
+            tg.start_soon(watch_mirrors, lambda: registry.entries.values(), client)
             if store is not None:
                 tg.start_soon(housekeeping, delivery)
             try:
@@ -312,6 +314,7 @@ def create_app(
     starlette.state.queue = queue
     starlette.state.live_figures = LiveFigures(store, queue.depth, queue.stats)
     assets = Assets(registry, public_url, AccessLog())
+    assets.name = server.name or assets.name
     starlette.state.assets = assets
     assets.deliveries = starlette.state.deliveries = delivery_log(settings)
     assets.queue = queue

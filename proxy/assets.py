@@ -13,7 +13,7 @@ import contextlib
 import functools
 import hashlib
 import logging
-from dataclasses import replace
+from urllib.parse import urlsplit
 
 import httpx
 from starlette.types import Receive, Scope, Send
@@ -35,6 +35,7 @@ from proxy.ratelimit import forwarded_client, paced, with_ratelimit
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
 from proxy.streams import until_disconnect
 from upstreams.base import (
+    LoopDetected,
     ObjectNotFound,
     Presigning,
     UpstreamError,
@@ -45,6 +46,7 @@ from upstreams.base import (
 from upstreams.caps import Caps, Meter
 from upstreams.http import Body, Meta, head, probe, stream
 from upstreams.memo import Memo
+from upstreams.mirrors import agree, attempts, first_answer, with_headers
 from upstreams.registry import Entry, Registry
 from workers.jobs import SUCCEEDED
 from workers.queue import JobQueue
@@ -95,6 +97,8 @@ class Assets:
     def __init__(self, registry: Registry, public_url: str, access_log: AccessLog) -> None:
         self.registry = registry
         self.public_url = public_url.rstrip("/")
+        #: what this fdp calls itself in `Via` (`server.name`)
+        self.name = urlsplit(self.public_url).netloc
         self.access_log = access_log
         # set at startup
         self.delivery: CacheDelivery | None = None
@@ -128,6 +132,8 @@ class Assets:
         tracked = x.tracking(send)  # cache hits and misses track what they send themselves
         try:
             x.read_headers(scope)
+            if x.via is not None:
+                check_via(x.via, self.name)
             if self.trusted_proxy_header is not None:
                 x.client = forwarded_client(scope, self.trusted_proxy_header) or x.client
             if x.method not in ("GET", "HEAD"):
@@ -174,9 +180,14 @@ class Assets:
         if not x.rel or x.rel.endswith("/"):
             raise ObjectNotFound("not an object (folders are not listed here)")
         obj = await x.entry.resolver.resolve(x.rel)
+        extra = {}
         if x.entry.policy.forward_token and x.authorization:  # the provider trusts our IdP
-            obj = replace(obj, headers={**obj.headers, "authorization": x.authorization})
-        x.obj = obj
+            extra["authorization"] = x.authorization
+        if x.entry.tiered:  # another fdp: the hops so far and us, so it can see a loop
+            extra["via"] = f"{x.via}, 1.1 {self.name}" if x.via else f"1.1 {self.name}"
+        x.obj = with_headers(obj, extra) if extra else obj
+        if obj.mirrors is not None and x.entry.policy.access.public:
+            x.link = (b"link", obj.mirrors.duplicates().encode("latin-1"))
 
     async def plan(self, x: Exchange) -> None:
         """Decide how to deliver, sending nothing: admission needs to know hit from miss."""
@@ -192,8 +203,8 @@ class Assets:
                     url = await delivery.presigned(x, policy.presign_expires)
         if url is not None:
             x.plan = Plan(Kind.PRESIGN, location=url)
-        elif x.method == "GET" and policy.delivery == "redirect":
-            x.plan = Plan(Kind.REDIRECT, location=x.obj.href)
+        elif x.method == "GET" and policy.delivery == "redirect":  # to the best mirror now
+            x.plan = Plan(Kind.REDIRECT, location=attempts(x.obj)[0][1].href)
         elif delivery is None or not delivery.usable:
             x.plan = Plan(Kind.PASSTHROUGH)
         else:
@@ -263,7 +274,7 @@ class Assets:
             await self.delivery.send(x, plan, cache_control(x.entry.policy), receive, raw)
         elif plan.kind in (Kind.PRESIGN, Kind.REDIRECT):
             assert plan.location is not None
-            await redirect(send, plan.location)
+            await redirect(send, plan.location, x.link)
         elif plan.kind == Kind.SLOW:
             await self.slow(x, receive, send)
         else:
@@ -316,10 +327,11 @@ class Assets:
         """The provider's size and validators, reused for a little while: as its GETs tell
         them (a 1-byte GET), or by HEAD for an archive, where a GET may start a staging."""
         assert self.client is not None
+        client = self.client
         meta = self._heads.get(obj.href)
         if meta is None:
             ask = head if archive else probe
-            meta = self._heads[obj.href] = await ask(self.client, obj)
+            meta = self._heads[obj.href] = await agree(obj, lambda o: ask(client, o))
         return meta
 
     async def head_response(self, x: Exchange, send: Send) -> None:
@@ -345,6 +357,8 @@ class Assets:
         selection = select(x, size, headers.get("etag"), headers.get("last-modified"))
         raw = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
         raw.append((b"cache-control", cache_control(x.entry.policy)))
+        if x.link is not None:
+            raw.append(x.link)
         status = 304 if selection.status == 304 else 200
         if status == 304:
             raw = [h for h in raw if h[0] != b"content-length"]
@@ -356,7 +370,8 @@ class Assets:
         if x.method == "HEAD":
             await self.head_response(x, send)
             return
-        forward: dict[str, str] = {}
+        ranges: tuple[tuple[int, int], ...] = ()
+        etag = None
         if x.range is not None or x.conditional:
             # decided here, on the provider's validators, so every provider behaves per RFC
             meta = await self.upstream_meta(x.obj)
@@ -365,12 +380,39 @@ class Assets:
             if selection.status == 304:
                 await self.head_response(x, send)
                 return
-            forward = forwarded(selection.ranges, meta.etag)
-        async with (
-            self.caps.aslot(x.obj.href) as meter,
-            stream(self.client, x.obj, forward) as body,
-        ):
+            ranges, etag = selection.ranges, meta.etag
+        obj, caps, client = x.obj, self.caps, self.client
+
+        async def open_at(
+            candidate: UpstreamObject,
+        ) -> tuple[contextlib.AsyncExitStack, Meter, Body]:
+            """A slot of the candidate's origin and its open body (a mirror's ETag is its own)."""
+            tag = etag if obj.mirrors is None else obj.mirrors.set.validator(candidate.href)
+            stack = contextlib.AsyncExitStack()
+            try:
+                meter = await stack.enter_async_context(caps.aslot(candidate.href))
+                body = await stack.enter_async_context(
+                    stream(client, candidate, forwarded(ranges, tag))
+                )
+            except BaseException:
+                await stack.aclose()
+                raise
+            return stack, meter, body
+
+        stack, meter, body = await first_answer(obj, open_at)
+        async with stack:
             await relay(body, x, cache_control(x.entry.policy), receive, send, meter)
+
+
+#: more fdps than this in one request's `Via` is taken for a loop
+MAX_HOPS = 16
+
+
+def check_via(via: str, name: str) -> None:
+    """Refuse a request that has already been through this fdp (tiers in a circle)."""
+    hops = [hop.split()[1] if len(hop.split()) > 1 else "" for hop in via.split(",")]
+    if name in hops or len(hops) > MAX_HOPS:
+        raise LoopDetected(f"this request has already been through {name} (Via: a loop of fdps)")
 
 
 def forwarded(ranges: tuple[tuple[int, int], ...], etag: str | None) -> dict[str, str]:
@@ -384,13 +426,15 @@ def forwarded(ranges: tuple[tuple[int, int], ...], etag: str | None) -> dict[str
     return out
 
 
-async def redirect(send: Send, location: str) -> None:
+async def redirect(send: Send, location: str, link: tuple[bytes, bytes] | None = None) -> None:
     """307 (method and Range kept); never cached, as the target may expire."""
     headers = [
         (b"location", location.encode("latin-1")),
         (b"cache-control", b"no-store"),
         (b"content-length", b"0"),
     ]
+    if link is not None:
+        headers.append(link)
     await send({"type": "http.response.start", "status": 307, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
 
@@ -426,6 +470,8 @@ async def relay(
     expected = expected_length(body)
     raw = [(k.encode(), v.encode("latin-1")) for k, v in body.headers.items()]
     raw.append((b"cache-control", cache_control_))
+    if x.link is not None:
+        raw.append(x.link)
     sent = 0
 
     async def stream_body() -> None:

@@ -26,6 +26,7 @@ from proxy.streams import until_disconnect
 from upstreams.base import UpstreamObject, UpstreamUnavailable
 from upstreams.http import open_body
 from upstreams.memo import Memo
+from upstreams.mirrors import first_answer
 
 log = logging.getLogger("fdp.cache")
 
@@ -174,6 +175,8 @@ class CacheDelivery:
         record, selection = plan.record, plan.selection
         assert record is not None and self.store is not None and x.obj is not None
         headers = self._headers(record, cache_control)
+        if x.link is not None:
+            headers.append(x.link)
         self.store.touch(record.key)
         if record.checksum and not record.verified and x.method == "GET":
             self.engine.complete_later(record, x.obj)  # (cut by a restart, say) finish it
@@ -347,7 +350,8 @@ class CacheDelivery:
             log.warning("%s: %s; response aborted after %d bytes", record.path, e, pos - a)
             return False
         try:
-            body = await open_body(self.client, obj, {"range": f"bytes={pos}-{b - 1}"})
+            client, asked = self.client, {"range": f"bytes={pos}-{b - 1}"}
+            body = await first_answer(obj, lambda o: open_body(client, o, asked))
             try:
                 async for chunk in body.chunks():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -30,6 +30,7 @@ READ_HEADERS = {
     b"if-unmodified-since": "if_unmodified_since",
     b"prefer": "prefer",
     b"authorization": "authorization",
+    b"via": "via",
 }
 
 
@@ -70,6 +71,7 @@ class Exchange:
     if_unmodified_since: str | None = None
     prefer: str | None = None
     authorization: str | None = None
+    via: str | None = None  # the proxies (fdps) it came through
     conditional: bool = False  # any If-* header
     dataset: str = ""
     rel: str = ""
@@ -84,6 +86,8 @@ class Exchange:
     #: bytes fetched upstream for it, when not what it sent (a miss fetches whole blocks)
     fetched: int | None = None
     error: str | None = None
+    #: a header every response to it carries (a mirror set's `Link: rel=duplicate`)
+    link: tuple[bytes, bytes] | None = None
 
     @classmethod
     def start(cls, scope: Scope) -> Exchange:
@@ -103,6 +107,8 @@ class Exchange:
             if getattr(self, field) is not None:
                 if field == "authorization":
                     raise BadRequest("more than one Authorization header")
+                if field == "via" and raw.isascii():  # a list: every hop counts
+                    self.via = f"{self.via}, {raw.decode('ascii').strip()}"
                 continue  # the first one counts
             if not raw.isascii():
                 raise BadRequest(f"the {name.decode()} header must be ASCII")

@@ -23,6 +23,7 @@ from proxy.retrieval import RetrievalError
 from upstreams.base import (
     BadPath,
     DatasetNotFound,
+    LoopDetected,
     ObjectNotFound,
     OriginNotAllowed,
     RangeNotSatisfiable,
@@ -104,6 +105,7 @@ RULES: dict[type[BaseException], Rule] = {
     RangeNotSatisfiable: Rule(416, "range-not-satisfiable", _range_headers),
     UpstreamRefused: Rule(403, "upstream-refused", level=logging.INFO),
     OriginNotAllowed: Rule(502, "origin-not-allowed"),  # logged where it is refused
+    LoopDetected: Rule(508, "loop-detected", level=logging.WARNING),
     UpstreamBusy: Rule(503, "upstream-busy", lambda e: {"retry-after": str(e.retry_after)}),
     UpstreamTimeout: Rule(504, "upstream-timeout", level=logging.WARNING),
     UpstreamUnavailable: Rule(502, "upstream-failed", level=logging.WARNING),

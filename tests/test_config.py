@@ -175,7 +175,7 @@ def test_unknown_eodag_provider_stops_serve_with_the_key(tmp_path, upstream_serv
         eodag: {providers_file: providers.yml}
         datasets:
           s: {upstream: {eodag: {provider: nosuch, collection: c}}}
-          t: {upstream: {mirrors: [{http: {base_url: "http://x"}}]}}
+          t: {upstream: {mirrors: [{http: {base_url: "http://x"}}, {eodag: {provider: nope, collection: c}}]}}
         """,
     )
     r = subprocess.run(
@@ -187,7 +187,7 @@ def test_unknown_eodag_provider_stops_serve_with_the_key(tmp_path, upstream_serv
     assert r.returncode == 2
     assert "datasets.s.upstream.eodag.provider: unknown EODAG provider 'nosuch'" in r.stderr
     assert "fdp_demo" in r.stderr
-    assert "datasets.t.upstream: 'mirrors' upstreams are not supported" in r.stderr
+    assert "datasets.t.upstream.mirrors.1.eodag.provider: unknown EODAG provider 'nope'" in r.stderr
 
 
 def run_validate(path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

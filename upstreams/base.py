@@ -8,11 +8,14 @@ import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
 
 import anyio
 import anyio.to_thread
+
+if TYPE_CHECKING:
+    from upstreams.mirrors import Alternates
 
 log = logging.getLogger("fdp.upstreams")
 
@@ -125,6 +128,8 @@ class UpstreamObject:
     origins: Origins | None = field(default=None, repr=False, compare=False)
     #: its dataset's timeouts; None: the client's defaults
     timeouts: Timeouts | None = field(default=None, repr=False, compare=False)
+    #: an object of a mirror set: every mirror that holds it (`href` is the best one's)
+    mirrors: Alternates | None = field(default=None, repr=False, compare=False)
 
 
 def bind(obj: UpstreamObject, origins: Origins, timeouts: Timeouts) -> UpstreamObject:
@@ -176,6 +181,11 @@ class UpstreamTimeout(UpstreamUnavailable):
 
 class UpstreamRefused(UpstreamError):
     """The provider refused the caller's own credentials (`forward_token`): a 403 for them."""
+
+
+class LoopDetected(UpstreamError):
+    """This request has been through this fdp before (its `Via`): tiers configured in a
+    circle. Not a fault of any one upstream, so no mirror is blamed for it."""
 
 
 class OriginNotAllowed(UpstreamError):

@@ -24,6 +24,7 @@ from prometheus_client import Counter, Histogram
 from upstreams import autoindex
 from upstreams.base import (
     Listed,
+    LoopDetected,
     ObjectNotFound,
     Origin,
     Origins,
@@ -120,8 +121,11 @@ class HttpResolver:
         origins: Origins | None = None,
         timeouts: Timeouts | None = None,
         autoindex: bool = True,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        #: sent with every fetch to its own origin (a service token), never elsewhere
+        self.headers = headers or {}
         self.objects = set(objects) if objects is not None else None
         self.origins = (origins or Origins()) | Origins.of(self.base_url)
         self.timeouts = timeouts or Timeouts()
@@ -144,9 +148,8 @@ class HttpResolver:
             key = safe_key(path)
             if self.objects is not None and key not in self.objects:
                 raise ObjectNotFound(f"no object {key!r}")
-            obj = bind(
-                UpstreamObject(href=self.base_url + quote_key(key)), self.origins, self.timeouts
-            )
+            href = self.base_url + quote_key(key)
+            obj = bind(UpstreamObject(href, headers=self.headers), self.origins, self.timeouts)
             self._seen[path] = obj
         return obj
 
@@ -162,6 +165,8 @@ class Meta:
 def _raise_for(status: int, what: str, headers: Mapping[str, str]) -> None:
     if status == 404 or status == 410:
         raise ObjectNotFound(f"{what}: upstream answered {status}")
+    if status == 508:
+        raise LoopDetected(f"{what}: the upstream fdp found a loop of fdps (508)")
     if status == 416:
         total = headers.get("content-range", "").rpartition("/")[2]
         raise RangeNotSatisfiable(int(total) if total.isdigit() else None)

@@ -34,11 +34,15 @@ class Memo(Generic[K, V]):
         return self.get(key) is not None
 
     def __setitem__(self, key: K, value: V) -> None:
+        self.put(key, value)
+
+    def put(self, key: K, value: V, ttl: float | None = None) -> None:
+        """Keep `value` for `ttl` seconds (default: the memo's)."""
         items = self._items
         items.pop(key, None)
         if len(items) >= self.size:
             del items[next(iter(items))]  # the oldest insertion
-        items[key] = (time.monotonic() + self.ttl, value)
+        items[key] = (time.monotonic() + (self.ttl if ttl is None else ttl), value)
 
     def pop(self, key: K) -> None:
         self._items.pop(key, None)

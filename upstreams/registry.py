@@ -6,10 +6,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 
-from policies.config import Dataset, Settings
+from policies.config import Dataset, Mirror, MirrorHealth, Settings, Upstream
 from policies.loader import ConfigError
 from upstreams.base import DatasetNotFound, Origins, Presigning, Resolver, Timeouts
 from upstreams.eodag import (
@@ -21,6 +22,7 @@ from upstreams.eodag import (
     provider_origins,
 )
 from upstreams.http import HttpResolver
+from upstreams.mirrors import Member, MirrorSet, Rules
 from upstreams.s3 import S3Resolver
 
 
@@ -32,12 +34,39 @@ class Entry:
     #: where this dataset's fetches may go: its upstream's own origins plus `allowed_hosts`
     origins: Origins
     timeouts: Timeouts
+    #: its upstream is another fdp (or a mirror is): requests carry `Via` on to it
+    tiered: bool = False
 
     @property
     def presigns_from_cache(self) -> bool:
         """`delivery: presign` with an upstream that cannot presign: clients are sent to
         the object's whole copy in the shared cache tier, which is filled for them."""
         return self.policy.delivery == "presign" and not isinstance(self.resolver, Presigning)
+
+
+def mirror_rules(health: MirrorHealth) -> Rules:
+    return Rules(
+        probe=health.probe,
+        interval=health.interval_seconds,
+        timeout=health.timeout_seconds,
+        probe_max_bytes=int(health.probe_max_bytes),
+        slow=health.slow_seconds,
+        backoff=health.backoff_seconds,
+        max_backoff=health.max_backoff_seconds,
+        inconsistent_for=health.inconsistent_seconds,
+    )
+
+
+def member_name(mirror: Mirror) -> str:
+    """How /status names a mirror: its base URL, bucket or provider (never credentials)."""
+    if mirror.http is not None or mirror.fdp is not None:
+        url = urlsplit(str((mirror.http or mirror.fdp).base_url))  # type: ignore[union-attr]
+        return url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()
+    if mirror.s3 is not None:
+        where = f"{mirror.s3.endpoint_url}/" if mirror.s3.endpoint_url else "s3://"
+        return f"{where}{mirror.s3.bucket}/{mirror.s3.prefix}"
+    assert mirror.eodag is not None
+    return f"eodag:{','.join(mirror.eodag.names)}/{mirror.eodag.collection}"
 
 
 def dataset_timeouts(settings: Settings, ds: Dataset) -> Timeouts:
@@ -80,20 +109,48 @@ class Registry:
     def build(self, name: str, ds: Dataset) -> Entry:
         """The entry of dataset `name` under policy `ds`, with its resolver; raises
         ConfigError when its upstream cannot be served (may start EODAG: blocks)."""
-        settings = self.settings
         up = ds.upstream
-        timeouts = dataset_timeouts(settings, ds)
+        timeouts = dataset_timeouts(self.settings, ds)
         allowed = Origins.parse(ds.allowed_hosts)
         resolver: Resolver
+        if up.mirrors is not None:
+            rules = mirror_rules(up.health or MirrorHealth())
+            members = [
+                Member(
+                    member_name(m),
+                    self._single(name, m, f"upstream.mirrors.{n}", timeouts, allowed),
+                    m.priority,
+                    m.weight,
+                    rules,
+                )
+                for n, m in enumerate(up.mirrors)
+            ]
+            resolver = MirrorSet(members, rules)
+        else:
+            resolver = self._single(name, up, "upstream", timeouts, allowed)
+        tiered = up.fdp is not None or any(m.fdp is not None for m in up.mirrors or ())
+        return Entry(name, ds, resolver, resolver.origins, timeouts, tiered)
+
+    def _single(
+        self, name: str, up: Upstream | Mirror, where: str, timeouts: Timeouts, allowed: Origins
+    ) -> Resolver:
+        """The resolver of one upstream (a dataset's, or one mirror's)."""
+        settings = self.settings
         if up.http is not None:
-            resolver = HttpResolver(str(up.http.base_url), up.http.objects, allowed, timeouts)
-        elif up.fdp is not None:
+            return HttpResolver(str(up.http.base_url), up.http.objects, allowed, timeouts)
+        if up.fdp is not None:
             base = str(up.fdp.base_url).rstrip("/")
-            resolver = HttpResolver(
-                f"{base}/assets/{up.fdp.dataset or name}/", None, allowed, timeouts, False
+            token = up.fdp.bearer()
+            return HttpResolver(
+                f"{base}/assets/{up.fdp.dataset or name}/",
+                None,
+                allowed,
+                timeouts,
+                autoindex=False,
+                headers={"authorization": f"Bearer {token}"} if token else None,
             )
-        elif up.s3 is not None:
-            resolver = S3Resolver(
+        if up.s3 is not None:
+            return S3Resolver(
                 up.s3.bucket,
                 up.s3.prefix,
                 up.s3,
@@ -101,42 +158,33 @@ class Registry:
                 limiter=self._limiter(settings, f"s3 {up.s3.endpoint_url}"),
                 origins=allowed,
             )
-        elif up.eodag is not None:
-            with self._lock:
-                gateway = self._gateway(settings)
-            members = []
-            for n, provider in enumerate(up.eodag.names):
-                if provider not in gateway.providers:
-                    known = ", ".join(sorted(gateway.providers)) or "none"
-                    key = f"providers.{n}" if up.eodag.providers else "provider"
-                    raise ConfigError(
-                        "the policy",
-                        [
-                            f"datasets.{name}.upstream.eodag.{key}: unknown EODAG provider "
-                            f"{provider!r} (the providers file defines: {known})"
-                        ],
-                    )
-                limit_provider(gateway, provider, timeouts)
-                members.append(
-                    EodagResolver(
-                        gateway,
-                        provider,
-                        up.eodag.collection,
-                        timeouts=timeouts,
-                        limiter=self._limiter(settings, f"eodag {provider}"),
-                        origins=allowed | provider_origins(gateway, provider),
-                    )
+        assert up.eodag is not None
+        with self._lock:
+            gateway = self._gateway(settings)
+        members = []
+        for n, provider in enumerate(up.eodag.names):
+            if provider not in gateway.providers:
+                known = ", ".join(sorted(gateway.providers)) or "none"
+                key = f"providers.{n}" if up.eodag.providers else "provider"
+                raise ConfigError(
+                    "the policy",
+                    [
+                        f"datasets.{name}.{where}.eodag.{key}: unknown EODAG provider "
+                        f"{provider!r} (the providers file defines: {known})"
+                    ],
                 )
-            resolver = members[0] if len(members) == 1 else FederatedResolver(members)
-        else:
-            raise ConfigError(
-                "the policy",
-                [
-                    f"datasets.{name}.upstream: '{up.kind}' upstreams are not "
-                    "supported by this version (http, fdp, s3 and eodag are)"
-                ],
+            limit_provider(gateway, provider, timeouts)
+            members.append(
+                EodagResolver(
+                    gateway,
+                    provider,
+                    up.eodag.collection,
+                    timeouts=timeouts,
+                    limiter=self._limiter(settings, f"eodag {provider}"),
+                    origins=allowed | provider_origins(gateway, provider),
+                )
             )
-        return Entry(name, ds, resolver, resolver.origins, timeouts)
+        return members[0] if len(members) == 1 else FederatedResolver(members)
 
     def reusable(self, name: str, ds: Dataset) -> Entry | None:
         """Dataset `name` under policy `ds` with the resolver it has now, if its upstream
@@ -148,7 +196,7 @@ class Registry:
             and old.policy.timeouts == ds.timeouts
             and old.policy.allowed_hosts == ds.allowed_hosts
         ):
-            return Entry(name, ds, old.resolver, old.origins, old.timeouts)
+            return Entry(name, ds, old.resolver, old.origins, old.timeouts, old.tiered)
         return None
 
     def apply(self, name: str, ds: Dataset | None, entry: Entry | None = None) -> None:

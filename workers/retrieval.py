@@ -20,13 +20,14 @@ from pathlib import Path
 
 import urllib3
 
-from cache.fetch import check_response, new_record, write_blocks
+from cache.fetch import Cursor, check_response, new_record, write_blocks
 from cache.fill import FillFailed
 from cache.integrity import ChecksumMismatch, Digest
 from cache.store import ObjectRecord, Store, object_key
-from upstreams.base import UpstreamObject
+from upstreams.base import UpstreamObject, UpstreamUnavailable
 from upstreams.caps import Caps
 from upstreams.http import meta_of, open_sync
+from upstreams.mirrors import attempts
 
 log = logging.getLogger("fdp.workers")
 
@@ -96,12 +97,33 @@ def fetch_into_cache(
     pool: urllib3.PoolManager,
     caps: Caps | None = None,
 ) -> ObjectRecord:
-    """One GET of the whole object, written block by block, verified, returns its record.
+    """One GET of the whole object, written block by block, verified, returns its record;
+    a mirrored object from its mirrors in order, each that fails marked down.
 
     Archives answer slowly: the record is made from that GET's own answer, not a probe. The
     GET keeps to its origin's caps; a worker waits up to `SLOT_WAIT` for a slot (a job has
     no client waiting on it), then fails the attempt with UpstreamBusy (tried again later).
     """
+    error: UpstreamUnavailable | None = None
+    for member, candidate in attempts(obj):
+        try:
+            return _retrieve(store, target, candidate, progress, pool, caps)
+        except UpstreamUnavailable as e:
+            if member is None:
+                raise
+            member.failed(str(e))
+            error = e
+    raise error or UpstreamUnavailable("no mirror answered")
+
+
+def _retrieve(
+    store: Store,
+    target: Target,
+    obj: UpstreamObject,
+    progress: Progress,
+    pool: urllib3.PoolManager,
+    caps: Caps | None,
+) -> ObjectRecord:
     key = object_key(target.dataset, target.path)
     with (
         caps.slot(obj.href, wait=SLOT_WAIT) if caps else contextlib.nullcontext() as meter,
@@ -117,10 +139,9 @@ def fetch_into_cache(
         digest = Digest(record.checksum)
         sink = _JobSink(store, record, progress)
         try:
-            check_response(record, body.status, body.headers, 0, record.size)
-            first = sink.part(0)
-            last = record.nblocks - 1
-            write_blocks(body, record, 0, last, sink, first, hashlib.sha256(), digest=digest)
+            check_response(record, body.status, body.headers, 0, record.size, record.etag)
+            cursor = Cursor(0, 0, sink.part(0), hashlib.sha256())
+            write_blocks(body, record, cursor, record.nblocks - 1, sink, digest=digest)
         except ChecksumMismatch:
             store.evict(key)
             raise RetrievalFailed(
