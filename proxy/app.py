@@ -43,7 +43,7 @@ from proxy.usage import counters as qos_counters
 from upstreams.caps import Caps
 from upstreams.http import make_client, make_pool
 from upstreams.mirrors import watch as watch_mirrors
-from upstreams.registry import Registry
+from upstreams.registry import Registry, mirror_sets
 from workers.jobs import SUCCEEDED
 from workers.queue import make_queue
 
@@ -312,7 +312,9 @@ def create_app(
     starlette.state.public_url = public_url
     queue = make_queue(settings)
     starlette.state.queue = queue
-    starlette.state.live_figures = LiveFigures(store, queue.depth, queue.stats)
+    starlette.state.live_figures = LiveFigures(
+        store, queue.depth, queue.stats, lambda: mirror_sets(registry)
+    )
     assets = Assets(registry, public_url, AccessLog())
     assets.name = server.name or assets.name
     starlette.state.assets = assets

@@ -40,6 +40,7 @@ from starlette.responses import Response
 
 from cache.store import Store
 from proxy.exchange import Exchange
+from upstreams.mirrors import MirrorSet
 from workers.stats import JobStats, bucket_label
 
 log = logging.getLogger("fdp.proxy")
@@ -105,15 +106,22 @@ class LiveFigures(Collector):
     """What a scrape reads now: cache contents, queue depth, how jobs ended. `collect`
     blocks (a walk through the cache index, Redis calls): run it in a thread."""
 
-    def __init__(self, store: Store | None, queue_depth: Callable[[], int], jobs: JobStats) -> None:
+    def __init__(
+        self,
+        store: Store | None,
+        queue_depth: Callable[[], int],
+        jobs: JobStats,
+        mirror_sets: Callable[[], dict[str, MirrorSet]] = dict,
+    ) -> None:
         self.store = store
         self.queue_depth = queue_depth
         self.jobs = jobs
+        self.mirror_sets = mirror_sets
         self._usage: tuple[float, dict[str, tuple[int, int]]] = (-CACHE_FIGURES_TTL, {})
 
     def collect(self) -> list[Metric]:
         figures = []
-        for part in (self._cache_figures, self._job_figures):
+        for part in (self._cache_figures, self._job_figures, self._mirror_figures):
             try:
                 figures += part()
             except Exception as e:  # (a locked index, a silent Redis: left out, not a 500)
@@ -140,6 +148,32 @@ class LiveFigures(Collector):
             stored.add_metric([dataset], size)
             objects.add_metric([dataset], count)
         return [stored, objects]
+
+    def _mirror_figures(self) -> list[Metric]:
+        """Each mirror as this process sees it (its own requests; health by its answers)."""
+        labels = ["dataset", "mirror"]
+        up = GaugeMetricFamily(
+            "fdp_mirror_up", "1 while a mirror is used (not down)", labels=labels
+        )
+        consistent = GaugeMetricFamily(
+            "fdp_mirror_consistent", "0 while a mirror is left out as inconsistent", labels=labels
+        )
+        active = GaugeMetricFamily("fdp_mirror_active_fetches", "Fetches under way", labels=labels)
+        requests = CounterMetricFamily(
+            "fdp_mirror_requests", "Requests to a mirror (answers and failures)", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "fdp_mirror_errors", "Failed or too slow answers of a mirror", labels=labels
+        )
+        for dataset, mirrors in self.mirror_sets().items():
+            for m in mirrors.members:
+                state, key = m.state(), [dataset, m.name]
+                up.add_metric(key, 0 if state in ("down", "inconsistent") else 1)
+                consistent.add_metric(key, 0 if state == "inconsistent" else 1)
+                active.add_metric(key, m.active)
+                requests.add_metric(key, m.requests)
+                errors.add_metric(key, m.errors)
+        return [up, consistent, active, requests, errors]
 
     def _job_figures(self) -> list[Metric]:
         queued = GaugeMetricFamily("fdp_jobs_queued", "Retrieval jobs waiting to run")

@@ -22,6 +22,7 @@ from proxy.auth import Forbidden, Unauthorized, identity
 from proxy.exchange import MISSES, Kind
 from proxy.metrics import registry
 from upstreams.http import HEALTH
+from upstreams.registry import mirror_sets
 
 RECENT_JOBS = 20
 
@@ -54,6 +55,7 @@ async def gather(request: Request) -> dict[str, Any]:
     state.assets.metrics.publish()
     entries, applied = state.registry.entries, dict(state.policies.applied)
     health = {origin: h.public() for origin, h in list(HEALTH.items())}
+    mirrors = {name: m.public() for name, m in sorted(mirror_sets(state.registry).items())}
     limiter = state.assets.limiter
     rejected, recent = dict(limiter.rejected), list(limiter.recent)
     slow = await anyio.to_thread.run_sync(_blocking, state)
@@ -93,6 +95,7 @@ async def gather(request: Request) -> dict[str, Any]:
     return {
         "time": time.time(),
         "upstreams": dict(sorted(upstreams.items())),
+        "mirrors": mirrors,
         "datasets": datasets,
         "cache": {
             "bytes": sum(d["cache_bytes"] for d in datasets.values()),
@@ -189,6 +192,21 @@ def render(f: dict[str, Any]) -> str:
         ]
         for origin, u in f["upstreams"].items()
     ]
+    mirrors = [
+        [
+            e(name),
+            e(m["mirror"]),
+            e(f"{m['priority']} / {m['weight']}"),
+            f'<span class="{"ok" if m["state"] == "up" else "bad"}">{e(m["state"])}</span>',
+            e(m["latency_ms"] if m["latency_ms"] is not None else "-"),
+            e(m["active"]),
+            e(m["requests"]),
+            e(m["errors"]),
+            e(m["inconsistent"] or m["error"] or ""),
+        ]
+        for name, members in f["mirrors"].items()
+        for m in members
+    ]
     sets = [
         [
             e(name) + ("" if d["serving"] else ' <span class="muted">(deleted)</span>'),
@@ -224,6 +242,14 @@ def render(f: dict[str, Any]) -> str:
     tables = {
         "Upstreams": _table(
             ["origin", "health", "requests", "mean ms", "errors", "last error"], ups, {2, 3}
+        ),
+        "Mirrors": _table(
+            [
+                *("dataset", "mirror", "priority / weight", "state", "latency ms"),
+                *("fetching", "requests", "errors", "why"),
+            ],
+            mirrors,
+            {4, 5, 6, 7},
         ),
         "Datasets": _table(
             ["dataset", "policy", "cached", "objects", "hits", "misses", "hit ratio"],

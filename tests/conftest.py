@@ -62,20 +62,26 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def demo_upstream(data: Path, log_dir: Path, name: str = "upstream") -> Upstream:
+    """Our fault-injecting upstream over `data`, on a free port, not started yet."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = ServerProcess(
+        name,
+        [PYTHON, "-m", "upstreams.demo.server", "--data", str(data), "--port", str(port)],
+        log_dir=log_dir,
+        ready=http_ok(f"{url}/conformance"),
+    )
+    return Upstream(url, data, proc)
+
+
 @pytest.fixture(scope="session")
 def upstream_server(
     demo_data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Upstream]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = ServerProcess(
-        "upstream",
-        [PYTHON, "-m", "upstreams.demo.server", "--data", str(demo_data), "--port", str(port)],
-        log_dir=tmp_path_factory.mktemp("logs"),
-        ready=http_ok(f"{url}/conformance"),
-    )
-    with proc:
-        yield Upstream(url, demo_data, proc)
+    upstream = demo_upstream(demo_data, tmp_path_factory.mktemp("logs"))
+    with upstream.proc:
+        yield upstream
 
 
 @pytest.fixture

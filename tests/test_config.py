@@ -175,7 +175,9 @@ def test_unknown_eodag_provider_stops_serve_with_the_key(tmp_path, upstream_serv
         eodag: {providers_file: providers.yml}
         datasets:
           s: {upstream: {eodag: {provider: nosuch, collection: c}}}
-          t: {upstream: {mirrors: [{http: {base_url: "http://x"}}, {eodag: {provider: nope, collection: c}}]}}
+          t:
+            upstream:
+              mirrors: [{http: {base_url: "http://x"}}, {eodag: {provider: nope, collection: c}}]
         """,
     )
     r = subprocess.run(

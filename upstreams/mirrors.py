@@ -430,6 +430,8 @@ async def agree(obj: UpstreamObject, probe: Callable[[UpstreamObject], Awaitable
         return await probe(obj)
     mirrors = obj.mirrors
     order = mirrors.ordered()
+    now = time.monotonic()
+    order = [c for c in order if c[0].state(now) != "down"] or order  # (back-offs hold)
     rank = {id(m): i for i, (m, _) in enumerate(order)}
 
     async def one(member: Member, candidate: UpstreamObject) -> Any:

@@ -231,3 +231,8 @@ class Registry:
     def close(self) -> None:
         if self._workdir is not None:
             self._workdir.close()
+
+
+def mirror_sets(registry: Registry) -> dict[str, MirrorSet]:
+    """The datasets served from mirror sets, by name."""
+    return {n: e.resolver for n, e in registry.entries.items() if isinstance(e.resolver, MirrorSet)}

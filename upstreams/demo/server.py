@@ -68,7 +68,8 @@ async def clear_faults(request: Request) -> Response:
 
 
 class RequestLog:
-    """Record every request (method, path, query, range, whether it carried Authorization)."""
+    """Record every request (method, path, query, range, if-range, via, whether it carried
+    Authorization)."""
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
@@ -83,6 +84,8 @@ class RequestLog:
                 "path": scope["path"],
                 "query": scope["query_string"].decode("latin-1"),
                 "range": headers.get("range"),
+                "if_range": headers.get("if-range"),
+                "via": headers.get("via"),
                 "authorization": "authorization" in headers,
                 "time": time.time(),
                 "bytes": 0,
