@@ -134,6 +134,7 @@ def fdp_serve(
     url = f"http://127.0.0.1:{port}"
     if set_public_url:  # otherwise the CLI derives it from --port
         config.setdefault("server", {})["public_url"] = url
+    work.mkdir(parents=True, exist_ok=True)
     path = work / "fdp.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = ServerProcess(
