@@ -176,6 +176,37 @@ class AuthConfig(Strict):
     groups_claim: str = "groups"
     admin_group: str = "fdp-admins"
     jwks_refetch_seconds: float = Field(10.0, ge=0)  # at most one key refetch per interval
+    #: the token scope that lets a relay register and heartbeat at `POST /admin/relays`
+    relay_scope: str = "fdp:relay"
+
+
+class RelaysConfig(Strict):
+    """The directory of relays (datasets with `delivery: relay`)."""
+
+    #: how often relays are told to heartbeat, and after how long without one they are dropped
+    heartbeat_seconds: float = Field(10.0, gt=0, le=3600)
+    expire_seconds: float = Field(30.0, gt=0, le=86400)
+    max_relays: int = Field(256, ge=1, le=100_000)
+    #: objects of its datasets a relay is asked to prefetch at each heartbeat (most requested)
+    prefetch_objects: int = Field(20, ge=0, le=10_000)
+
+
+class RelayOfConfig(Strict):
+    """Run as a relay of another fdp (`fdp serve --relay-of URL`)."""
+
+    directory: AnyHttpUrl | None = None
+    #: the relay-scoped bearer token shown to the directory (inline, or read from a file)
+    token: SecretStr | None = None
+    token_file: FilePath | None = None
+    #: the bandwidth it offers, declared to the directory (it chooses by it)
+    bandwidth_bytes_per_second: ByteSize | None = None
+    #: prefetches at once
+    prefetch_concurrency: int = Field(2, ge=1, le=32)
+
+    def bearer(self) -> str | None:
+        if self.token_file is not None:
+            return read_secret_file(self.token_file)
+        return self.token.get_secret_value() if self.token else None
 
 
 class EodagConfig(Strict):
@@ -465,7 +496,8 @@ class Dataset(Strict):
     description: str | None = None
     archive: bool = False
     access: Access = Access(public=True)
-    delivery: Literal["cache", "redirect", "presign"] = "cache"
+    #: relay: 302 to a registered relay that holds the object, else served like cache
+    delivery: Literal["cache", "redirect", "presign", "relay"] = "cache"
     retention: Retention = Retention()
     qos: Qos = Qos()
     async_: Annotated[AsyncPolicy, Field(alias="async")] = AsyncPolicy()
@@ -549,6 +581,8 @@ class Settings(Strict):
     auth: AuthConfig = AuthConfig()
     eodag: EodagConfig = EodagConfig()
     log: LogConfig = LogConfig()
+    relays: RelaysConfig = RelaysConfig()
+    relay: RelayOfConfig = RelayOfConfig()
     upstream_defaults: UpstreamDefaults = UpstreamDefaults()
     datasets: dict[Annotated[str, Field(pattern=DATASET_NAME)], Dataset] = {}
 

@@ -28,7 +28,7 @@ from policies.config import Dataset, Settings
 from policies.loader import load_settings
 from policies.qos import Limiter
 from policies.store import FileBackend, PolicyStore, RedisBackend
-from proxy import admin, deliveries, stac, status
+from proxy import admin, deliveries, relays, stac, status
 from proxy.accesslog import AccessLog, configure_logging
 from proxy.admin import Policies
 from proxy.assets import Assets
@@ -37,6 +37,7 @@ from proxy.deliveries import DeliveryLog
 from proxy.delivery import CacheDelivery
 from proxy.metrics import LiveFigures, metrics
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
+from proxy.relays import Directory
 from proxy.server import LimitedProtocol
 from proxy.usage import address_usage, my_usage, user_usage
 from proxy.usage import counters as qos_counters
@@ -166,6 +167,8 @@ class App:
         elif sum(1 for name, _ in scope["headers"] if name == b"authorization") > 1:
             refused = BadRequest("more than one Authorization header")
             await error_response(refused, scope["path"])(scope, receive, send)
+        elif scope["path"] == "/admin/relays" and scope["method"] == "POST":
+            await self.starlette(scope, receive, send)  # relay-scoped tokens: it checks them
         elif scope["path"].startswith("/admin"):
             await self.admin_gate(scope, receive, send)
         else:
@@ -299,6 +302,7 @@ def create_app(
             Route("/admin/qos/users/{subject:path}", user_usage),
             Route("/admin/qos/addresses/{address}", address_usage),
             *stac.routes,
+            *relays.routes,
             *admin.routes,
         ],
         exception_handlers=exception_handlers(),
@@ -318,6 +322,7 @@ def create_app(
     assets = Assets(registry, public_url, AccessLog())
     assets.name = server.name or assets.name
     starlette.state.assets = assets
+    assets.relays = starlette.state.relays = Directory(registry, settings.relays)
     assets.deliveries = starlette.state.deliveries = delivery_log(settings)
     assets.queue = queue
     assets.limiter = Limiter(settings.qos, settings.queue.redis_url)

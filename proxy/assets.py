@@ -32,6 +32,7 @@ from proxy.exchange import MISSES, Exchange, Kind, Plan
 from proxy.metrics import RequestMetrics
 from proxy.problems import MethodNotAllowed, error_response, slug_of
 from proxy.ratelimit import forwarded_client, paced, with_ratelimit
+from proxy.relays import Directory
 from proxy.retrieval import Durations, hold, is_slow, not_ready, parse_prefer
 from proxy.streams import until_disconnect
 from upstreams.base import (
@@ -67,7 +68,7 @@ FLOW_TTL = 6 * 3600.0
 def caches(entry: Entry) -> bool:
     """`delivery: cache` keeps bytes unless its retention allows none (`lru`, `max_bytes: 0`);
     so does `presign` from the shared cache tier."""
-    kept = entry.policy.delivery == "cache" or entry.presigns_from_cache
+    kept = entry.policy.delivery in ("cache", "relay") or entry.presigns_from_cache
     return kept and entry.policy.retention.max_bytes != 0
 
 
@@ -109,6 +110,8 @@ class Assets:
         self.metrics = RequestMetrics()
         self.deliveries: DeliveryLog | None = None
         self.limiter: Limiter | None = None
+        #: the relay directory (`delivery: relay` datasets)
+        self.relays: Directory | None = None
         #: per-origin caps on fetches (pass-through reads here; the fill engine its own)
         self.caps = Caps(dict, None, QosService())
         #: the header a trusted reverse proxy writes the client's address in, if any
@@ -205,6 +208,8 @@ class Assets:
             x.plan = Plan(Kind.PRESIGN, location=url)
         elif x.method == "GET" and policy.delivery == "redirect":  # to the best mirror now
             x.plan = Plan(Kind.REDIRECT, location=attempts(x.obj)[0][1].href)
+        elif policy.delivery == "relay" and (url := self.to_relay(x)) is not None:
+            x.plan = Plan(Kind.RELAY, location=url)
         elif delivery is None or not delivery.usable:
             x.plan = Plan(Kind.PASSTHROUGH)
         else:
@@ -272,15 +277,30 @@ class Assets:
                     await self.passthrough(x, receive, send)
                     return
             await self.delivery.send(x, plan, cache_control(x.entry.policy), receive, raw)
-        elif plan.kind in (Kind.PRESIGN, Kind.REDIRECT):
+        elif plan.kind in (Kind.PRESIGN, Kind.REDIRECT, Kind.RELAY):
             assert plan.location is not None
-            await redirect(send, plan.location, x.link)
+            status = 302 if plan.kind == Kind.RELAY else 307
+            await redirect(send, plan.location, x.link, status)
         elif plan.kind == Kind.SLOW:
             await self.slow(x, receive, send)
         else:
             await self.passthrough(x, receive, send)
 
     # -- helpers of the stages ---------------------------------------------------------------
+
+    def to_relay(self, x: Exchange) -> str | None:
+        """Where a relay dataset's GET goes: a relay that holds the object, for public data
+        and direct clients (a relay or another fdp asking is served here); counted, so
+        relays are told what to prefetch."""
+        assert x.entry is not None and x.obj is not None
+        if x.method != "GET" or self.relays is None or not x.entry.policy.access.public:
+            return None
+        size = x.obj.size
+        if size is None and self.delivery is not None and self.delivery.store is not None:
+            record = self.delivery.store.peek(x.cache_key)[0]
+            size = record.size if record is not None else None
+        self.relays.requested(x.dataset, x.rel, size)
+        return None if x.via is not None else self.relays.choose(x.dataset, x.rel)
 
     async def recheck(self, x: Exchange) -> None:
         """Cached bytes go only to callers the provider itself would serve (a HEAD with
@@ -426,8 +446,10 @@ def forwarded(ranges: tuple[tuple[int, int], ...], etag: str | None) -> dict[str
     return out
 
 
-async def redirect(send: Send, location: str, link: tuple[bytes, bytes] | None = None) -> None:
-    """307 (method and Range kept); never cached, as the target may expire."""
+async def redirect(
+    send: Send, location: str, link: tuple[bytes, bytes] | None = None, status: int = 307
+) -> None:
+    """307 (method and Range kept), or 302; never cached, as the target may expire."""
     headers = [
         (b"location", location.encode("latin-1")),
         (b"cache-control", b"no-store"),
@@ -435,7 +457,7 @@ async def redirect(send: Send, location: str, link: tuple[bytes, bytes] | None =
     ]
     if link is not None:
         headers.append(link)
-    await send({"type": "http.response.start", "status": 307, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
 
 

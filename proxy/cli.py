@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from pydantic import AnyHttpUrl
 
 from cache.retention import sweep
 from cache.store import CacheUnavailable, Store
@@ -58,7 +59,15 @@ def _settings(args: argparse.Namespace, upstream_url: str | None = None) -> tupl
     }
     if "public_url" not in server.model_fields_set:
         update["public_url"] = f"http://{update['host']}:{update['port']}"
-    settings = settings.model_copy(update={"server": server.model_copy(update=update)})
+    changes: dict[str, object] = {"server": server.model_copy(update=update)}
+    if getattr(args, "relay_of", None):
+        try:
+            directory = AnyHttpUrl(args.relay_of)
+        except ValueError:
+            raise SystemExit(f"fdp: --relay-of {args.relay_of!r} is not an http(s) URL") from None
+        relay = settings.relay.model_copy(update={"directory": directory})
+        changes["relay"] = relay
+    settings = settings.model_copy(update=changes)
     return settings, source
 
 
@@ -353,6 +362,12 @@ def parser() -> argparse.ArgumentParser:
             help="demo upstream port (embedded default only; 0 = any free port)",
         )
         s.add_argument("--var", default="./var", help="state folder for the embedded default")
+        s.add_argument(
+            "--relay-of",
+            metavar="URL",
+            default=None,
+            help="run as a relay of the fdp at URL: register there, serve what it assigns",
+        )
         s.add_argument(
             "--workers",
             type=int,

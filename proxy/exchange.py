@@ -42,6 +42,7 @@ class Kind(StrEnum):
     SLOW = "slow"  # an archive: a retrieval job, then the cache
     PRESIGN = "presign"  # 307 to a presigned object-store URL
     REDIRECT = "redirect"  # 307 to the provider's own href
+    RELAY = "relay"  # 302 to a registered relay that holds it
     PASSTHROUGH = "pass-through"  # relayed from the upstream, nothing kept
 
 
