@@ -37,6 +37,7 @@ from proxy.deliveries import DeliveryLog
 from proxy.delivery import CacheDelivery
 from proxy.metrics import LiveFigures, metrics
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
+from proxy.relaying import Relay
 from proxy.relays import Directory
 from proxy.server import LimitedProtocol
 from proxy.usage import address_usage, my_usage, user_usage
@@ -273,6 +274,9 @@ def create_app(
             policies.follow()
             tg.start_soon(publish_metrics)
             tg.start_soon(watch_mirrors, lambda: registry.entries.values(), client)
+            if settings.relay.directory is not None:
+                relay = Relay(settings, registry, store, lambda: assets.active)
+                tg.start_soon(relay.run, client)
             if store is not None:
                 tg.start_soon(housekeeping, delivery)
             try:
@@ -316,13 +320,14 @@ def create_app(
     starlette.state.public_url = public_url
     queue = make_queue(settings)
     starlette.state.queue = queue
+    directory = starlette.state.relays = Directory(registry, settings.relays)
     starlette.state.live_figures = LiveFigures(
-        store, queue.depth, queue.stats, lambda: mirror_sets(registry)
+        store, queue.depth, queue.stats, lambda: mirror_sets(registry), directory.public
     )
     assets = Assets(registry, public_url, AccessLog())
     assets.name = server.name or assets.name
     starlette.state.assets = assets
-    assets.relays = starlette.state.relays = Directory(registry, settings.relays)
+    assets.relays = directory
     assets.deliveries = starlette.state.deliveries = delivery_log(settings)
     assets.queue = queue
     assets.limiter = Limiter(settings.qos, settings.queue.redis_url)

@@ -112,6 +112,8 @@ class Assets:
         self.limiter: Limiter | None = None
         #: the relay directory (`delivery: relay` datasets)
         self.relays: Directory | None = None
+        #: responses under way (a relay's load, told to its directory)
+        self.active = 0
         #: per-origin caps on fetches (pass-through reads here; the fill engine its own)
         self.caps = Caps(dict, None, QosService())
         #: the header a trusted reverse proxy writes the client's address in, if any
@@ -133,6 +135,7 @@ class Assets:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange.start(scope)
         tracked = x.tracking(send)  # cache hits and misses track what they send themselves
+        self.active += 1
         try:
             x.read_headers(scope)
             if x.via is not None:
@@ -157,6 +160,7 @@ class Assets:
             else:
                 await error_response(exc, x.path)(scope, receive, tracked)
         finally:
+            self.active -= 1
             if x.applied and self.limiter is not None:  # account: the bytes that went out
                 await self.limiter.spend(x.applied, x.sent, x.fetched)
             self.metrics.observe(x)

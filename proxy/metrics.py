@@ -18,6 +18,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import anyio.to_thread
 from prometheus_client import (
@@ -112,7 +113,9 @@ class LiveFigures(Collector):
         queue_depth: Callable[[], int],
         jobs: JobStats,
         mirror_sets: Callable[[], dict[str, MirrorSet]] = dict,
+        relays: Callable[[], list[dict[str, Any]]] = list,
     ) -> None:
+        self.relays = relays
         self.store = store
         self.queue_depth = queue_depth
         self.jobs = jobs
@@ -121,7 +124,8 @@ class LiveFigures(Collector):
 
     def collect(self) -> list[Metric]:
         figures = []
-        for part in (self._cache_figures, self._job_figures, self._mirror_figures):
+        parts = (self._cache_figures, self._job_figures, self._mirror_figures, self._relay_figures)
+        for part in parts:
             try:
                 figures += part()
             except Exception as e:  # (a locked index, a silent Redis: left out, not a 500)
@@ -174,6 +178,21 @@ class LiveFigures(Collector):
                 requests.add_metric(key, m.requests)
                 errors.add_metric(key, m.errors)
         return [up, consistent, active, requests, errors]
+
+    def _relay_figures(self) -> list[Metric]:
+        """The live relays of this directory: their load, holdings and clients sent."""
+        load = GaugeMetricFamily(
+            "fdp_relay_load", "Responses a relay reported sending", labels=["relay"]
+        )
+        objects = GaugeMetricFamily("fdp_relay_objects", "Objects a relay holds", labels=["relay"])
+        sent = CounterMetricFamily(
+            "fdp_relay_clients_sent", "Clients sent to a relay", labels=["relay"]
+        )
+        for r in self.relays():
+            load.add_metric([r["url"]], r["load"])
+            objects.add_metric([r["url"]], r["objects"])
+            sent.add_metric([r["url"]], r["clients_sent"])
+        return [load, objects, sent]
 
     def _job_figures(self) -> list[Metric]:
         queued = GaugeMetricFamily("fdp_jobs_queued", "Retrieval jobs waiting to run")

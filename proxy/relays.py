@@ -168,8 +168,10 @@ class Directory:
         return f"{best.url}/assets/{dataset}/{path}"
 
     def public(self) -> list[dict[str, Any]]:
+        """The live relays (read only: metrics call it from a thread)."""
         now = time.monotonic()
-        return [r.public(now) for r in self.live()]
+        relays = list(self.relays.values())
+        return [r.public(now) for r in relays if now - r.seen <= self.settings.expire_seconds]
 
 
 async def relay_heartbeat(request: Request) -> Response:

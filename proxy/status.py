@@ -96,6 +96,7 @@ async def gather(request: Request) -> dict[str, Any]:
         "time": time.time(),
         "upstreams": dict(sorted(upstreams.items())),
         "mirrors": mirrors,
+        "relays": state.relays.public(),
         "datasets": datasets,
         "cache": {
             "bytes": sum(d["cache_bytes"] for d in datasets.values()),
@@ -207,6 +208,18 @@ def render(f: dict[str, Any]) -> str:
         for name, members in f["mirrors"].items()
         for m in members
     ]
+    relays = [
+        [
+            e(r["url"]),
+            e(", ".join(r["datasets"])),
+            e(r["objects"]),
+            e(_size(r["disk_bytes"])),
+            e(r["load"]),
+            e(r["clients_sent"]),
+            e(r["seconds_since_heartbeat"]),
+        ]
+        for r in f["relays"]
+    ]
     sets = [
         [
             e(name) + ("" if d["serving"] else ' <span class="muted">(deleted)</span>'),
@@ -250,6 +263,11 @@ def render(f: dict[str, Any]) -> str:
             ],
             mirrors,
             {4, 5, 6, 7},
+        ),
+        "Relays": _table(
+            ["relay", "datasets", "objects", "disk", "load", "clients sent", "heartbeat s ago"],
+            relays,
+            {2, 3, 4, 5, 6},
         ),
         "Datasets": _table(
             ["dataset", "policy", "cached", "objects", "hits", "misses", "hit ratio"],
