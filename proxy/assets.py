@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httpx
@@ -396,8 +397,9 @@ class Assets:
             return
         ranges: tuple[tuple[int, int], ...] = ()
         etag = None
-        if x.range is not None or x.conditional:
+        if x.range is not None or x.conditional or x.obj.mirrors is not None:
             # decided here, on the provider's validators, so every provider behaves per RFC
+            # (a mirrored object: every mirror's, so one can go on where another stopped)
             meta = await self.upstream_meta(x.obj)
             size = x.obj.size if x.obj.size is not None else meta.size
             selection = select(x, size, meta.etag, meta.last_modified)
@@ -425,7 +427,42 @@ class Assets:
 
         stack, meter, body = await first_answer(obj, open_at)
         async with stack:
-            await relay(body, x, cache_control(x.entry.policy), receive, send, meter)
+            resume = None
+            if obj.mirrors is not None and len(ranges) <= 1 and body.status in (200, 206):
+                resume = self._resume(obj, ranges[0][0] if ranges else 0, body, stack)
+            await relay(body, x, cache_control(x.entry.policy), receive, send, meter, resume)
+
+    def _resume(
+        self, obj: UpstreamObject, first: int, body: Body, stack: contextlib.AsyncExitStack
+    ) -> Resume:
+        """How a mirrored pass-through goes on from the next mirror: the failed one is
+        marked down, the next is asked for the rest, tied to its own ETag, and must send
+        exactly that range of an object of the same size."""
+        assert obj.mirrors is not None and self.client is not None
+        mirrors, client = obj.mirrors, self.client
+        reading = [body.response.request.url]
+        total = body.headers.get("content-range", "").rpartition("/")[2]
+        size = total if total.isdigit() else body.headers.get("content-length")
+
+        async def resume(done: int, expected: int) -> Body:
+            for member, candidate in mirrors.choices:
+                if str(reading[-1]).startswith(candidate.href.split("?")[0]):
+                    member.failed("cut off mid-body")
+            start, end = first + done, first + expected
+
+            async def reopen(candidate: UpstreamObject) -> Body:
+                asked = forwarded(((start, end),), mirrors.set.validator(candidate.href))
+                answer = await stack.enter_async_context(stream(client, candidate, asked))
+                want = f"bytes {start}-{end - 1}/{size}"
+                if answer.status != 206 or answer.headers.get("content-range") != want:
+                    got = answer.headers.get("content-range", answer.status)
+                    raise UpstreamUnavailable(f"a mirror sent {got} where {want} was asked", 502)
+                reading.append(answer.response.request.url)
+                return answer
+
+            return await first_answer(obj, reopen)
+
+        return resume
 
 
 #: more fdps than this in one request's `Via` is taken for a loop
@@ -480,6 +517,11 @@ def expected_length(body: Body) -> int | None:
     return span
 
 
+#: how a pass-through goes on after its upstream failed: given the bytes sent and the
+#: length promised, another answer with the rest (raises when there is none)
+Resume = Callable[[int, int], Awaitable[Body]]
+
+
 async def relay(
     body: Body,
     x: Exchange,
@@ -487,11 +529,13 @@ async def relay(
     receive: Receive,
     send: Send,
     meter: Meter | None = None,
+    resume: Resume | None = None,
 ) -> None:
     """Relay an upstream body as it arrives (keeping to the origin's rate with `meter`).
 
-    A body that ends short of what was promised is left incomplete, so the client sees an
-    error, never a short body presented as whole. A client that goes away stops the fetch.
+    A body that fails or ends short of what was promised goes on from `resume` (another
+    mirror) if there is one, else is left incomplete, so the client sees an error, never a
+    short body presented as whole. A client that goes away stops the fetch.
     """
     expected = expected_length(body)
     raw = [(k.encode(), v.encode("latin-1")) for k, v in body.headers.items()]
@@ -503,19 +547,29 @@ async def relay(
     async def stream_body() -> None:
         nonlocal sent
         await send({"type": "http.response.start", "status": body.status, "headers": raw})
-        try:
-            async for chunk in body.chunks():
-                sent += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if meter is not None and meter.add(len(chunk)):
-                    await meter.caps.settle(meter)
-        except UpstreamError as e:
-            log.warning("%s: %s after %d bytes; response aborted", x.path, e, sent)
-            return
-        if expected is None or sent == expected:
-            await send({"type": "http.response.body", "body": b""})
-        else:
-            x.error = "upstream-short-body"
-            log.warning("%s: upstream sent %d of %s bytes; aborted", x.path, sent, expected)
+        current = body
+        while True:
+            try:
+                async for chunk in current.chunks():
+                    sent += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if meter is not None and meter.add(len(chunk)):
+                        await meter.caps.settle(meter)
+                if expected is None or sent == expected:
+                    break
+                x.error = "upstream-short-body"
+                raise UpstreamUnavailable(f"upstream sent {sent} of {expected} bytes")
+            except UpstreamError as e:
+                if resume is None or expected is None:
+                    log.warning("%s: %s after %d bytes; response aborted", x.path, e, sent)
+                    return
+                log.warning("%s: %s after %d bytes; going on from another mirror", x.path, e, sent)
+                try:
+                    current = await resume(sent, expected)
+                except UpstreamError as e:
+                    log.warning("%s: %s; response aborted after %d bytes", x.path, e, sent)
+                    return
+                x.error = None
+        await send({"type": "http.response.body", "body": b""})
 
     await until_disconnect(receive, stream_body)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Upstream, demo_upstream, fdp_serve
+from tests.conftest import NO_CACHE, Upstream, demo_upstream, fdp_serve
 from upstreams.base import UpstreamObject
 from upstreams.http import HttpResolver
 from upstreams.mirrors import Alternates, Member, MirrorSet, Rules
@@ -65,6 +65,7 @@ def mirror_config(
     ups: list[Upstream],
     priorities: tuple[int, ...] = (1, 2, 3),
     redirect: bool = False,
+    passthrough: bool = False,
     **health: Any,
 ) -> dict[str, Any]:
     mirrors = [
@@ -78,6 +79,8 @@ def mirror_config(
             "upstream": {"mirrors": mirrors, "health": {**rules, **REDIRECT_PROBES}},
             "delivery": "redirect",
         }
+    if passthrough:  # nothing kept: every byte relayed as it comes
+        datasets["p"] = {"upstream": {"mirrors": mirrors}, "retention": NO_CACHE}
     return {
         "cache": {"store": str(work / "cache"), "block_size": "1MiB"},
         "upstream_defaults": {"connect_timeout": 2, "read_timeout": 5},
@@ -145,6 +148,34 @@ def test_a_mirror_killed_mid_download_leaves_the_body_whole(mirrors, tmp_path):
         assert [len(u.data_requests()) for u in (b, c)] == counts
         digest = base64.b64encode(bytes.fromhex(sha(want))).decode()
         assert again.headers["repr-digest"] == f"sha-256=:{digest}:"
+
+
+def test_a_pass_through_goes_on_from_the_next_mirror_when_one_dies(mirrors, tmp_path):
+    a, b, _c = mirrors
+    want = a.file("m/big.bin")
+    b_etag = httpx.head(f"{b.url}/data/m/big.bin").headers["etag"]
+    proxy = fdp_serve(mirror_config(tmp_path, mirrors, passthrough=True), tmp_path)
+    with proxy.proc:
+        for asked, expect in ((None, want), ("bytes=1000-8000999", want[1000:8001000])):
+            a.fault(r"^/data/m/big\.bin$", method="GET", chunk_delay=0.05)  # slow, preferred
+            b.reset()
+            got = bytearray()
+            headers = {"range": asked} if asked else {}
+            with httpx.stream("GET", f"{proxy.url}/assets/p/big.bin", headers=headers) as r:
+                assert r.status_code == (206 if asked else 200)
+                chunks = r.iter_raw()
+                for chunk in chunks:
+                    got += chunk
+                    if len(got) >= MiB:
+                        break
+                a.proc._signal(signal.SIGKILL)  # A dies mid-body
+                for chunk in chunks:
+                    got += chunk
+            assert len(got) == len(expect) and sha(bytes(got)) == sha(expect)
+            resumed = [e for e in data_log(b, "big.bin") if e["range"] != "bytes=0-0"]
+            assert [e["if_range"] for e in resumed] == [b_etag]
+            a.proc.start()  # A comes back, and is preferred again once its back-off ends
+            wait_for(lambda: status(proxy.url, "p")[named(a)]["state"] == "up")
 
 
 def test_a_mirror_with_another_size_is_outvoted_and_left_out(mirrors, tmp_path):
