@@ -85,7 +85,8 @@ def test_no_config_is_the_embedded_default():
         (
             "datasets: {d: {upstream: {http: {base_url: 'http://x'}}, delivery: teleport}}",
             {},
-            "datasets.d.delivery: Input should be 'cache', 'redirect', 'presign' or 'relay', got 'teleport'",
+            "datasets.d.delivery: Input should be 'cache', 'redirect', 'presign' or 'relay', "
+            "got 'teleport'",
         ),
         (
             "datasets: {d: {upstream: {}}}",
