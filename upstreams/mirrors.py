@@ -273,6 +273,7 @@ class MirrorSet:
         return [m.public() for m in self.members]
 
     def spawn(self, work: Awaitable[Any]) -> None:
+        """Run `work` in the background (kept referenced until it ends)."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -490,8 +491,7 @@ async def agree(obj: UpstreamObject, probe: Callable[[UpstreamObject], Awaitable
                 judge(*who, t.result())
 
         task.add_done_callback(late)
-        mirrors.set._tasks.add(task)  # type: ignore[arg-type]
-        task.add_done_callback(mirrors.set._tasks.discard)  # type: ignore[arg-type]
+        mirrors.set.spawn(task)
     best = min(sizes[size], key=lambda a: rank[id(a[0])])
     return best[2]
 
