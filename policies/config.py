@@ -1,54 +1,37 @@
 """The configuration model: what a config file may say, validated with pydantic.
 
-The keys are the public contract of DESIGN.md; unknown keys are errors so that a typo
+The keys are the public contract of DESIGN.md (what an upstream may be is in
+`policies.upstream`); unknown keys are errors so that a typo
 never silently falls back to a default.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     AnyHttpUrl,
-    BaseModel,
     BeforeValidator,
     ByteSize,
-    ConfigDict,
     Field,
-    FilePath,
     PositiveInt,
     SecretStr,
     field_validator,
     model_validator,
 )
 
+from policies.model import SecretFile, Strict, secret
+from policies.upstream import (
+    S3Access,
+    TimeoutOverride,
+    Upstream,
+    UpstreamDefaults,
+    check_allowed_host,
+)
+
 DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
-
-class SecretFileError(ValueError):
-    """A credentials file that cannot be used; the message names the file, never its text."""
-
-
-def read_secret_file(path: Path) -> str:
-    """The one line of a credentials file (e.g. a Kubernetes secret), stripped."""
-    try:
-        text = path.read_bytes().decode().strip()
-    except OSError as e:
-        raise SecretFileError(f"cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise SecretFileError(f"{path} is not UTF-8 text") from None
-    if not text:
-        raise SecretFileError(f"{path} is empty")
-    if len(text.splitlines()) > 1:
-        raise SecretFileError(f"{path} holds more than one line")
-    return text
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class ServerConfig(Strict):
@@ -70,44 +53,6 @@ class ServerConfig(Strict):
     drain_seconds: float = Field(0.0, ge=0, le=3600)
     #: then: seconds in-flight responses may take to finish before they are cut
     grace_seconds: float = Field(10.0, ge=0, le=86400)
-
-
-class S3Access(Strict):
-    """Where an S3-compatible store is and how to sign for it."""
-
-    endpoint_url: AnyHttpUrl | None = None
-    region: str | None = None
-    #: where clients reach the store, for presigned URLs (default: endpoint_url)
-    public_endpoint_url: AnyHttpUrl | None = None
-    # credentials: inline (e.g. from FDP_DATASETS__X__UPSTREAM__S3__SECRET_ACCESS_KEY), from
-    # files (*_file, e.g. Kubernetes secrets), else boto3's default chain (AWS_* variables...)
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    access_key_id_file: FilePath | None = None
-    secret_access_key_file: FilePath | None = None
-
-    @field_validator("access_key_id_file", "secret_access_key_file")
-    @classmethod
-    def _readable(cls, v: FilePath | None) -> FilePath | None:
-        if v is not None:
-            read_secret_file(v)
-        return v
-
-    def credentials(self) -> tuple[str | None, str | None]:
-        """(access key id, secret key), read from the files (now, for rotation) when given so.
-
-        Raises SecretFileError when a file went bad after the config was loaded.
-        """
-
-        def pick(inline: SecretStr | None, file: FilePath | None) -> str | None:
-            if file is not None:
-                return read_secret_file(file)
-            return inline.get_secret_value() if inline is not None else None
-
-        return (
-            pick(self.access_key_id, self.access_key_id_file),
-            pick(self.secret_access_key, self.secret_access_key_file),
-        )
 
 
 class LocalTier(Strict):
@@ -197,195 +142,18 @@ class RelayOfConfig(Strict):
     directory: AnyHttpUrl | None = None
     #: the relay-scoped bearer token shown to the directory (inline, or read from a file)
     token: SecretStr | None = None
-    token_file: FilePath | None = None
+    token_file: SecretFile | None = None
     #: the bandwidth it offers, declared to the directory (it chooses by it)
     bandwidth_bytes_per_second: ByteSize | None = None
     #: prefetches at once
     prefetch_concurrency: int = Field(2, ge=1, le=32)
 
     def bearer(self) -> str | None:
-        if self.token_file is not None:
-            return read_secret_file(self.token_file)
-        return self.token.get_secret_value() if self.token else None
+        return secret(self.token, self.token_file)
 
 
 class EodagConfig(Strict):
     providers_file: str | None = None
-
-
-class UpstreamTimeouts(Strict):
-    """Seconds one upstream call may wait: to connect, then for each read (boto3 and EODAG too)."""
-
-    connect_timeout: float = Field(5.0, gt=0, le=600)
-    read_timeout: float = Field(30.0, gt=0, le=3600)
-
-
-class UpstreamDefaults(UpstreamTimeouts):
-    #: threads per upstream for blocking clients (boto3, EODAG), apart from the shared pool
-    max_threads: int = Field(8, ge=1, le=256)
-
-
-class TimeoutOverride(Strict):
-    """A dataset's own timeouts; what it leaves out comes from `upstream_defaults`."""
-
-    connect_timeout: float | None = Field(None, gt=0, le=600)
-    read_timeout: float | None = Field(None, gt=0, le=3600)
-
-
-def _check_allowed_host(entry: str) -> str:
-    """`host`, `host:port` or an http(s) URL (its origin counts; a path is ignored)."""
-    is_url = "://" in entry
-    parts = urlsplit(entry if is_url else f"//{entry}")
-    try:
-        parts.port  # noqa: B018 (raises on a bad port)
-    except ValueError:
-        raise ValueError(f"{entry!r}: bad port") from None
-    if (
-        not parts.hostname
-        or (is_url and parts.scheme not in ("http", "https"))
-        or (not is_url and (parts.path or parts.query or parts.fragment or "@" in entry))
-    ):
-        raise ValueError(f"{entry!r} is not a host, host:port or http(s) URL")
-    return entry
-
-
-class HttpUpstream(Strict):
-    base_url: AnyHttpUrl
-    objects: list[str] | None = None
-
-    @field_validator("base_url")
-    @classmethod
-    def _directory(cls, v: AnyHttpUrl) -> AnyHttpUrl:
-        return v if str(v).endswith("/") else AnyHttpUrl(f"{v}/")
-
-
-class EodagUpstream(Strict):
-    """One collection at one EODAG provider, or at several (`providers`, tried in order)."""
-
-    provider: str | None = None
-    providers: list[str] | None = Field(None, min_length=1)
-    collection: str
-
-    @model_validator(mode="after")
-    def _one_way(self) -> EodagUpstream:
-        if (self.provider is None) == (self.providers is None):
-            raise ValueError("expected provider (one) or providers (a list), not both")
-        return self
-
-    @property
-    def names(self) -> list[str]:
-        return self.providers or [self.provider or ""]
-
-
-class S3Upstream(S3Access):
-    bucket: str
-    prefix: str = ""
-
-
-class FdpUpstream(Strict):
-    """Another fdp (a central tier): its `/assets/{dataset}/` are this dataset's objects."""
-
-    base_url: AnyHttpUrl
-    dataset: str | None = None  # the dataset's name at the other fdp; default: the same name
-    #: the bearer token this fdp shows the other one (a service account; inline, from
-    #: FDP_DATASETS__X__UPSTREAM__FDP__TOKEN, or `token_file`); else the caller's own with
-    #: the dataset's `forward_token`, else none (anonymous)
-    token: SecretStr | None = None
-    token_file: FilePath | None = None
-
-    @field_validator("token_file")
-    @classmethod
-    def _readable(cls, v: FilePath | None) -> FilePath | None:
-        if v is not None:
-            read_secret_file(v)
-        return v
-
-    def bearer(self) -> str | None:
-        """The service token (read from its file now, for rotation), if one is configured."""
-        if self.token_file is not None:
-            return read_secret_file(self.token_file)
-        return self.token.get_secret_value() if self.token else None
-
-
-#: the kinds of upstream a dataset (or one mirror of a set) can have
-SINGLE_KINDS = ("eodag", "s3", "http", "fdp")
-
-
-class Mirror(Strict):
-    """One member of a mirror set: an upstream, and how much it is preferred."""
-
-    eodag: EodagUpstream | None = None
-    s3: S3Upstream | None = None
-    http: HttpUpstream | None = None
-    fdp: FdpUpstream | None = None
-    #: lower is tried first (RFC 6249's `pri`); mirrors of one priority share by `weight`
-    priority: int = Field(100, ge=1, le=999999)
-    weight: PositiveInt = 1
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Mirror:
-        kinds = [k for k in SINGLE_KINDS if getattr(self, k)]
-        if len(kinds) != 1:
-            raise ValueError(
-                "a mirror is exactly one of eodag, s3, http, fdp"
-                + (f" (got {', '.join(kinds)})" if kinds else "")
-            )
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in SINGLE_KINDS if getattr(self, k))
-
-
-class MirrorHealth(Strict):
-    """How a mirror set watches its mirrors.
-
-    Passive, always: a mirror that fails, or answers slower than `slow_seconds`, is down for
-    `backoff_seconds`, doubling with each failure in a row up to `max_backoff_seconds`.
-    Active, with `probe` (an object path of the dataset): every `interval_seconds` each
-    mirror is asked for it (bounded by `timeout_seconds`), and its size and sha-256 are
-    compared across mirrors: one that disagrees with the rest is inconsistent, not used.
-    """
-
-    probe: str | None = None
-    interval_seconds: float = Field(60.0, ge=1, le=86400)
-    timeout_seconds: float = Field(10.0, gt=0, le=600)
-    #: the largest probe object read whole to be hashed (a bigger one is compared by size)
-    probe_max_bytes: ByteSize = Field(ByteSize(16 * 2**20), ge=0)
-    slow_seconds: float = Field(10.0, gt=0, le=3600)
-    backoff_seconds: float = Field(5.0, gt=0, le=3600)
-    max_backoff_seconds: float = Field(300.0, gt=0, le=86400)
-    #: how long an inconsistent mirror is left out before it gets another chance
-    #: (a probe that finds it consistent again brings it back sooner)
-    inconsistent_seconds: float = Field(3600.0, gt=0, le=30 * 86400)
-
-
-class Upstream(Strict):
-    """Exactly one kind of upstream."""
-
-    eodag: EodagUpstream | None = None
-    s3: S3Upstream | None = None
-    http: HttpUpstream | None = None
-    fdp: FdpUpstream | None = None
-    mirrors: list[Mirror] | None = Field(None, min_length=1)
-    #: for `mirrors`: how their health is watched
-    health: MirrorHealth | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Upstream:
-        kinds = [k for k in (*SINGLE_KINDS, "mirrors") if getattr(self, k)]
-        if len(kinds) != 1:
-            raise ValueError(
-                "expected exactly one of eodag, s3, http, fdp, mirrors"
-                + (f" (got {', '.join(kinds)})" if kinds else "")
-            )
-        if self.health is not None and self.mirrors is None:
-            raise ValueError("'health' watches the members of 'mirrors'; this is one upstream")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in (*SINGLE_KINDS, "mirrors") if getattr(self, k))
 
 
 class Access(Strict):
@@ -505,7 +273,7 @@ class Dataset(Strict):
     #: groups whose members see everyone's deliveries of this dataset (`/me/deliveries`)
     owners: list[str] = []
     #: origins besides the upstream's own that hrefs and redirects may point at
-    allowed_hosts: list[Annotated[str, AfterValidator(_check_allowed_host)]] = []
+    allowed_hosts: list[Annotated[str, AfterValidator(check_allowed_host)]] = []
     timeouts: TimeoutOverride | None = None  # default: upstream_defaults
     presign_expires: int = Field(900, ge=1, le=7 * 86400)  # seconds a presigned URL lives
     #: Cache-Control max-age of public data (private data is always `private`)
@@ -538,7 +306,7 @@ def _origin_key(entry: str) -> str:
     """`host`, `host:port` or a URL -> `host[:port]`, lower case; `*` stays."""
     if entry == "*":
         return entry
-    _check_allowed_host(entry)
+    check_allowed_host(entry)
     return urlsplit(entry if "://" in entry else f"//{entry}").netloc.lower()
 
 

@@ -20,7 +20,8 @@ import anyio.to_thread
 import httpx
 
 from cache.store import Store
-from policies.config import Access, Dataset, FdpUpstream, Settings, Upstream
+from policies.config import Access, Dataset, Settings
+from policies.upstream import FdpUpstream, Upstream
 from upstreams.registry import Registry
 
 log = logging.getLogger("fdp.relay")

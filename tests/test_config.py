@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from policies.config import SecretFileError
 from policies.loader import ConfigError, load_settings
+from policies.model import SecretFileError
 from tests.harness.procs import BIN
 
 GOOD = """

@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from policies.config import Dataset, Mirror, MirrorHealth, Settings, Upstream
+from policies.config import Dataset, Settings
 from policies.loader import ConfigError
+from policies.upstream import Mirror, MirrorHealth, Upstream
 from upstreams.base import DatasetNotFound, Origins, Presigning, Resolver, Timeouts
 from upstreams.eodag import (
     EodagResolver,

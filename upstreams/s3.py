@@ -23,7 +23,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from policies.config import S3Access
+from policies.upstream import S3Access
 from upstreams.base import (
     Listed,
     ObjectNotFound,
