@@ -9,6 +9,7 @@ differs (the `Sink`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -25,7 +26,7 @@ from cache.store import ObjectRecord, Store
 from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
 from upstreams.caps import Caps
 from upstreams.http import Meta, SyncBody, open_sync
-from upstreams.mirrors import Member, attempts
+from upstreams.mirrors import Member, MirrorSet, attempts, blames
 
 log = logging.getLogger("fdp.cache")
 
@@ -188,20 +189,10 @@ def _from_mirrors(
         assert member is not None
         if sink.stopped():
             raise FillFailed("stopped")
-        before, started = cursor.at, time.monotonic()
-        etag = mirrors.validator(candidate.href)
-
-        def answered(
-            headers: urllib3.HTTPHeaderDict,
-            member: Member = member,
-            href: str = candidate.href,
-            known: str | None = etag,
-            started: float = started,
-        ) -> None:
-            member.answered(time.monotonic() - started)
-            if known is None:  # the first this process has seen of it there
-                mirrors.note_validator(href, headers.get("etag"))
-
+        before, etag = cursor.at, mirrors.validator(candidate.href)
+        answered = functools.partial(
+            _answered, mirrors, member, candidate.href, etag, time.monotonic()
+        )
         try:
             with member.fetching():
                 _read(
@@ -209,32 +200,27 @@ def _from_mirrors(
                     resuming=cursor.at != began,
                     answered=answered,
                 )
+        except CacheWriteFailed:
+            raise
         except ChecksumMismatch:
             if cursor.at != before:
                 contributors.append(member)
             if len(set(contributors)) == 1:  # its bytes alone made the object
                 member.disagrees("its bytes do not match the catalogue checksum")
             raise
-        except (ObjectChanged, ObjectNotFound, UpstreamUnavailable) as e:
-            if isinstance(e, UpstreamUnavailable) and e.status != 412:
-                member.failed(str(e))
-                failure = e
-            elif not isinstance(e, ObjectNotFound):  # another version there
-                mirrors.note_validator(candidate.href, None)
-                other_version.append((member, str(e)))
-            if cursor.at != before:
-                contributors.append(member)
-            log.warning("%s/%s: mirror %s: %s; trying the next", *names(record), member.name, e)
-            continue
-        except CacheWriteFailed:
-            raise
-        except FillFailed as e:  # a short or cut body
+        except (FillFailed, ObjectNotFound, UpstreamUnavailable) as e:  # (ObjectChanged too)
             if sink.stopped():
                 raise
-            member.failed(str(e))
-            failure = e
             if cursor.at != before:
                 contributors.append(member)
+            changed = isinstance(e, ObjectChanged) or getattr(e, "status", None) == 412
+            if changed:  # another version there
+                mirrors.note_validator(candidate.href, None)
+                other_version.append((member, str(e)))
+            elif not isinstance(e, ObjectNotFound):  # failed, cut off or short
+                if blames(e) or not isinstance(e, UpstreamUnavailable):
+                    member.failed(str(e))
+                failure = e
             log.warning("%s/%s: mirror %s: %s; trying the next", *names(record), member.name, e)
             continue
         for other, why in other_version:
@@ -243,6 +229,20 @@ def _from_mirrors(
     if other_version and failure is None:
         raise ObjectChanged("no mirror holds the version this record describes")
     raise failure or ObjectChanged("no mirror holds the object any more")
+
+
+def _answered(
+    mirrors: MirrorSet,
+    member: Member,
+    href: str,
+    known: str | None,
+    started: float,
+    headers: urllib3.HTTPHeaderDict,
+) -> None:
+    """A mirror answered a span's GET: its latency, and its ETag if it is the first seen."""
+    member.answered(time.monotonic() - started)
+    if known is None:
+        mirrors.note_validator(href, headers.get("etag"))
 
 
 def _read(

@@ -121,7 +121,8 @@ class FdpUpstream(Strict):
     token_file: SecretFile | None = None
 
     def bearer(self) -> str | None:
-        """The service token (read from its file now, for rotation), if one is configured."""
+        """The service token, if one is configured (read when the dataset's resolver is
+        built: a new token in the file takes effect at a restart or a policy edit)."""
         return secret(self.token, self.token_file)
 
 

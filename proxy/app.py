@@ -324,8 +324,7 @@ def create_app(
     starlette.state.live_figures = LiveFigures(
         store, queue.depth, queue.stats, lambda: mirror_sets(registry), directory.public
     )
-    assets = Assets(registry, public_url, AccessLog())
-    assets.name = server.name or assets.name
+    assets = Assets(registry, public_url, AccessLog(), server.name)
     starlette.state.assets = assets
     assets.relays = directory
     assets.deliveries = starlette.state.deliveries = delivery_log(settings)

@@ -96,11 +96,13 @@ def refused(x: Exchange, exc: Exception) -> Exception:
 
 
 class Assets:
-    def __init__(self, registry: Registry, public_url: str, access_log: AccessLog) -> None:
+    def __init__(
+        self, registry: Registry, public_url: str, access_log: AccessLog, name: str | None = None
+    ) -> None:
         self.registry = registry
         self.public_url = public_url.rstrip("/")
         #: what this fdp calls itself in `Via` (`server.name`)
-        self.name = urlsplit(self.public_url).netloc
+        self.name = name or urlsplit(self.public_url).netloc
         self.access_log = access_log
         # set at startup
         self.delivery: CacheDelivery | None = None
@@ -298,14 +300,19 @@ class Assets:
         and direct clients (a relay or another fdp asking is served here); counted, so
         relays are told what to prefetch."""
         assert x.entry is not None and x.obj is not None
-        if x.method != "GET" or self.relays is None or not x.entry.policy.access.public:
+        if (
+            x.method != "GET"
+            or self.relays is None
+            or not x.entry.policy.access.public
+            or x.via is not None  # a relay's (or another fdp's) own fetch: not demand
+        ):
             return None
         size = x.obj.size
         if size is None and self.delivery is not None and self.delivery.store is not None:
             record = self.delivery.store.peek(x.cache_key)[0]
             size = record.size if record is not None else None
         self.relays.requested(x.dataset, x.rel, size)
-        return None if x.via is not None else self.relays.choose(x.dataset, x.rel)
+        return self.relays.choose(x.dataset, x.rel)
 
     async def recheck(self, x: Exchange) -> None:
         """Cached bytes go only to callers the provider itself would serve (a HEAD with
@@ -408,61 +415,56 @@ class Assets:
                 return
             ranges, etag = selection.ranges, meta.etag
         obj, caps, client = x.obj, self.caps, self.client
+        first = ranges[0][0] if ranges else 0  # where the response begins in the object
+        #: each answer opened, with what holds it open (its origin's slot, its body)
+        reading: list[tuple[UpstreamObject, contextlib.AsyncExitStack]] = []
 
-        async def open_at(
-            candidate: UpstreamObject,
-        ) -> tuple[contextlib.AsyncExitStack, Meter, Body]:
-            """A slot of the candidate's origin and its open body (a mirror's ETag is its own)."""
-            tag = etag if obj.mirrors is None else obj.mirrors.set.validator(candidate.href)
+        async def open_at(candidate: UpstreamObject, asked: dict[str, str]) -> tuple[Body, Meter]:
             stack = contextlib.AsyncExitStack()
             try:
                 meter = await stack.enter_async_context(caps.aslot(candidate.href))
-                body = await stack.enter_async_context(
-                    stream(client, candidate, forwarded(ranges, tag))
-                )
+                body = await stack.enter_async_context(stream(client, candidate, asked))
             except BaseException:
                 await stack.aclose()
                 raise
-            return stack, meter, body
+            reading.append((candidate, stack))
+            return body, meter
 
-        stack, meter, body = await first_answer(obj, open_at)
-        async with stack:
-            resume = None
-            if obj.mirrors is not None and len(ranges) <= 1 and body.status in (200, 206):
-                resume = self._resume(obj, ranges[0][0] if ranges else 0, body, stack)
-            await relay(body, x, cache_control(x.entry.policy), receive, send, meter, resume)
+        def validator(candidate: UpstreamObject) -> str | None:
+            """The ETag to tie a read to: a mirror's own (mirrors' ETags differ)."""
+            return etag if obj.mirrors is None else obj.mirrors.set.validator(candidate.href)
 
-    def _resume(
-        self, obj: UpstreamObject, first: int, body: Body, stack: contextlib.AsyncExitStack
-    ) -> Resume:
-        """How a mirrored pass-through goes on from the next mirror: the failed one is
-        marked down, the next is asked for the rest, tied to its own ETag, and must send
-        exactly that range of an object of the same size."""
-        assert obj.mirrors is not None and self.client is not None
-        mirrors, client = obj.mirrors, self.client
-        reading = [body.response.request.url]
-        total = body.headers.get("content-range", "").rpartition("/")[2]
-        size = total if total.isdigit() else body.headers.get("content-length")
-
-        async def resume(done: int, expected: int) -> Body:
-            for member, candidate in mirrors.choices:
-                if str(reading[-1]).startswith(candidate.href.split("?")[0]):
+        async def resume(done: int, expected: int) -> tuple[Body, Meter]:
+            """The rest from the next mirror: the failed one is let go and marked down; the
+            next must send exactly the rest of an object of the same size."""
+            assert obj.mirrors is not None
+            failed, held = reading[-1]
+            await held.aclose()
+            for member, candidate in obj.mirrors.choices:
+                if candidate is failed:
                     member.failed("cut off mid-body")
             start, end = first + done, first + expected
+            want = f"bytes {start}-{end - 1}/{size}"
 
-            async def reopen(candidate: UpstreamObject) -> Body:
-                asked = forwarded(((start, end),), mirrors.set.validator(candidate.href))
-                answer = await stack.enter_async_context(stream(client, candidate, asked))
-                want = f"bytes {start}-{end - 1}/{size}"
-                if answer.status != 206 or answer.headers.get("content-range") != want:
-                    got = answer.headers.get("content-range", answer.status)
+            async def reopen(candidate: UpstreamObject) -> tuple[Body, Meter]:
+                answer = await open_at(candidate, forwarded(((start, end),), validator(candidate)))
+                if answer[0].status != 206 or answer[0].headers.get("content-range") != want:
+                    got = answer[0].headers.get("content-range", answer[0].status)
                     raise UpstreamUnavailable(f"a mirror sent {got} where {want} was asked", 502)
-                reading.append(answer.response.request.url)
                 return answer
 
             return await first_answer(obj, reopen)
 
-        return resume
+        body, meter = await first_answer(obj, lambda c: open_at(c, forwarded(ranges, validator(c))))
+        total = body.headers.get("content-range", "").rpartition("/")[2]
+        size = total if total.isdigit() else body.headers.get("content-length")
+        mirrored = obj.mirrors is not None and len(ranges) <= 1 and body.status in (200, 206)
+        try:
+            policy = cache_control(x.entry.policy)
+            await relay(body, x, policy, receive, send, meter, resume if mirrored else None)
+        finally:
+            for _, held in reading:
+                await held.aclose()
 
 
 #: more fdps than this in one request's `Via` is taken for a loop
@@ -518,8 +520,8 @@ def expected_length(body: Body) -> int | None:
 
 
 #: how a pass-through goes on after its upstream failed: given the bytes sent and the
-#: length promised, another answer with the rest (raises when there is none)
-Resume = Callable[[int, int], Awaitable[Body]]
+#: length promised, another answer with the rest and its origin's meter (raises when none)
+Resume = Callable[[int, int], Awaitable[tuple[Body, Meter]]]
 
 
 async def relay(
@@ -545,7 +547,7 @@ async def relay(
     sent = 0
 
     async def stream_body() -> None:
-        nonlocal sent
+        nonlocal sent, meter
         await send({"type": "http.response.start", "status": body.status, "headers": raw})
         current = body
         while True:
@@ -565,7 +567,7 @@ async def relay(
                     return
                 log.warning("%s: %s after %d bytes; going on from another mirror", x.path, e, sent)
                 try:
-                    current = await resume(sent, expected)
+                    current, meter = await resume(sent, expected)
                 except UpstreamError as e:
                     log.warning("%s: %s; response aborted after %d bytes", x.path, e, sent)
                     return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -22,12 +23,12 @@ import httpx
 from cache.store import Store
 from policies.config import Access, Dataset, Settings
 from policies.upstream import FdpUpstream, Upstream
-from upstreams.registry import Registry
+from proxy.relays import MAX_HELD
+from upstreams.base import quote_key
+from upstreams.registry import Entry, Registry
 
 log = logging.getLogger("fdp.relay")
 
-#: objects listed in one heartbeat at most (the directory takes as many)
-MAX_HELD = 100_000
 #: seconds between heartbeats until the directory says otherwise; between failure logs
 FIRST_HEARTBEAT, LOG_INTERVAL = 5.0, 60.0
 
@@ -47,7 +48,11 @@ def held_objects(store: Store | None) -> list[dict[str, Any]]:
 
 class Relay:
     def __init__(
-        self, settings: Settings, registry: Registry, store: Store | None, load: Any
+        self,
+        settings: Settings,
+        registry: Registry,
+        store: Store | None,
+        load: Callable[[], int],
     ) -> None:
         assert settings.relay.directory is not None
         self.settings = settings
@@ -57,7 +62,8 @@ class Relay:
         self.store = store
         #: how many responses this fdp is sending now
         self.load = load
-        self.carried: set[str] = set()
+        #: the datasets it carries, each with the entry it made (a policy may replace one)
+        self.carried: dict[str, Entry] = {}
         self.prefetching: set[tuple[str, str]] = set()
         self._logged = 0.0
 
@@ -66,12 +72,13 @@ class Relay:
         upstream = Upstream(fdp=FdpUpstream(base_url=self.directory))  # type: ignore[arg-type]
         for name in datasets:
             if name not in self.carried and name not in self.registry.entries:
-                self.registry.apply(name, Dataset(upstream=upstream, access=Access(public=True)))
-                self.carried.add(name)
+                ds = Dataset(upstream=upstream, access=Access(public=True))
+                self.carried[name] = self.registry.build(name, ds)
+                self.registry.apply(name, ds, self.carried[name])
                 log.info("relay: carrying %s", name)
-        for name in self.carried - set(datasets):
-            self.registry.apply(name, None)
-            self.carried.discard(name)
+        for name in set(self.carried) - set(datasets):
+            if self.registry.entries.get(name) is self.carried.pop(name):  # still ours
+                self.registry.apply(name, None)
             log.info("relay: no longer carrying %s", name)
 
     async def beat(self, client: httpx.AsyncClient) -> dict[str, Any] | None:
@@ -102,7 +109,7 @@ class Relay:
         """Fetch one object through this fdp, so it lands in the cache."""
         key = (item["dataset"], item["path"])
         try:
-            url = f"{self.own}/assets/{item['dataset']}/{item['path']}"
+            url = f"{self.own}/assets/{item['dataset']}/{quote_key(item['path'])}"
             async with client.stream("GET", url) as r:
                 async for _ in r.aiter_raw():
                     pass

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from policies.config import RelaysConfig
 from proxy.auth import Forbidden, Unauthorized, identity
 from proxy.problems import BadRequest
+from upstreams.base import quote_key
 from upstreams.registry import Registry
 
 #: objects a relay may report holding, and requested objects remembered for prefetching
@@ -50,7 +51,6 @@ class Heartbeat(BaseModel):
 class Relay:
     url: str
     subject: str
-    offered: list[str] | None
     disk_bytes: int
     bandwidth: int | None
     load: int
@@ -109,7 +109,6 @@ class Directory:
         relay = Relay(
             url,
             subject,
-            offered,
             beat.disk_bytes,
             beat.bandwidth_bytes_per_second,
             beat.load,
@@ -165,7 +164,7 @@ class Directory:
         best = min(found, key=lambda r: (r.load + 1) / (r.bandwidth or 1))
         best.sent += 1
         best.load += 1  # until its next heartbeat says how busy it is
-        return f"{best.url}/assets/{dataset}/{path}"
+        return f"{best.url}/assets/{dataset}/{quote_key(path)}"
 
     def public(self) -> list[dict[str, Any]]:
         """The live relays (read only: metrics call it from a thread)."""

@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -40,6 +40,7 @@ from upstreams.base import (
     UpstreamObject,
     UpstreamUnavailable,
 )
+from upstreams.caps import UpstreamBusy
 from upstreams.http import stream
 from upstreams.memo import Memo
 
@@ -176,6 +177,14 @@ class Member:
         }
 
 
+def blames(error: BaseException) -> bool:
+    """Whether a failed call counts against the mirror: not when our own cap on its origin
+    was full, nor when it refused this request (a 4xx: another mirror would too)."""
+    if isinstance(error, UpstreamBusy) or not isinstance(error, UpstreamUnavailable):
+        return False
+    return error.status is None or error.status >= 500 or error.status in (408, 429)
+
+
 def _weighted_order(members: list[tuple[Member, T]]) -> list[tuple[Member, T]]:
     """A random order where heavier members tend to come first (Efraimidis-Spirakis)."""
     return sorted(members, key=lambda m: random.random() ** (1.0 / m[0].weight), reverse=True)  # noqa: S311 (load spreading, not secrecy)
@@ -231,7 +240,7 @@ class MirrorSet:
                 choices.append((member, result))
             elif isinstance(result, UpstreamError):
                 errors.append(result)
-                if isinstance(result, UpstreamUnavailable):
+                if blames(result):
                     member.failed(f"resolving: {result}")
             elif isinstance(result, BaseException):
                 raise result
@@ -358,6 +367,8 @@ class Alternates:
 
     set: MirrorSet
     choices: tuple[tuple[Member, UpstreamObject], ...]
+    #: the `Link` value and when it was made (remade at most once a second: hits read it)
+    _link: list[Any] = field(default_factory=lambda: [-1.0, ""], repr=False)
 
     def ordered(self) -> list[tuple[Member, UpstreamObject]]:
         """Where to try, in order; raises when every mirror is inconsistent."""
@@ -375,12 +386,16 @@ class Alternates:
     def duplicates(self) -> str:
         """RFC 6249 `Link` alternates: the usable mirrors' plain URLs (presigned or signed
         hrefs are credentials, and stay out)."""
+        made, link = self._link
+        if time.monotonic() - made < 1.0:
+            return link  # type: ignore[no-any-return]
         links = []
         for member, obj in self.set.order(self.choices):
             if "?" in obj.href or "@" in obj.href.split("/", 3)[2] or obj.headers:
                 continue
             links.append(f"<{obj.href}>; rel=duplicate; pri={member.priority}")
-        return ", ".join(links)
+        self._link[:] = [time.monotonic(), ", ".join(links)]
+        return self._link[1]  # type: ignore[no-any-return]
 
 
 def with_headers(obj: UpstreamObject, extra: dict[str, str]) -> UpstreamObject:
@@ -411,8 +426,8 @@ async def first_answer(obj: UpstreamObject, call: Callable[[UpstreamObject], Awa
             error = error or e
             continue
         except UpstreamUnavailable as e:
-            if e.status is not None and e.status < 500 and e.status not in (408, 429):
-                raise  # the mirror said no to this request: another will too
+            if not blames(e):
+                raise  # our cap is full, or the request was refused: another will be too
             member.failed(str(e))
             error = e
             continue
@@ -441,7 +456,8 @@ async def agree(obj: UpstreamObject, probe: Callable[[UpstreamObject], Awaitable
             with member.fetching():
                 meta = await probe(candidate)
         except UpstreamUnavailable as e:
-            member.failed(str(e))
+            if blames(e):
+                member.failed(str(e))
             raise
         member.answered(time.monotonic() - started)
         return meta

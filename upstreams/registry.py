@@ -35,8 +35,12 @@ class Entry:
     #: where this dataset's fetches may go: its upstream's own origins plus `allowed_hosts`
     origins: Origins
     timeouts: Timeouts
-    #: its upstream is another fdp (or a mirror is): requests carry `Via` on to it
-    tiered: bool = False
+
+    @property
+    def tiered(self) -> bool:
+        """Its upstream is another fdp (or a mirror is): requests carry `Via` on to it."""
+        up = self.policy.upstream
+        return up.fdp is not None or any(m.fdp is not None for m in up.mirrors or ())
 
     @property
     def presigns_from_cache(self) -> bool:
@@ -129,8 +133,7 @@ class Registry:
             resolver = MirrorSet(members, rules)
         else:
             resolver = self._single(name, up, "upstream", timeouts, allowed)
-        tiered = up.fdp is not None or any(m.fdp is not None for m in up.mirrors or ())
-        return Entry(name, ds, resolver, resolver.origins, timeouts, tiered)
+        return Entry(name, ds, resolver, resolver.origins, timeouts)
 
     def _single(
         self, name: str, up: Upstream | Mirror, where: str, timeouts: Timeouts, allowed: Origins
@@ -197,19 +200,25 @@ class Registry:
             and old.policy.timeouts == ds.timeouts
             and old.policy.allowed_hosts == ds.allowed_hosts
         ):
-            return Entry(name, ds, old.resolver, old.origins, old.timeouts, old.tiered)
+            return Entry(name, ds, old.resolver, old.origins, old.timeouts)
         return None
 
     def apply(self, name: str, ds: Dataset | None, entry: Entry | None = None) -> None:
         """Serve dataset `name` under policy `ds` from the next request on (None: stop
         serving it), with `entry` if the caller built it already. The entries are replaced
-        whole, never changed in place: other threads may be reading them meanwhile."""
-        entries = dict(self.entries)
+        whole, never changed in place: other threads may be reading them meanwhile, and
+        writers (the policy watcher, a relay) take turns."""
         if ds is None:
-            entries.pop(name, None)
+            entry = None
         else:
-            entries[name] = entry or self.reusable(name, ds) or self.build(name, ds)
-        self.entries = entries
+            entry = entry or self.reusable(name, ds) or self.build(name, ds)
+        with self._lock:
+            entries = dict(self.entries)
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+            self.entries = entries
 
     def _limiter(self, settings: Settings, upstream: str) -> anyio.CapacityLimiter:
         if upstream not in self.limiters:

@@ -27,7 +27,7 @@ from cache.store import ObjectRecord, Store, object_key
 from upstreams.base import UpstreamObject, UpstreamUnavailable
 from upstreams.caps import Caps
 from upstreams.http import meta_of, open_sync
-from upstreams.mirrors import attempts
+from upstreams.mirrors import attempts, blames
 
 log = logging.getLogger("fdp.workers")
 
@@ -109,7 +109,7 @@ def fetch_into_cache(
         try:
             return _retrieve(store, target, candidate, progress, pool, caps)
         except UpstreamUnavailable as e:
-            if member is None:
+            if member is None or not blames(e):
                 raise
             member.failed(str(e))
             error = e
