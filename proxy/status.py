@@ -97,6 +97,7 @@ async def gather(request: Request) -> dict[str, Any]:
         "upstreams": dict(sorted(upstreams.items())),
         "mirrors": mirrors,
         "relays": state.relays.public(),
+        "responses_in_flight": state.assets.active,
         "datasets": datasets,
         "cache": {
             "bytes": sum(d["cache_bytes"] for d in datasets.values()),

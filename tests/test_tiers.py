@@ -3,6 +3,8 @@ protection, and the identity an edge shows the central one."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import yaml
 
@@ -12,7 +14,12 @@ B04 = "scene-a/B04.tif"
 
 
 def served(proxy_url: str, dataset: str) -> int:
-    """Requests for a dataset's data that a proxy has answered (from its /metrics)."""
+    """Requests for a dataset's data that a proxy has answered (from its /metrics), once
+    none is under way (a response's last byte can reach the client before it is counted)."""
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{proxy_url}/status.json").json()["responses_in_flight"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     total = 0.0
     for line in httpx.get(f"{proxy_url}/metrics").text.splitlines():
         if line.startswith("fdp_requests_total{") and f'dataset="{dataset}"' in line:
