@@ -25,7 +25,7 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.demo
 	$(BIN)/fdp demo$(if $(PORT), --port $(PORT))
 
-## Install everything the tests need (redis-server, chromium via apt-get when missing), check the style
+## Install everything the tests need (redis-server, chromium, mosquitto via apt-get when missing), check the style
 ## (ruff check, ruff format --check), then run the tests.
 ## pytest's exit code 5 (no tests collected) fails the target like any other failure.
 test: $(VENV)/.test system-packages
@@ -39,7 +39,7 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 ## System packages the tests run (a program and its Debian package), installed when missing.
-SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium
+SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium /usr/sbin/mosquitto:mosquitto
 
 system-packages:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \

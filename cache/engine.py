@@ -154,8 +154,11 @@ class FillEngine:
         caps: Caps | None = None,
         shared: SharedTier | None = None,
         wants_whole: Callable[[str], bool] = lambda dataset: False,
+        on_whole: Callable[[ObjectRecord], None] = lambda record: None,
     ) -> None:
         self.store = store
+        #: called with each object that became whole here (it is announced)
+        self.on_whole = on_whole
         #: the tier every replica shares (`s3://`), behind this process's store
         self.shared = shared
         #: datasets whose complete objects get a whole copy in the shared tier (presigning)
@@ -434,6 +437,8 @@ class FillEngine:
                     log.error("%s", e)
                     return None
             self.health.recovered()
+            if updated is not None and updated.complete:
+                self.on_whole(updated)
             return updated
         except STORE_ERRORS as e:
             self.health.failed("cannot store a block", e)

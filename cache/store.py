@@ -88,6 +88,7 @@ class ObjectRecord:
     media_type: str | None = None
     checksum: str | None = None  # expected multihash from the catalogue
     sha256: str | None = None  # recorded when the whole object passed through
+    sha512: str | None = None  # base64, recorded when it is announced (`cache.feed`)
     created: float = 0.0
     accessed: float = 0.0
     hits: int = 0

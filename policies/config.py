@@ -152,6 +152,41 @@ class RelayOfConfig(Strict):
         return secret(self.token, self.token_file)
 
 
+def _broker_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError("an mqtt://host[:port] or mqtts://host[:port] URL")
+    if parts.username or parts.password:
+        raise ValueError("no credentials in the URL: use username and password_file")
+    return value
+
+
+class AnnounceConfig(Strict):
+    """Announcements of what becomes available: `GET /feed` always, MQTT with a broker."""
+
+    #: publish Sarracenia v03 messages to this MQTT broker (e.g. mqtt://127.0.0.1:1883)
+    broker: Annotated[str | None, AfterValidator(_broker_url)] = None
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: SecretFile | None = None
+    #: topics are `{exchange}/{topic_prefix}/{dataset}/{folders of the path}`
+    exchange: str = Field("xpublic", pattern=r"^[^/#+]{1,100}$")
+    topic_prefix: str = Field("v03", pattern=r"^[^#+]{1,100}$")
+    #: MQTT QoS of the messages (1: the broker acknowledges each)
+    qos: int = Field(1, ge=0, le=2)
+    #: how long announcements are kept for subscribers that were away
+    keep_hours: float = Field(48.0, gt=0, le=24 * 366)
+    #: and at most this many
+    max_notices: int = Field(100_000, ge=100, le=100_000_000)
+    #: default: `feed.sqlite` beside the cache folder (with `queue.redis_url`: a Redis stream)
+    file: str | None = None
+
+    def broker_password(self) -> str | None:
+        return secret(self.password, self.password_file)
+
+
 class EodagConfig(Strict):
     providers_file: str | None = None
 
@@ -338,6 +373,7 @@ class StacConfig(Strict):
 class Settings(Strict):
     stac: StacConfig = StacConfig()
     deliveries: DeliveryLogConfig = DeliveryLogConfig()
+    announce: AnnounceConfig = AnnounceConfig()
     policy_store: PolicyStoreConfig = PolicyStoreConfig()
     #: per upstream origin (`host[:port]` or a URL); `*` for each origin not named
     upstream_limits: dict[Annotated[str, AfterValidator(_origin_key)], UpstreamLimit] = {}

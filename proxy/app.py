@@ -21,6 +21,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cache.engine import FillEngine
+from cache.feed import Announcer, open_log
 from cache.retention import Rule, retain
 from cache.shared import SharedTier
 from cache.store import CacheUnavailable, Store
@@ -28,15 +29,17 @@ from policies.config import Dataset, Settings
 from policies.loader import load_settings
 from policies.qos import Limiter
 from policies.store import FileBackend, PolicyStore, RedisBackend
-from proxy import admin, deliveries, relays, stac, status
+from proxy import admin, deliveries, objects, relays, stac, status
 from proxy.accesslog import AccessLog, configure_logging
 from proxy.admin import Policies
 from proxy.assets import Assets
 from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.deliveries import DeliveryLog
 from proxy.delivery import CacheDelivery
+from proxy.feed import Feed, feed
 from proxy.metrics import LiveFigures, metrics
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
+from proxy.publisher import Publisher
 from proxy.relaying import Relay
 from proxy.relays import Directory
 from proxy.server import LimitedProtocol
@@ -168,8 +171,10 @@ class App:
         elif sum(1 for name, _ in scope["headers"] if name == b"authorization") > 1:
             refused = BadRequest("more than one Authorization header")
             await error_response(refused, scope["path"])(scope, receive, send)
-        elif scope["path"] == "/admin/relays" and scope["method"] == "POST":
-            await self.starlette(scope, receive, send)  # relay-scoped tokens: it checks them
+        elif (scope["path"] == "/admin/relays" and scope["method"] == "POST") or (
+            scope["path"].startswith("/admin/objects/") and scope["method"] == "PUT"
+        ):  # relay-scoped tokens, datasets' owners: these check them themselves
+            await self.starlette(scope, receive, send)
         elif scope["path"].startswith("/admin"):
             await self.admin_gate(scope, receive, send)
         else:
@@ -210,6 +215,15 @@ def create_app(
     shared = SharedTier(settings.cache, settings.queue.redis_url) if settings.cache.shared else None
     local = settings.cache.local if settings.cache.shared else settings.cache
     max_bytes = int(local.max_bytes)
+    public_url = str(settings.server.public_url).rstrip("/")
+    try:
+        feed_log = open_log(settings)
+    except (OSError, sqlite3.Error) as e:
+        log.error("announcement log unavailable (%s): kept in this process only", e)
+        feed_log = open_log(settings, memory=True)
+    hub = Feed(feed_log)
+    announcer = Announcer(store, feed_log, hub.announced) if store is not None else None
+    publisher = Publisher(hub, settings.announce, public_url) if settings.announce.broker else None
 
     async def housekeeping(delivery: CacheDelivery) -> None:
         """Batch access-time writes and run retention, off the request path."""
@@ -262,6 +276,7 @@ def create_app(
                     (entry := registry.entries.get(dataset)) is not None
                     and entry.presigns_from_cache
                 ),
+                on_whole=announcer.submit if announcer is not None else lambda record: None,
             )
             delivery = CacheDelivery(engine, settings.cache.read_ahead)
             if store_error:
@@ -273,6 +288,9 @@ def create_app(
             await queue.start()
             policies.follow()
             tg.start_soon(publish_metrics)
+            tg.start_soon(hub.tail)
+            if publisher is not None:
+                tg.start_soon(publisher.run)
             tg.start_soon(watch_mirrors, lambda: registry.entries.values(), client)
             if settings.relay.directory is not None:
                 relay = Relay(settings, registry, store, lambda: assets.active)
@@ -287,6 +305,9 @@ def create_app(
                 await anyio.to_thread.run_sync(policies.close)
                 await anyio.to_thread.run_sync(assets.deliveries.close)
                 await delivery.fills.drain()
+                if announcer is not None:
+                    await anyio.to_thread.run_sync(announcer.close)
+                feed_log.close()
                 if store is not None:
                     store.close()
                 pool.clear()
@@ -298,6 +319,8 @@ def create_app(
             Route("/readyz", readyz),
             Route("/jobs/{job_id}", job_status),
             Route("/me/usage", my_usage),
+            Route("/feed", feed),
+            Route("/admin/objects/{dataset}/{path:path}", objects.put, methods=["PUT"]),
             Route("/me/deliveries", deliveries.deliveries),
             Route("/metrics", metrics),
             Route("/status", status.status_html),
@@ -316,8 +339,10 @@ def create_app(
     starlette.state.registry = registry
     starlette.state.policies = policies
     starlette.state.store = store
-    public_url = str(settings.server.public_url).rstrip("/")
     starlette.state.public_url = public_url
+    starlette.state.feed = hub
+    starlette.state.announcer = announcer
+    starlette.state.publisher = publisher
     queue = make_queue(settings)
     starlette.state.queue = queue
     directory = starlette.state.relays = Directory(registry, settings.relays)

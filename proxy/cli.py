@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from pydantic import AnyHttpUrl
 
+from cache.feed import announce_quietly, open_log
 from cache.retention import sweep
 from cache.store import CacheUnavailable, Store
 from policies.config import Settings
@@ -262,10 +263,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 time.time(),
             )
             kept = store.record(record.key) is not None
+            notice = None
+            if kept:  # announced: `GET /feed` and the broker (by `fdp serve`)
+                feed = open_log(settings)
+                try:
+                    notice = announce_quietly(store, feed, record)
+                finally:
+                    feed.close()
             print(
                 f"put {args.dataset}/{args.path}: {record.size} bytes, sha256 {record.sha256}"
                 + ("" if kept else " (evicted at once by the dataset's retention)")
                 + (f"; retention freed {freed} bytes" if freed else "")
+                + (f"; announced as {notice.id}" if notice is not None else "")
             )
             return 0
         victims = [

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cache.feed import announce_quietly, open_log
 from cache.shared import SharedTier
 from cache.store import Store
 from policies.config import Settings
@@ -68,6 +69,7 @@ class Context:
         self.registry = Registry(settings)
         self.store = Store(settings.cache.folder)
         self.shared = SharedTier(settings.cache) if settings.cache.shared else None
+        self.feed = open_log(settings)
         self.pool = make_pool(self.registry.timeouts)
         self.caps = Caps(
             lambda: self.registry.upstream_limits, settings.queue.redis_url, settings.qos
@@ -75,6 +77,7 @@ class Context:
 
     def close(self) -> None:
         self.pool.clear()
+        self.feed.close()
         self.store.close()
         self.registry.close()
 
@@ -92,6 +95,7 @@ def retrieve(context: Context, dataset: str, path: str, progress: Progress) -> N
         obj = entry.resolver.order(path, progress)
     target = Target(dataset, path, int(context.settings.cache.block_size))
     record = fetch_into_cache(context.store, target, obj, progress, context.pool, context.caps)
+    announce_quietly(context.store, context.feed, record)
     if context.shared is not None:
         if not context.shared.publish(context.store, record):
             log.warning("%s/%s: retrieved, but not copied to the shared cache", dataset, path)

@@ -1,0 +1,351 @@
+"""Announcements: what became available, as Sarracenia v03 messages, kept for a window.
+
+When an object becomes whole in the cache (a verified fill, a retrieval job, `fdp cache put`,
+an upload), it is hashed with sha-512 (Sarracenia's default identity method, the one its
+subscribers verify; off the fill path, as sha-512 costs three times sha-256 here) and one
+notice per name and content is appended to a log kept `announce.keep_hours`: a Redis stream
+with `queue.redis_url` (every replica and worker writes to it), else a SQLite file beside the
+cache (`--workers` processes share it). `GET /feed` reads the log, the MQTT publisher tails it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import redis
+
+from cache.store import CacheUnavailable, ObjectRecord, Store
+from policies.config import Settings
+
+log = logging.getLogger("fdp.feed")
+
+CHUNK = 1 << 20
+#: records waiting to be hashed and announced; beyond that they are dropped (and counted)
+MAX_WAITING = 10_000
+#: what a `Last-Event-ID` may look like: a SQLite row id or a Redis stream id
+EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One announcement: this content is available under this name."""
+
+    dataset: str
+    path: str
+    size: int
+    sha512: str  # base64, as Sarracenia's `identity.value`
+    mtime: float
+    time: float
+    media_type: str | None = None
+    id: str = ""  # the log's (a row id, or a stream id)
+
+
+def stamp(t: float) -> str:
+    """Sarracenia's time: `YYYYMMDDTHHMMSS.fff`, UTC."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def v03(n: Notice, public_url: str) -> dict[str, Any]:
+    """The Sarracenia v03 message: `baseUrl` + `relPath` is the object's URL at this fdp."""
+    message: dict[str, Any] = {
+        "pubTime": stamp(n.time),
+        "baseUrl": f"{public_url}/assets/",
+        "relPath": f"{n.dataset}/{n.path}",
+        "identity": {"method": "sha512", "value": n.sha512},
+        "size": n.size,
+        "mtime": stamp(n.mtime),
+    }
+    if n.media_type:
+        message["contentType"] = n.media_type
+    return message
+
+
+def topic(n: Notice, root: str) -> str:
+    """`{root}/{dataset}/{folders}` (Sarracenia: exchange, topic prefix, relPath's folders);
+    MQTT's wildcards are quoted in a level."""
+    levels = [n.dataset, *n.path.split("/")[:-1]]
+    return "/".join([root, *(quote(level, safe=" -._~!$&'()*,;=:@") for level in levels)])
+
+
+def mtime_of(record: ObjectRecord) -> float:
+    if record.last_modified:
+        with contextlib.suppress(TypeError, ValueError):
+            return parsedate_to_datetime(record.last_modified).timestamp()
+    return record.created
+
+
+def sha512_of(store: Store, record: ObjectRecord) -> str | None:
+    """The object's sha-512 (base64) from its stored blocks; None when it is gone meanwhile."""
+    digest = hashlib.sha512()
+    for index in range(record.nblocks):
+        f = store.block_file(record.key, index)
+        if f is None:
+            return None
+        pos, (b0, b1) = 0, record.block_range(index)
+        while pos < b1 - b0:  # (pread: the file may be shared with readers; not closed)
+            chunk = os.pread(f.fileno(), min(CHUNK, b1 - b0 - pos), pos)
+            if not chunk:
+                return None
+            pos += len(chunk)
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode("ascii")
+
+
+def notice_of(store: Store, record: ObjectRecord) -> Notice | None:
+    sha512 = record.sha512 or sha512_of(store, record)
+    if sha512 is None:
+        return None
+    if record.sha512 is None:
+        store.update(record.key, sha512=sha512)
+    return Notice(
+        record.dataset,
+        record.path,
+        record.size,
+        sha512,
+        mtime_of(record),
+        time.time(),
+        record.media_type,
+    )
+
+
+class Log(Protocol):
+    """Where notices are kept for the window; every method blocks (call it in a thread)."""
+
+    def append(self, notice: Notice) -> str | None:
+        """Its id; None when this name with this content is in the window already."""
+
+    def after(self, last: str | None, limit: int) -> list[Notice]:
+        """The oldest `limit` notices after `last` (from the start of the window: None)."""
+
+    def lease(self, role: str, owner: str, seconds: float) -> bool:
+        """Hold `role` (one publisher among processes) for `seconds`; False when another does."""
+
+    def mark(self, role: str, value: str | None = None) -> str | None:
+        """Where `role` got to: set it (`value`) or read it."""
+
+    def close(self) -> None: ...
+
+
+class SqliteLog:
+    """One SQLite file (WAL) per host: `fdp serve --workers` processes and `fdp cache put`
+    share it. Ids only grow (AUTOINCREMENT), so `Last-Event-ID` never points at another."""
+
+    def __init__(self, path: Path, keep_seconds: float, max_notices: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+        self.lock = threading.Lock()
+        self.keep_seconds, self.max_notices = keep_seconds, max_notices
+        with self.lock, self.db:
+            self.db.execute("pragma journal_mode=wal")
+            self.db.execute(
+                "create table if not exists notices (id integer primary key autoincrement,"
+                " dataset text, path text, size int, sha512 text, mtime real, time real,"
+                " media_type text, unique (dataset, path, sha512))"
+            )
+            self.db.execute("create index if not exists by_time on notices (time)")
+            self.db.execute(
+                "create table if not exists marks (role text primary key, value text,"
+                " owner text, until real)"
+            )
+
+    def append(self, notice: Notice) -> str | None:
+        with self.lock, self.db:
+            self.db.execute(
+                "delete from notices where time < ?", (time.time() - self.keep_seconds,)
+            )
+            cursor = self.db.execute(
+                "insert or ignore into notices (dataset, path, size, sha512, mtime, time,"
+                " media_type) values (?, ?, ?, ?, ?, ?, ?)",
+                (*_fields(notice),),
+            )
+            if cursor.rowcount == 0:
+                return None
+            row = cursor.lastrowid
+            self.db.execute("delete from notices where id <= ?", (row - self.max_notices,))
+            return str(row)
+
+    def after(self, last: str | None, limit: int) -> list[Notice]:
+        since = time.time() - self.keep_seconds
+        with self.lock:
+            rows = self.db.execute(
+                "select dataset, path, size, sha512, mtime, time, media_type, id from notices"
+                " where id > ? and time >= ? order by id limit ?",
+                (int((last or "0").partition("-")[0]), since, limit),
+            ).fetchall()
+        return [Notice(*row[:7], id=str(row[7])) for row in rows]
+
+    def lease(self, role: str, owner: str, seconds: float) -> bool:
+        now = time.time()
+        with self.lock, self.db:
+            self.db.execute("insert or ignore into marks (role) values (?)", (role,))
+            taken = self.db.execute(
+                "update marks set owner = ?, until = ? where role = ?"
+                " and (owner is null or owner = ? or until < ?)",
+                (owner, now + seconds, role, owner, now),
+            )
+            return taken.rowcount == 1
+
+    def mark(self, role: str, value: str | None = None) -> str | None:
+        with self.lock, self.db:
+            if value is not None:
+                self.db.execute("insert or ignore into marks (role) values (?)", (role,))
+                self.db.execute("update marks set value = ? where role = ?", (value, role))
+                return value
+            row = self.db.execute("select value from marks where role = ?", (role,)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class RedisLog:
+    """One stream, trimmed to the window as it is written; a name with the same content is
+    appended once per window (a `SET NX` ahead of `XADD`)."""
+
+    KEY = "fdp:feed"
+
+    def __init__(self, url: str, keep_seconds: float, max_notices: int, timeout: float) -> None:
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.keep_seconds, self.max_notices = keep_seconds, max_notices
+
+    def append(self, notice: Notice) -> str | None:
+        name = hashlib.sha256(f"{notice.dataset}\0{notice.path}\0{notice.sha512}".encode())
+        seen = f"{self.KEY}:seen:{name.hexdigest()[:40]}"
+        if not self.client.set(seen, b"1", nx=True, px=int(self.keep_seconds * 1000)):
+            return None
+        oldest = int((time.time() - self.keep_seconds) * 1000)
+        fields = {"n": json.dumps(asdict(notice))}
+        with self.client.pipeline(transaction=False) as p:
+            p.xadd(self.KEY, fields, minid=oldest, approximate=True)  # type: ignore[arg-type]
+            p.xtrim(self.KEY, maxlen=self.max_notices, approximate=True)
+            entry_id, _ = p.execute()
+        return entry_id.decode()  # type: ignore[no-any-return]
+
+    def after(self, last: str | None, limit: int) -> list[Notice]:
+        oldest = int((time.time() - self.keep_seconds) * 1000)
+        low = f"({last}" if last else str(oldest)
+        if last and "-" not in last:
+            low = f"({last}-18446744073709551615"
+        out = []
+        for entry_id, fields in self.client.xrange(self.KEY, low, "+", count=limit):  # type: ignore[union-attr]
+            raw = json.loads(fields[b"n"])
+            raw["id"] = entry_id.decode()
+            if raw["time"] * 1000 >= oldest:
+                out.append(Notice(**raw))
+        return out
+
+    def lease(self, role: str, owner: str, seconds: float) -> bool:
+        key, ms = f"{self.KEY}:lease:{role}", int(seconds * 1000)
+        if self.client.set(key, owner, nx=True, px=ms):
+            return True
+        if (self.client.get(key) or b"").decode() == owner:
+            self.client.pexpire(key, ms)
+            return True
+        return False
+
+    def mark(self, role: str, value: str | None = None) -> str | None:
+        key = f"{self.KEY}:mark:{role}"
+        if value is not None:
+            self.client.set(key, value)
+            return value
+        raw = self.client.get(key)
+        return raw.decode() if raw else None  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_log(settings: Settings, memory: bool = False) -> Log:
+    """In Redis with `queue.redis_url` (every replica and worker), else SQLite beside the
+    cache; `memory`: in this process only (when the file cannot be opened)."""
+    config = settings.announce
+    keep = config.keep_hours * 3600
+    if memory:
+        return SqliteLog(Path(":memory:"), keep, config.max_notices)
+    if settings.queue.redis_url:
+        timeout = settings.queue.timeout_seconds
+        return RedisLog(settings.queue.redis_url, keep, config.max_notices, timeout)
+    file = config.file or Path(settings.cache.folder).parent / "feed.sqlite"
+    return SqliteLog(Path(file), keep, config.max_notices)
+
+
+def _fields(n: Notice) -> tuple[Any, ...]:
+    return (n.dataset, n.path, n.size, n.sha512, n.mtime, n.time, n.media_type)
+
+
+def announce(store: Store, feed: Log, record: ObjectRecord) -> Notice | None:
+    """Hash a whole object and append its notice (blocking); None when it is gone or its
+    name with this content was announced within the window."""
+    current = store.record(record.key)
+    same = (record.size, record.etag, record.last_modified)
+    if (
+        current is None
+        or not current.complete
+        or same != (current.size, current.etag, current.last_modified)
+    ):
+        return None
+    notice = notice_of(store, current)
+    if notice is None:
+        return None
+    entry = feed.append(notice)
+    if entry is None:
+        return None
+    log.info("announced %s/%s (%d bytes)", notice.dataset, notice.path, notice.size)
+    return Notice(**{**asdict(notice), "id": entry})
+
+
+def announce_quietly(store: Store, feed: Log, record: ObjectRecord) -> Notice | None:
+    """`announce`, logging a failure instead of raising: the object is served regardless."""
+    try:
+        return announce(store, feed, record)
+    except (OSError, sqlite3.Error, redis.RedisError, CacheUnavailable) as e:
+        log.warning("%s/%s: not announced: %s", record.dataset, record.path, e)
+        return None
+
+
+class Announcer:
+    """Announces whole objects from a thread of its own, so neither a fill nor the event loop
+    waits for a sha-512 or the log; `on_notice` is called (in that thread) after each."""
+
+    def __init__(self, store: Store, feed: Log, on_notice: Callable[[Notice], None]) -> None:
+        self.store, self.feed, self.on_notice = store, feed, on_notice
+        self.waiting: queue.Queue[ObjectRecord | None] = queue.Queue(MAX_WAITING)
+        self.dropped = self.announced = 0
+        self.thread = threading.Thread(target=self._run, name="fdp-announcer", daemon=True)
+        self.thread.start()
+
+    def submit(self, record: ObjectRecord) -> None:
+        try:
+            self.waiting.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while (record := self.waiting.get()) is not None:
+            notice = announce_quietly(self.store, self.feed, record)
+            if notice is not None:
+                self.announced += 1
+                self.on_notice(notice)
+
+    def close(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self.waiting.put_nowait(None)
+        self.thread.join(timeout=5)

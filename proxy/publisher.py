@@ -1,0 +1,136 @@
+"""The MQTT publisher: the announcement log, as Sarracenia v03 messages on a broker.
+
+One process publishes at a time (a lease in the log: replicas and `--workers` processes take
+over from one that stops). It goes on from where the log says publishing got to, so a broker
+that was down for hours gets every announcement still in the window, in order, when it is
+back (at least once: a message may be sent twice around a crash, never skipped). Messages
+carry MQTT v5's content type `application/json`, by which Sarracenia's subscribers know v03.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import ssl
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+import anyio
+import anyio.to_thread
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import Counter
+
+from cache.feed import topic, v03
+from policies.config import AnnounceConfig
+from policies.model import SecretFileError
+from proxy.feed import PAGE, Feed, FeedUnavailable
+
+log = logging.getLogger("fdp.feed")
+
+ROLE = "mqtt"
+LEASE_SECONDS = 30.0
+#: seconds a broker may take to accept a connection or acknowledge a message
+BROKER_TIMEOUT = 10.0
+MAX_BACKOFF = 60.0
+
+PUBLISHED = Counter("fdp_announcements_published", "Announcements published to the MQTT broker")
+
+
+class Publisher:
+    def __init__(self, feed: Feed, config: AnnounceConfig, public_url: str) -> None:
+        assert config.broker is not None
+        self.feed, self.config, self.public_url = feed, config, public_url
+        self.root = f"{config.exchange}/{config.topic_prefix}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        broker = urlsplit(config.broker)
+        self.host, self.tls = broker.hostname or "", broker.scheme == "mqtts"
+        self.port = broker.port or (8883 if self.tls else 1883)
+        #: what `/status` shows
+        self.connected = False
+        self.leader = False
+        self.error: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "broker": self.config.broker,
+            "publishing": self.leader,
+            "connected": self.connected,
+            "error": self.error,
+        }
+
+    async def _lease(self) -> bool:
+        self.leader = await anyio.to_thread.run_sync(
+            self.feed.log.lease, ROLE, self.owner, LEASE_SECONDS
+        )
+        return self.leader
+
+    async def _mark(self) -> str:
+        """Where publishing got to; the log's end when this broker is new to it."""
+        mark = await anyio.to_thread.run_sync(self.feed.log.mark, ROLE)
+        if mark is not None:
+            return mark
+        mark = "0"
+        while page := await self.feed.read(mark):
+            mark = page[-1].id
+        await anyio.to_thread.run_sync(self.feed.log.mark, ROLE, mark)
+        return mark
+
+    def _client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.config.username,
+            password=self.config.broker_password(),
+            identifier=f"fdp-{self.owner}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=BROKER_TIMEOUT,
+            tls_context=ssl.create_default_context() if self.tls else None,
+        )
+
+    async def run(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                if not await self._lease():
+                    await anyio.sleep(LEASE_SECONDS / 3)
+                    continue
+                mark = await self._mark()
+                async with self._client() as client:
+                    self.connected, self.error, backoff = True, None, 1.0
+                    log.info("publishing announcements to %s", self.config.broker)
+                    await self._publish(client, mark)
+            except (aiomqtt.MqttError, FeedUnavailable, OSError, SecretFileError) as e:
+                self.error = f"{type(e).__name__}: {e}"
+                log.warning("announcements not published to %s: %s", self.config.broker, e)
+            self.connected = False
+            await anyio.sleep(backoff)
+            backoff = min(MAX_BACKOFF, backoff * 2)
+
+    async def _publish(self, client: aiomqtt.Client, mark: str) -> None:
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ContentType = "application/json"
+        renewed = anyio.current_time()
+        while True:
+            woken = self.feed.growth()
+            page = await self.feed.read(mark)
+            for n in page:
+                body = json.dumps(v03(n, self.public_url))
+                await client.publish(
+                    topic(n, self.root), body, qos=self.config.qos, properties=properties
+                )
+                PUBLISHED.inc()
+                mark = n.id
+            if page:
+                await anyio.to_thread.run_sync(self.feed.log.mark, ROLE, mark)
+            if anyio.current_time() - renewed > LEASE_SECONDS / 3:
+                if not await self._lease():
+                    return  # another process publishes now
+                renewed = anyio.current_time()
+            if len(page) < PAGE:
+                with anyio.move_on_after(LEASE_SECONDS / 3):
+                    await woken.wait()
