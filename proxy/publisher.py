@@ -54,6 +54,8 @@ class Publisher:
         self.connected = False
         self.leader = False
         self.error: str | None = None
+        #: the last announcement the broker acknowledged
+        self.mark: str | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class Publisher:
             "publishing": self.leader,
             "connected": self.connected,
             "error": self.error,
+            "published_up_to": self.mark,
         }
 
     async def _lease(self) -> bool:
@@ -127,6 +130,7 @@ class Publisher:
                 mark = n.id
             if page:
                 await anyio.to_thread.run_sync(self.feed.log.mark, ROLE, mark)
+                self.mark = mark
             if anyio.current_time() - renewed > LEASE_SECONDS / 3:
                 if not await self._lease():
                     return  # another process publishes now

@@ -97,6 +97,7 @@ async def gather(request: Request) -> dict[str, Any]:
         "upstreams": dict(sorted(upstreams.items())),
         "mirrors": mirrors,
         "relays": state.relays.public(),
+        "announce": _announce(state),
         "responses_in_flight": state.assets.active,
         "datasets": datasets,
         "cache": {
@@ -112,6 +113,17 @@ async def gather(request: Request) -> dict[str, Any]:
                 for t, d, k, s, w in reversed(recent)
             ],
         },
+    }
+
+
+def _announce(state: Any) -> dict[str, Any]:
+    """The feed's newest id, what this process announced, and the broker's publisher."""
+    announcer, publisher = state.announcer, state.publisher
+    return {
+        "newest": state.feed.newest,
+        "announced": announcer.announced if announcer is not None else 0,
+        "dropped": announcer.dropped if announcer is not None else 0,
+        **(publisher.public() if publisher is not None else {"broker": None}),
     }
 
 
