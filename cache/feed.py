@@ -133,6 +133,9 @@ class Log(Protocol):
     def after(self, last: str | None, limit: int) -> list[Notice]:
         """The oldest `limit` notices after `last` (from the start of the window: None)."""
 
+    def named(self, sha512: str) -> list[tuple[str, str]]:
+        """The (dataset, path) names this content was announced under, in the window."""
+
     def lease(self, role: str, owner: str, seconds: float) -> bool:
         """Hold `role` (one publisher among processes) for `seconds`; False when another does."""
 
@@ -159,6 +162,7 @@ class SqliteLog:
                 " media_type text, unique (dataset, path, sha512))"
             )
             self.db.execute("create index if not exists by_time on notices (time)")
+            self.db.execute("create index if not exists by_content on notices (sha512)")
             self.db.execute(
                 "create table if not exists marks (role text primary key, value text,"
                 " owner text, until real)"
@@ -189,6 +193,14 @@ class SqliteLog:
                 (int((last or "0").partition("-")[0]), since, limit),
             ).fetchall()
         return [Notice(*row[:7], id=str(row[7])) for row in rows]
+
+    def named(self, sha512: str) -> list[tuple[str, str]]:
+        with self.lock:
+            rows = self.db.execute(
+                "select dataset, path from notices where sha512 = ? order by id desc limit 16",
+                (sha512,),
+            ).fetchall()
+        return [(dataset, path) for dataset, path in rows]
 
     def lease(self, role: str, owner: str, seconds: float) -> bool:
         now = time.time()
@@ -233,10 +245,13 @@ class RedisLog:
             return None
         oldest = int((time.time() - self.keep_seconds) * 1000)
         fields = {"n": json.dumps(asdict(notice))}
+        names = self._names(notice.sha512)
         with self.client.pipeline(transaction=False) as p:
             p.xadd(self.KEY, fields, minid=oldest, approximate=True)  # type: ignore[arg-type]
             p.xtrim(self.KEY, maxlen=self.max_notices, approximate=True)
-            entry_id, _ = p.execute()
+            p.hset(names, f"{notice.dataset}/{notice.path}", "")
+            p.pexpire(names, int(self.keep_seconds * 1000))
+            entry_id, *_ = p.execute()
         return entry_id.decode()  # type: ignore[no-any-return]
 
     def after(self, last: str | None, limit: int) -> list[Notice]:
@@ -251,6 +266,13 @@ class RedisLog:
             if raw["time"] * 1000 >= oldest:
                 out.append(Notice(**raw))
         return out
+
+    def _names(self, sha512: str) -> str:
+        return f"{self.KEY}:names:{hashlib.sha256(sha512.encode()).hexdigest()[:40]}"
+
+    def named(self, sha512: str) -> list[tuple[str, str]]:
+        names = self.client.hkeys(self._names(sha512))
+        return [tuple(n.decode().split("/", 1)) for n in names[:16]]  # type: ignore[misc]
 
     def lease(self, role: str, owner: str, seconds: float) -> bool:
         key, ms = f"{self.KEY}:lease:{role}", int(seconds * 1000)

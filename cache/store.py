@@ -337,6 +337,7 @@ class Store:
         etag: str | None = None,
         last_modified: str | None = None,
         checksum: str | None = None,
+        sha512: str | None = None,
     ) -> ObjectRecord:
         """Put a whole local file in the cache (a retrieval, or harvested data).
 
@@ -367,11 +368,31 @@ class Store:
             media_type=media_type,
             checksum=checksum,
             sha256=sha.hexdigest(),
+            sha512=sha512,
             created=now,
             accessed=now,
             blocks=tuple(range(nblocks)),
             verified=checksum is not None,
             block_sha256=shas,
+        )
+        self.put_record(record)
+        return record
+
+    def twin(self, source: ObjectRecord, dataset: str, path: str) -> ObjectRecord | None:
+        """The same content under another name, stored once: its block files are hard
+        links to the source's. None when the source went meanwhile."""
+        key = object_key(dataset, path)
+        self.evict(key)
+        for index in source.blocks:
+            f = self.blocks.get((source.key, index), read=True)
+            if not isinstance(f, io.BufferedReader):
+                return None
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                self.blocks.set((key, index), Adopt(Path(f.name), size), read=True, tag=key)
+        now = self.clock()
+        record = replace(
+            source, key=key, dataset=dataset, path=path, created=now, accessed=now, hits=0
         )
         self.put_record(record)
         return record

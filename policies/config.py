@@ -187,6 +187,35 @@ class AnnounceConfig(Strict):
         return secret(self.password, self.password_file)
 
 
+class Subscription(Strict):
+    """Site mode: follow another fdp's `/feed` and keep what it announces here, over a poor
+    link (`fdp serve --subscribe URL`). Each selected object goes into the dataset of the
+    same name here, which must exist (usually with that fdp as its upstream)."""
+
+    #: another fdp's feed; its query (`?dataset=a,b&path=prefix/`) selects there already
+    feed: AnyHttpUrl
+    #: shown to that fdp (its access rules and delivery logs see this identity)
+    token: SecretStr | None = None
+    token_file: SecretFile | None = None
+    #: announced datasets to keep (default: each one that exists here)
+    datasets: list[str] | None = None
+    #: shell patterns on the object's path (`*` crosses folders)
+    paths: list[str] = ["*"]
+    #: the link's share for these transfers (default: no cap)
+    max_bytes_per_second: ByteSize | None = None
+    #: transfers at once
+    concurrency: int = Field(2, ge=1, le=16)
+    #: waits after a failure double from this, up to the maximum (hours of disconnection
+    #: cost a reconnection attempt every `max_retry_seconds`)
+    retry_seconds: float = Field(1.0, gt=0, le=3600)
+    max_retry_seconds: float = Field(300.0, gt=0, le=86400)
+    #: transfers of an object whose bytes do not match its identity, before it is given up
+    attempts: int = Field(5, ge=1, le=100)
+
+    def bearer(self) -> str | None:
+        return secret(self.token, self.token_file)
+
+
 class EodagConfig(Strict):
     providers_file: str | None = None
 
@@ -374,6 +403,7 @@ class Settings(Strict):
     stac: StacConfig = StacConfig()
     deliveries: DeliveryLogConfig = DeliveryLogConfig()
     announce: AnnounceConfig = AnnounceConfig()
+    subscriptions: list[Subscription] = []
     policy_store: PolicyStoreConfig = PolicyStoreConfig()
     #: per upstream origin (`host[:port]` or a URL); `*` for each origin not named
     upstream_limits: dict[Annotated[str, AfterValidator(_origin_key)], UpstreamLimit] = {}
@@ -389,6 +419,16 @@ class Settings(Strict):
     relay: RelayOfConfig = RelayOfConfig()
     upstream_defaults: UpstreamDefaults = UpstreamDefaults()
     datasets: dict[Annotated[str, Field(pattern=DATASET_NAME)], Dataset] = {}
+
+    @model_validator(mode="after")
+    def _subscribed_datasets_exist(self) -> Settings:
+        for n, sub in enumerate(self.subscriptions):
+            for name in sub.datasets or ():
+                if name not in self.datasets:
+                    raise ValueError(
+                        f"subscriptions.{n}.datasets: no dataset {name!r} here to keep it in"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _presign_needs_s3(self) -> Settings:

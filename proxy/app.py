@@ -43,6 +43,7 @@ from proxy.publisher import Publisher
 from proxy.relaying import Relay
 from proxy.relays import Directory
 from proxy.server import LimitedProtocol
+from proxy.subscriptions import Follower
 from proxy.usage import address_usage, my_usage, user_usage
 from proxy.usage import counters as qos_counters
 from upstreams.caps import Caps
@@ -224,6 +225,10 @@ def create_app(
     hub = Feed(feed_log)
     announcer = Announcer(store, feed_log, hub.announced) if store is not None else None
     publisher = Publisher(hub, settings.announce, public_url) if settings.announce.broker else None
+    followers = [
+        Follower(sub, settings, store, feed_log, registry, announcer)
+        for sub in (settings.subscriptions if store is not None else [])
+    ]
 
     async def housekeeping(delivery: CacheDelivery) -> None:
         """Batch access-time writes and run retention, off the request path."""
@@ -291,6 +296,8 @@ def create_app(
             tg.start_soon(hub.tail)
             if publisher is not None:
                 tg.start_soon(publisher.run)
+            for follower in followers:
+                tg.start_soon(follower.run, client)
             tg.start_soon(watch_mirrors, lambda: registry.entries.values(), client)
             if settings.relay.directory is not None:
                 relay = Relay(settings, registry, store, lambda: assets.active)
@@ -343,6 +350,7 @@ def create_app(
     starlette.state.feed = hub
     starlette.state.announcer = announcer
     starlette.state.publisher = publisher
+    starlette.state.followers = followers
     queue = make_queue(settings)
     starlette.state.queue = queue
     directory = starlette.state.relays = Directory(registry, settings.relays)

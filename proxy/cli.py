@@ -21,7 +21,7 @@ from pydantic import AnyHttpUrl
 from cache.feed import announce_quietly, open_log
 from cache.retention import sweep
 from cache.store import CacheUnavailable, Store
-from policies.config import Settings
+from policies.config import Settings, Subscription
 from policies.loader import ConfigError, load_settings
 from proxy import harvest, policies_cli
 from proxy.app import configure_logging, create_app, retention_rules
@@ -68,6 +68,12 @@ def _settings(args: argparse.Namespace, upstream_url: str | None = None) -> tupl
             raise SystemExit(f"fdp: --relay-of {args.relay_of!r} is not an http(s) URL") from None
         relay = settings.relay.model_copy(update={"directory": directory})
         changes["relay"] = relay
+    for url in getattr(args, "subscribe", None) or ():
+        try:
+            changes.setdefault("subscriptions", list(settings.subscriptions))
+            changes["subscriptions"].append(Subscription(feed=AnyHttpUrl(url)))  # type: ignore[union-attr]
+        except ValueError:
+            raise SystemExit(f"fdp: --subscribe {url!r} is not an http(s) URL") from None
     settings = settings.model_copy(update=changes)
     return settings, source
 
@@ -376,6 +382,12 @@ def parser() -> argparse.ArgumentParser:
             metavar="URL",
             default=None,
             help="run as a relay of the fdp at URL: register there, serve what it assigns",
+        )
+        s.add_argument(
+            "--subscribe",
+            metavar="URL",
+            action="append",
+            help="site mode: keep here what the fdp feed at URL announces (repeatable)",
         )
         s.add_argument(
             "--workers",

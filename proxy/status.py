@@ -98,6 +98,7 @@ async def gather(request: Request) -> dict[str, Any]:
         "mirrors": mirrors,
         "relays": state.relays.public(),
         "announce": _announce(state),
+        "subscriptions": [f.public() for f in state.followers],
         "responses_in_flight": state.assets.active,
         "datasets": datasets,
         "cache": {

@@ -30,7 +30,7 @@ def served(proxy_url: str, dataset: str) -> int:
 def test_the_second_read_at_the_edge_touches_neither_central_nor_the_provider(upstream, tmp_path):
     central = fdp_serve(
         {
-            "cache": {"store": str(tmp_path / "central-cache")},
+            "cache": {"store": str(tmp_path / "central" / "cache")},
             "datasets": {
                 "d": {"upstream": {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}}
             },
@@ -40,7 +40,7 @@ def test_the_second_read_at_the_edge_touches_neither_central_nor_the_provider(up
     )
     edge = fdp_serve(
         {
-            "cache": {"store": str(tmp_path / "edge-cache")},
+            "cache": {"store": str(tmp_path / "edge" / "cache")},
             "datasets": {"d": {"upstream": {"fdp": {"base_url": central.url}}}},
         },
         tmp_path / "edge",
@@ -83,7 +83,7 @@ def test_the_edge_shows_central_its_service_token_and_never_its_callers(upstream
     files = {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}
     central = fdp_serve(
         {
-            "cache": {"store": str(tmp_path / "central-cache")},
+            "cache": {"store": str(tmp_path / "central" / "cache")},
             "auth": {"oidc_issuer": oidc.issuer, "audience": "fdp"},
             "datasets": {"p": {"upstream": files, "access": {"groups": ["partners"]}}},
         },
@@ -94,7 +94,7 @@ def test_the_edge_shows_central_its_service_token_and_never_its_callers(upstream
     (tmp_path / "token").write_text(token + "\n")
     edge = fdp_serve(
         {
-            "cache": {"store": str(tmp_path / "edge-cache")},
+            "cache": {"store": str(tmp_path / "edge" / "cache")},
             "datasets": {
                 "p": {
                     "upstream": {
@@ -109,7 +109,6 @@ def test_the_edge_shows_central_its_service_token_and_never_its_callers(upstream
     )
     with central.proc, edge.proc:
         r = httpx.get(f"{edge.url}/assets/p/{B04}", timeout=30)
-        # (once in CI this was a 508: the logs say which fdp saw a loop, should it recur)
         logs = f"{r.text}\nedge:\n{edge.proc.log_text()}\ncentral:\n{central.proc.log_text()}"
         assert r.status_code == 200, logs
         assert r.content == upstream.file(f"demo-cogs/{B04}")

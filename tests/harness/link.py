@@ -3,8 +3,8 @@
 `Link(target_port)` listens on a port of its own (threads of the test process: it has no
 state worth a process, and a test steers it directly). `rate` caps bytes per second each
 way; `drop()` cuts every connection and refuses new ones until `restore()`; `cut_after(n)`
-cuts connections once `n` more bytes went towards the client. `delivered` counts bytes
-relayed from the target.
+cuts connections once `n` more bytes went towards the client; `corrupt_after(n)` flips the
+byte after `n` more towards the client. `delivered` counts bytes relayed from the target.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class Link:
         self.delivered = 0
         self.connections = 0
         self._cut_at: int | None = None
+        self._flip_at: int | None = None
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closed = False
@@ -46,6 +47,11 @@ class Link:
         """Cut the connections once `n` more bytes have gone towards the client."""
         with self._lock:
             self._cut_at = self.delivered + n
+
+    def corrupt_after(self, n: int) -> None:
+        """Flip one byte: the one after `n` more bytes towards the client."""
+        with self._lock:
+            self._flip_at = self.delivered + n
 
     def close(self) -> None:
         self._closed = True
@@ -92,6 +98,11 @@ class Link:
                         if self._cut_at is not None and self.delivered + len(data) > self._cut_at:
                             data = data[: max(0, self._cut_at - self.delivered)]
                             self._cut_at = -1
+                        flip = self._flip_at
+                        if flip is not None and self.delivered <= flip < self.delivered + len(data):
+                            at = flip - self.delivered
+                            data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+                            self._flip_at = None
                         self.delivered += len(data)
                 dst.sendall(data)
                 if self._cut_at == -1:

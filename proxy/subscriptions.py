@@ -1,0 +1,312 @@
+"""Site mode: follow another fdp's `/feed` and keep what it announces here, over a poor link.
+
+For each selected announcement: nothing to do when this name already holds this content;
+a hard-linked twin when another name here does (content addressing: one transfer, one copy
+on disk); else a transfer from the announcing fdp, paced to the subscription's share of the
+link, resumed with `Range` after a drop, and checked against the announced sha-512 before it
+is stored (a corrupted transfer is thrown away and tried again, never served). Then it is
+announced here too, so the site's own subscribers see it.
+
+The place in the feed (the last event whose object is settled, in feed order) is kept in the
+local announcement log, so a restart or hours offline resume where they were. Reconnections
+back off from `retry_seconds` to `max_retry_seconds`. Transfers go only to the feed's origin:
+an announcement cannot send this fdp elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from cache.feed import Announcer, Log, announce_quietly
+from cache.store import ObjectRecord, Store, object_key
+from policies.config import Settings, Subscription
+from policies.pacing import Pace
+from upstreams.registry import Registry
+
+log = logging.getLogger("fdp.sites")
+
+CHUNK = 256 * 1024
+#: the feed pings every 15 s: a silent minute is a dead link
+READ_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10.0
+
+
+class TransferFailed(Exception):
+    """This object cannot be had now (gone there, refused, or corrupted every time)."""
+
+
+def _events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def parse() -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        event_id, data = None, []
+        async for line in lines:
+            if line.startswith("id:"):
+                event_id = line[3:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line and data:
+                if event_id is not None:
+                    yield event_id, json.loads("\n".join(data))
+                event_id, data = None, []
+
+    return parse()
+
+
+class Follower:
+    """One subscription, run by `fdp serve`."""
+
+    def __init__(
+        self,
+        sub: Subscription,
+        settings: Settings,
+        store: Store,
+        feed: Log,
+        registry: Registry,
+        announcer: Announcer | None,
+    ) -> None:
+        self.sub, self.store, self.feed, self.registry = sub, store, feed, registry
+        self.announcer = announcer
+        self.block_size = int(settings.cache.block_size)
+        self.url = str(sub.feed)
+        self.origin = urlsplit(self.url)
+        self.role = "subscription:" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        rate = sub.max_bytes_per_second
+        self.pace = Pace(float(rate), burst=0.05) if rate else None
+        self.slots = anyio.Semaphore(sub.concurrency)
+        #: events in feed order and whether their object is settled (the place is the last
+        #: settled one with none unsettled before it)
+        self._pending: OrderedDict[str, bool] = OrderedDict()
+        #: transfers under way by content: a second name of it waits, then twins
+        self._content: dict[str, asyncio.Event] = {}
+        self.connected = False
+        self.error: str | None = None
+        self.counts = dict.fromkeys(
+            ("transferred", "twinned", "present", "skipped", "corrupted", "failed"), 0
+        )
+        self.bytes = 0
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "feed": self.url,
+            "connected": self.connected,
+            "error": self.error,
+            "bytes": self.bytes,
+            **self.counts,
+        }
+
+    # -- following --------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        token = self.sub.bearer()
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        backoff = self.sub.retry_seconds
+        async with anyio.create_task_group() as transfers:
+            while True:
+                try:
+                    await self._follow(client, transfers)
+                except (httpx.HTTPError, TransferFailed, ValueError, OSError) as e:
+                    self.error = f"{type(e).__name__}: {e}"
+                    log.warning("%s: %s; again in %.0f s", self.url, self.error, backoff)
+                else:
+                    backoff = self.sub.retry_seconds
+                self.connected = False
+                await anyio.sleep(backoff)
+                backoff = min(self.sub.max_retry_seconds, backoff * 2)
+
+    async def _follow(self, client: httpx.AsyncClient, transfers: anyio.abc.TaskGroup) -> None:
+        place = await anyio.to_thread.run_sync(self.feed.mark, self.role)
+        headers = self._headers() | ({"last-event-id": place} if place else {})
+        timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
+        async with client.stream("GET", self.url, headers=headers, timeout=timeout) as r:
+            if r.status_code != 200:
+                raise TransferFailed(f"the feed answered {r.status_code}")
+            self.connected, self.error = True, None
+            log.info("following %s from %s", self.url, place or "its start")
+            async for event_id, message in _events(r.aiter_lines()):
+                if event_id in self._pending:
+                    continue  # (still under way from before the reconnection)
+                await self.slots.acquire()  # the feed waits while every slot is busy
+                self._pending[event_id] = False
+                transfers.start_soon(self._settle, client, event_id, message)
+
+    async def _settle(self, client: httpx.AsyncClient, event_id: str, message: dict) -> None:
+        try:
+            await self._take(client, message)
+        except TransferFailed as e:
+            self.counts["failed"] += 1
+            log.warning("%s: %s", message.get("relPath"), e)
+        finally:
+            self.slots.release()
+            self._pending[event_id] = True
+            place = None
+            while self._pending and next(iter(self._pending.values())):
+                place, _ = self._pending.popitem(last=False)
+            if place is not None:
+                await anyio.to_thread.run_sync(self.feed.mark, self.role, place)
+
+    # -- one announcement -------------------------------------------------------------------
+
+    def _selected(self, dataset: str, path: str) -> bool:
+        if self.sub.datasets is not None and dataset not in self.sub.datasets:
+            return False
+        if dataset not in self.registry.entries:
+            return False
+        return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.sub.paths)
+
+    def _source(self, message: dict) -> str:
+        """The object's URL at the announcing fdp; only there (its origin, its `/assets/`)."""
+        base, rel = message["baseUrl"], message["relPath"]
+        url = base + quote(rel)
+        parts = urlsplit(url)
+        if (parts.scheme, parts.netloc) != (self.origin.scheme, self.origin.netloc):
+            raise TransferFailed(f"announced at {parts.netloc}, not at the feed's origin")
+        return url
+
+    async def _take(self, client: httpx.AsyncClient, message: dict) -> None:
+        try:
+            dataset, _, path = message["relPath"].partition("/")
+            identity, size = message["identity"], int(message["size"])
+            content = identity["value"] if identity["method"] == "sha512" else None
+        except (KeyError, TypeError, ValueError):
+            raise TransferFailed("not a v03 message with a sha512 identity") from None
+        if not path or content is None or not self._selected(dataset, path):
+            self.counts["skipped"] += 1
+            return
+        here = await self._io(self.store.record, object_key(dataset, path))
+        if here is not None and here.complete and here.sha512 == content:
+            self.counts["present"] += 1
+            return
+        while (busy := self._content.get(content)) is not None:
+            await busy.wait()  # the same content under another name: after it, a twin
+        if await self._twin(content, dataset, path):
+            return
+        self._content[content] = done = asyncio.Event()
+        try:
+            part = await self._transfer(client, self._source(message), size, content)
+            try:
+                record = await self._io(
+                    self.store.ingest,
+                    dataset,
+                    path,
+                    part,
+                    self.block_size,
+                    message.get("contentType"),
+                    None,
+                    None,
+                    None,
+                    content,
+                )
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+            self.counts["transferred"] += 1
+            await self._announce(record)
+        finally:
+            del self._content[content]
+            done.set()
+
+    async def _twin(self, content: str, dataset: str, path: str) -> bool:
+        """Link another name's copy of this content, if there is one here."""
+        for other_dataset, other_path in await self._io(self.feed.named, content):
+            source = await self._io(self.store.record, object_key(other_dataset, other_path))
+            if source is None or not source.complete or source.sha512 != content:
+                continue
+            record = await self._io(self.store.twin, source, dataset, path)
+            if record is not None:
+                self.counts["twinned"] += 1
+                await self._announce(record)
+                return True
+        return False
+
+    async def _announce(self, record: ObjectRecord) -> None:
+        notice = await self._io(announce_quietly, self.store, self.feed, record)
+        if notice is not None and self.announcer is not None:
+            self.announcer.on_notice(notice)
+
+    async def _io(self, fn: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    # -- one transfer -----------------------------------------------------------------------
+
+    async def _transfer(self, client: httpx.AsyncClient, url: str, size: int, content: str) -> Path:
+        """The object in a file beside the cache, its sha-512 checked; resumed across drops
+        (the partial file is named by its content), fetched anew when corrupted."""
+        part = self.store.tmp / f"site-{hashlib.sha256(content.encode()).hexdigest()[:32]}.part"
+        wanted = base64.b64decode(content)
+        for _ in range(self.sub.attempts):
+            backoff = self.sub.retry_seconds
+            while (have := await self._io(_size, part)) < size:
+                try:
+                    await self._fetch(client, url, part, have, size)
+                    backoff = self.sub.retry_seconds
+                except httpx.TransportError as e:  # the link dropped: go on from here
+                    log.info("%s: %s after %d bytes; resuming", url, type(e).__name__, have)
+                    await anyio.sleep(backoff)
+                    backoff = min(self.sub.max_retry_seconds, backoff * 2)
+            if await self._io(_sha512, part) == wanted and have == size:
+                return part
+            self.counts["corrupted"] += 1
+            log.warning("%s: the bytes do not match the announced sha-512; fetched again", url)
+            await self._io(_remove, part)
+        raise TransferFailed(f"corrupted {self.sub.attempts} times: given up")
+
+    async def _fetch(
+        self, client: httpx.AsyncClient, url: str, part: Path, have: int, size: int
+    ) -> None:
+        headers = self._headers() | ({"range": f"bytes={have}-"} if have else {})
+        timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
+        async with client.stream("GET", url, headers=headers, timeout=timeout) as r:
+            if r.status_code in (404, 410, 401, 403):
+                raise TransferFailed(f"{url}: the announcing fdp answered {r.status_code}")
+            if r.status_code == 200:
+                have = 0  # (it sent the whole: start over)
+            elif r.status_code != 206 or not r.headers.get("content-range", "").startswith(
+                f"bytes {have}-"
+            ):
+                raise httpx.RemoteProtocolError(f"answered {r.status_code} to a resume")
+            with open(part, "r+b" if have else "wb") as f:  # noqa: ASYNC230 (seek only)
+                f.seek(have)
+                f.truncate()
+                async for chunk in r.aiter_bytes(CHUNK):
+                    if self.pace is not None:
+                        await anyio.sleep(self.pace.book(len(chunk)))
+                    await anyio.to_thread.run_sync(f.write, chunk)
+                    self.bytes += len(chunk)
+                    if f.tell() > size:
+                        raise TransferFailed(f"{url}: longer than announced")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _sha512(path: Path) -> bytes:
+    digest = hashlib.sha512()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)

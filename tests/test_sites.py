@@ -1,0 +1,153 @@
+"""Site mode: a site fdp follows a central fdp's feed over a poor link (a TCP relay of ours
+that throttles, cuts and corrupts) and keeps what it selects."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import yaml
+
+from tests.conftest import fdp_serve
+from tests.harness.link import Link
+from tests.harness.mqtt import wait_until
+from tests.test_feed import OBJECTS
+
+CAP = 4_000_000  # bytes a second: the site's share of the link
+
+
+def status(proxy: Any) -> dict[str, Any]:
+    return httpx.get(f"{proxy.url}/status.json", timeout=10).json()["subscriptions"][0]
+
+
+def central_gets(central: Any, path: str) -> list[str]:
+    """The central's access-log lines of GETs of `path` (a folder's: ending in `/`)."""
+    end = "" if path.endswith("/") else " "
+    return [line for line in central.proc.log_text().splitlines() if f"GET {path}{end}" in line]
+
+
+def test_a_site_keeps_what_it_selected_over_a_poor_link(upstream, oidc, tmp_path):
+    files = {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}
+    central = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "central" / "cache")},
+            "auth": {"oidc_issuer": oidc.issuer, "audience": "fdp"},
+            "datasets": {
+                "field": {"upstream": files, "access": {"public": True}, "owners": ["crew"]},
+                "other": {"upstream": files, "access": {"public": True}},
+            },
+        },
+        tmp_path / "central",
+        name="central",
+    )
+    link = Link(int(central.url.rsplit(":", 1)[1]))
+    config = yaml.safe_load(central.config.read_text())
+    config["server"]["public_url"] = link.url  # the site knows the central by the link
+    central.config.write_text(yaml.safe_dump(config))
+    (tmp_path / "site-token").write_text(oidc.token(sub="site-ship", exp_in=3600))
+    site_config = {
+        "cache": {"store": str(tmp_path / "site" / "cache")},
+        "datasets": {"field": {"upstream": {"fdp": {"base_url": link.url}}}},
+        "subscriptions": [
+            {
+                "feed": f"{link.url}/feed",
+                "token_file": str(tmp_path / "site-token"),
+                "datasets": ["field"],
+                "paths": ["scene-a/*", "scene-b/*", "copies/*"],
+                "max_bytes_per_second": CAP,
+                "retry_seconds": 0.2,
+                "max_retry_seconds": 1,
+            }
+        ],
+    }
+    site = fdp_serve(site_config, tmp_path / "site", name="site")
+    crew = {"authorization": f"Bearer {oidc.token(sub='olga', groups=['crew'])}"}
+
+    def upload(name: str, body: bytes) -> None:
+        r = httpx.put(f"{central.url}/admin/objects/field/{name}", content=body, headers=crew)
+        assert r.status_code == 201, r.text
+
+    def central_fill(dataset: str, path: str) -> None:
+        assert httpx.get(f"{central.url}/assets/{dataset}/{path}", timeout=30).status_code == 200
+
+    def transferred(n: int, what: str, **counts: int) -> None:
+        wait_until(
+            lambda: (
+                status(site)["transferred"] >= n
+                and all(status(site)[k] >= v for k, v in counts.items())
+            ),
+            60,
+            what,
+        )
+        assert status(site)["transferred"] == n
+
+    def served_by_site(path: str, body: bytes) -> None:
+        r = httpx.get(f"{site.url}/assets/field/{path}", timeout=30)
+        assert r.status_code == 200 and r.content == body
+
+    try:
+        with central.proc, site.proc:
+            wait_until(lambda: status(site)["connected"], 30, "the site following the feed")
+            central_fill("field", OBJECTS[0])
+            transferred(1, "the first object")
+
+            # a byte flipped on the link: that transfer is thrown away and done again
+            link.corrupt_after(300_000)
+            started = time.monotonic()
+            central_fill("field", OBJECTS[1])  # 3.6 MB
+            transferred(2, "the corrupted object, fetched again", corrupted=1)
+            visual = upstream.file(f"demo-cogs/{OBJECTS[1]}")
+            # twice 3.6 MB at the cap: the cap held (it cannot be faster than this)
+            assert time.monotonic() - started >= 2 * len(visual) / CAP * 0.8
+
+            # the link drops mid-transfer: it goes on from where it was, with Range
+            link.cut_after(1_000_000)
+            central_fill("field", OBJECTS[3])
+            transferred(3, "the object cut mid-transfer")
+            resumed = central_gets(central, f"/assets/field/{OBJECTS[3]}")
+            assert any(" 206 " in line for line in resumed), resumed
+            assert len(central_gets(central, f"/assets/field/{OBJECTS[0]}")) == 2  # 1 + site
+
+            # one content under two names: one transfer, a twin at the site
+            payload = b"water samples, station 7\n" * 40_000
+            upload("copies/one.csv", payload)
+            upload("copies/two.csv", payload)
+            transferred(4, "one of the twins", twinned=1)
+            fetched = central_gets(central, "/assets/field/copies/")
+            assert len(fetched) == 1, fetched
+
+            # what it did not select never crosses the link
+            central_fill("field", OBJECTS[4])  # scene-c
+            central_fill("other", OBJECTS[0])
+            central_fill("field", OBJECTS[2])  # the sentinel: scene-b
+            transferred(5, "the sentinel", skipped=2)
+            assert len(central_gets(central, f"/assets/field/{OBJECTS[4]}")) == 1  # ours
+
+            # hours offline, in short: announcements made meanwhile arrive once it is back
+            link.drop()
+            wait_until(lambda: not status(site)["connected"], 30, "the site noticing")
+            upload("copies/three.csv", b"late news\n" * 1000)
+            link.restore()
+            transferred(6, "what was announced while the link was down")
+
+            for path in (OBJECTS[0], OBJECTS[1], OBJECTS[3], OBJECTS[2]):
+                served_by_site(path, upstream.file(f"demo-cogs/{path}"))
+            served_by_site("copies/one.csv", payload)
+            served_by_site("copies/two.csv", payload)
+
+            # where did my data go: the dataset's owners see the site's fetches
+            r = httpx.get(f"{central.url}/me/deliveries", params={"dataset": "field"}, headers=crew)
+            users = {(d["path"], d["user"]) for d in r.json()["deliveries"]}
+            assert {(OBJECTS[3], "site-ship"), ("copies/one.csv", "site-ship")} <= users
+
+            # a restarted site goes on from its place: nothing is fetched again
+            site.proc.stop()
+            before = central.proc.log_text().count("GET /assets/field/")
+            site.proc.start()
+            upload("copies/four.csv", b"after the restart\n")
+            transferred(1, "the first announcement after the restart")
+            after = central.proc.log_text().count("GET /assets/field/")
+            assert after == before + 1  # (the new one)
+    finally:
+        link.close()
