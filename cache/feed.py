@@ -39,7 +39,7 @@ CHUNK = 1 << 20
 #: records waiting to be hashed and announced; beyond that they are dropped (and counted)
 MAX_WAITING = 10_000
 #: what a `Last-Event-ID` may look like: a SQLite row id or a Redis stream id
-EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+EVENT_ID = re.compile(r"^\d{1,18}(-\d{1,18})?$")
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,18 @@ def sha512_of(store: Store, record: ObjectRecord) -> str | None:
     return base64.b64encode(digest.digest()).decode("ascii")
 
 
+def _version(record: ObjectRecord) -> tuple[object, ...]:
+    return (record.size, record.etag, record.last_modified, record.sha256, record.created)
+
+
 def notice_of(store: Store, record: ObjectRecord) -> Notice | None:
     sha512 = record.sha512 or sha512_of(store, record)
     if sha512 is None:
         return None
-    if record.sha512 is None:
+    if record.sha512 is None:  # hashing took a while: still the version that was hashed?
+        current = store.record(record.key)
+        if current is None or _version(current) != _version(record):
+            return None  # (the new version is announced on its own)
         store.update(record.key, sha512=sha512)
     return Notice(
         record.dataset,
@@ -362,7 +369,11 @@ class Announcer:
 
     def _run(self) -> None:
         while (record := self.waiting.get()) is not None:
-            notice = announce_quietly(self.store, self.feed, record)
+            try:
+                notice = announce_quietly(self.store, self.feed, record)
+            except Exception:  # this thread must outlive any one object
+                log.exception("%s/%s: not announced", record.dataset, record.path)
+                continue
             if notice is not None:
                 self.announced += 1
                 self.on_notice(notice)

@@ -215,6 +215,13 @@ class Subscription(Strict):
     def bearer(self) -> str | None:
         return secret(self.token, self.token_file)
 
+    @field_validator("feed")
+    @classmethod
+    def _no_userinfo(cls, v: AnyHttpUrl) -> AnyHttpUrl:
+        if v.username or v.password:
+            raise ValueError("no credentials in the URL: use token_file")
+        return v
+
 
 class EodagConfig(Strict):
     providers_file: str | None = None

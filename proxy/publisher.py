@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import ssl
 import uuid
 from typing import Any
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import anyio
 import anyio.to_thread
+import redis
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import Counter
@@ -107,7 +109,14 @@ class Publisher:
                     self.connected, self.error, backoff = True, None, 1.0
                     log.info("publishing announcements to %s", self.config.broker)
                     await self._publish(client, mark)
-            except (aiomqtt.MqttError, FeedUnavailable, OSError, SecretFileError) as e:
+            except (
+                aiomqtt.MqttError,
+                FeedUnavailable,
+                OSError,
+                SecretFileError,
+                redis.RedisError,
+                sqlite3.Error,
+            ) as e:
                 self.error = f"{type(e).__name__}: {e}"
                 log.warning("announcements not published to %s: %s", self.config.broker, e)
             self.connected = False

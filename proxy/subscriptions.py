@@ -37,6 +37,7 @@ from cache.feed import Announcer, Log, announce_quietly
 from cache.store import ObjectRecord, Store, object_key
 from policies.config import Settings, Subscription
 from policies.pacing import Pace
+from upstreams.base import BadPath, safe_key
 from upstreams.registry import Registry
 
 log = logging.getLogger("fdp.sites")
@@ -121,7 +122,7 @@ class Follower:
             while True:
                 try:
                     await self._follow(client, transfers)
-                except (httpx.HTTPError, TransferFailed, ValueError, OSError) as e:
+                except Exception as e:  # the feed, the link, the local log: try again later
                     self.error = f"{type(e).__name__}: {e}"
                     log.warning("%s: %s; again in %.0f s", self.url, self.error, backoff)
                 else:
@@ -149,9 +150,9 @@ class Follower:
     async def _settle(self, client: httpx.AsyncClient, event_id: str, message: dict) -> None:
         try:
             await self._take(client, message)
-        except TransferFailed as e:
+        except Exception as e:  # one object's trouble never stops the subscription
             self.counts["failed"] += 1
-            log.warning("%s: %s", message.get("relPath"), e)
+            log.warning("%s: %s: %s", message.get("relPath"), type(e).__name__, e)
         finally:
             self.slots.release()
             self._pending[event_id] = True
@@ -170,36 +171,35 @@ class Follower:
             return False
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.sub.paths)
 
-    def _source(self, message: dict) -> str:
-        """The object's URL at the announcing fdp; only there (its origin, its `/assets/`)."""
-        base, rel = message["baseUrl"], message["relPath"]
-        url = base + quote(rel)
-        parts = urlsplit(url)
-        if (parts.scheme, parts.netloc) != (self.origin.scheme, self.origin.netloc):
-            raise TransferFailed(f"announced at {parts.netloc}, not at the feed's origin")
-        return url
+    def _source(self, dataset: str, path: str) -> str:
+        """The object's URL at the feed's own fdp (never the message's `baseUrl`: an
+        announcement cannot send this fdp, and its token, anywhere else)."""
+        return f"{self.origin.scheme}://{self.origin.netloc}/assets/{dataset}/{quote(path)}"
 
     async def _take(self, client: httpx.AsyncClient, message: dict) -> None:
         try:
             dataset, _, path = message["relPath"].partition("/")
             identity, size = message["identity"], int(message["size"])
             content = identity["value"] if identity["method"] == "sha512" else None
-        except (KeyError, TypeError, ValueError):
+            if content is not None and len(base64.b64decode(content, validate=True)) != 64:
+                raise ValueError(content)
+            path = safe_key(path)
+        except (KeyError, TypeError, ValueError, BadPath):
             raise TransferFailed("not a v03 message with a sha512 identity") from None
-        if not path or content is None or not self._selected(dataset, path):
+        if content is None or size < 0 or not self._selected(dataset, path):
             self.counts["skipped"] += 1
-            return
-        here = await self._io(self.store.record, object_key(dataset, path))
-        if here is not None and here.complete and here.sha512 == content:
-            self.counts["present"] += 1
             return
         while (busy := self._content.get(content)) is not None:
             await busy.wait()  # the same content under another name: after it, a twin
-        if await self._twin(content, dataset, path):
-            return
-        self._content[content] = done = asyncio.Event()
+        self._content[content] = done = asyncio.Event()  # (no await since the check)
         try:
-            part = await self._transfer(client, self._source(message), size, content)
+            here = await self._io(self.store.record, object_key(dataset, path))
+            if here is not None and here.complete and here.sha512 == content:
+                self.counts["present"] += 1
+                return
+            if await self._twin(content, dataset, path):
+                return
+            part = await self._transfer(client, self._source(dataset, path), size, content)
             try:
                 record = await self._io(
                     self.store.ingest,
@@ -225,6 +225,8 @@ class Follower:
     async def _twin(self, content: str, dataset: str, path: str) -> bool:
         """Link another name's copy of this content, if there is one here."""
         for other_dataset, other_path in await self._io(self.feed.named, content):
+            if (other_dataset, other_path) == (dataset, path):
+                continue
             source = await self._io(self.store.record, object_key(other_dataset, other_path))
             if source is None or not source.complete or source.sha512 != content:
                 continue
@@ -250,6 +252,8 @@ class Follower:
         (the partial file is named by its content), fetched anew when corrupted."""
         part = self.store.tmp / f"site-{hashlib.sha256(content.encode()).hexdigest()[:32]}.part"
         wanted = base64.b64decode(content)
+        if size == 0:
+            await self._io(part.write_bytes, b"")
         for _ in range(self.sub.attempts):
             backoff = self.sub.retry_seconds
             while (have := await self._io(_size, part)) < size:
@@ -273,7 +277,9 @@ class Follower:
         headers = self._headers() | ({"range": f"bytes={have}-"} if have else {})
         timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
         async with client.stream("GET", url, headers=headers, timeout=timeout) as r:
-            if r.status_code in (404, 410, 401, 403):
+            if r.status_code in (408, 429) or r.status_code >= 500:
+                raise httpx.RemoteProtocolError(f"answered {r.status_code}")  # (later)
+            if r.status_code not in (200, 206):  # gone, refused, sent elsewhere
                 raise TransferFailed(f"{url}: the announcing fdp answered {r.status_code}")
             if r.status_code == 200:
                 have = 0  # (it sent the whole: start over)
