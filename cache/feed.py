@@ -35,7 +35,8 @@ from policies.config import Settings
 
 log = logging.getLogger("fdp.feed")
 
-CHUNK = 1 << 20
+#: read at a time when hashing (small: it runs beside the requests being served)
+CHUNK = 256 * 1024
 #: records waiting to be hashed and announced; beyond that they are dropped (and counted)
 MAX_WAITING = 10_000
 #: what a `Last-Event-ID` may look like: a SQLite row id or a Redis stream id

@@ -283,7 +283,8 @@ def test_cache_commands_use_the_embedded_default_of_fdp_serve(tmp_path, demo_dat
     assert re.search(rf"demo-files\s+scene-a/B04\.tif\s+{len(payload)}\s", listing), listing
     assert fdp("cache", "ls", "demo-cogs").strip().endswith("0 objects, 0 bytes")
     # no demo upstream was started for that: nothing generated, no provider file written
-    assert sorted(p.name for p in (tmp_path / "var").iterdir()) == ["cache"]
+    # (the put was announced: the announcement log lives beside the cache)
+    assert sorted(p.name for p in (tmp_path / "var").iterdir()) == ["cache", "feed.sqlite"]
 
     shutil.copytree(demo_data, tmp_path / "var" / "demo-data")
     port = free_port()

@@ -150,7 +150,9 @@ def test_client_header_mistakes_are_400s_not_502s(hproxy, upstream):
         hproxy, "/assets/through/scene-a/B04.tif", [("Range", "bytes=0-9   ")]
     )
     assert status == 206 and body == upstream.file(B04)[:10]
-    assert [e["range"] for e in upstream.data_requests()] == ["bytes=0-9"]
+    # (a 1-byte probe for the size comes first unless an earlier test left it memoized)
+    ranges = [e["range"] for e in upstream.data_requests() if e["range"] != "bytes=0-0"]
+    assert ranges == ["bytes=0-9"]
 
 
 def test_every_asset_request_is_one_json_access_line_without_tokens(hproxy, upstream):
