@@ -254,12 +254,17 @@ class RedisLog:
         oldest = int((time.time() - self.keep_seconds) * 1000)
         fields = {"n": json.dumps(asdict(notice))}
         names = self._names(notice.sha512)
-        with self.client.pipeline(transaction=False) as p:
-            p.xadd(self.KEY, fields, minid=oldest, approximate=True)  # type: ignore[arg-type]
-            p.xtrim(self.KEY, maxlen=self.max_notices, approximate=True)
-            p.hset(names, f"{notice.dataset}/{notice.path}", "")
-            p.pexpire(names, int(self.keep_seconds * 1000))
-            entry_id, *_ = p.execute()
+        try:
+            with self.client.pipeline(transaction=False) as p:
+                p.xadd(self.KEY, fields, minid=oldest, approximate=True)  # type: ignore[arg-type]
+                p.xtrim(self.KEY, maxlen=self.max_notices, approximate=True)
+                p.hset(names, f"{notice.dataset}/{notice.path}", "")
+                p.pexpire(names, int(self.keep_seconds * 1000))
+                entry_id, *_ = p.execute()
+        except redis.RedisError:
+            with contextlib.suppress(redis.RedisError):
+                self.client.delete(seen)  # not appended: a later attempt may announce it
+            raise
         return entry_id.decode()  # type: ignore[no-any-return]
 
     def after(self, last: str | None, limit: int) -> list[Notice]:
