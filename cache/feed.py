@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import queue
 import re
 import sqlite3
@@ -30,7 +29,7 @@ from urllib.parse import quote
 
 import redis
 
-from cache.store import CacheUnavailable, ObjectRecord, Store
+from cache.store import BlockMissing, CacheUnavailable, ObjectRecord, Store
 from policies.config import Settings
 
 log = logging.getLogger("fdp.feed")
@@ -94,17 +93,11 @@ def mtime_of(record: ObjectRecord) -> float:
 def sha512_of(store: Store, record: ObjectRecord) -> str | None:
     """The object's sha-512 (base64) from its stored blocks; None when it is gone meanwhile."""
     digest = hashlib.sha512()
-    for index in range(record.nblocks):
-        f = store.block_file(record.key, index)
-        if f is None:
-            return None
-        pos, (b0, b1) = 0, record.block_range(index)
-        while pos < b1 - b0:  # (pread: the file may be shared with readers; not closed)
-            chunk = os.pread(f.fileno(), min(CHUNK, b1 - b0 - pos), pos)
-            if not chunk:
-                return None
-            pos += len(chunk)
+    try:
+        for chunk in store.chunks(record, CHUNK):
             digest.update(chunk)
+    except BlockMissing:
+        return None
     return base64.b64encode(digest.digest()).decode("ascii")
 
 

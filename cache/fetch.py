@@ -22,7 +22,7 @@ import urllib3
 
 from cache.fill import CacheWriteFailed, FillFailed
 from cache.integrity import ChecksumMismatch, Digest
-from cache.store import ObjectRecord, Store
+from cache.store import BlockMissing, ObjectRecord, Store
 from upstreams.base import ObjectNotFound, UpstreamObject, UpstreamUnavailable
 from upstreams.caps import Caps
 from upstreams.http import Meta, SyncBody, open_sync
@@ -365,17 +365,11 @@ def verify_object(store: Store, record: ObjectRecord) -> None:
     A mismatch with its catalogue checksum evicts it and raises ChecksumMismatch.
     """
     digest = Digest(record.checksum)
-    for index in range(record.nblocks):
-        f = store.block_file(record.key, index)
-        if f is None:
-            return  # evicted meanwhile
-        pos, (b0, b1) = 0, record.block_range(index)
-        while pos < b1 - b0:
-            chunk = os.pread(f.fileno(), min(CHUNK, b1 - b0 - pos), pos)
-            if not chunk:
-                break
-            pos += len(chunk)
+    try:
+        for chunk in store.chunks(record, CHUNK):
             digest.update(chunk)
+    except BlockMissing:
+        return  # evicted meanwhile
     if not digest.matches():
         store.evict(record.key)
         raise ChecksumMismatch(f"{record.dataset}/{record.path}: checksum mismatch; evicted")

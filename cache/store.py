@@ -72,6 +72,10 @@ class BlockDisk(diskcache.Disk):
         return super().store(value, read, key)
 
 
+class BlockMissing(LookupError):
+    """A block of the object left the store while it was being read whole."""
+
+
 class CacheUnavailable(Exception):
     """The cache folder cannot be used; requests go straight to the upstream meanwhile."""
 
@@ -282,6 +286,21 @@ class Store:
         if self._open_blocks > MAX_OPEN_BLOCKS:
             self._shed()
         return f
+
+    def chunks(self, record: ObjectRecord, size: int) -> Iterator[bytes]:
+        """The whole object from its stored blocks, `size` bytes at a time (pread: a block
+        file may be shared with readers, and is left open); raises BlockMissing."""
+        for index in range(record.nblocks):
+            f = self.block_file(record.key, index)
+            if f is None:
+                raise BlockMissing(f"{record.dataset}/{record.path}: block {index} is gone")
+            pos, (b0, b1) = 0, record.block_range(index)
+            while pos < b1 - b0:
+                chunk = os.pread(f.fileno(), min(size, b1 - b0 - pos), pos)
+                if not chunk:
+                    break
+                pos += len(chunk)
+                yield chunk
 
     def block_bytes(self, record: ObjectRecord, index: int) -> bytes | None:
         """Block `index` of the object, read whole (None when it is not cached)."""

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -52,20 +53,18 @@ class TransferFailed(Exception):
     """This object cannot be had now (gone there, refused, or corrupted every time)."""
 
 
-def _events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    async def parse() -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        event_id, data = None, []
-        async for line in lines:
-            if line.startswith("id:"):
-                event_id = line[3:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-            elif not line and data:
-                if event_id is not None:
-                    yield event_id, json.loads("\n".join(data))
-                event_id, data = None, []
-
-    return parse()
+async def _events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(id, message) of each Server-Sent Event; pings and id-less events are skipped."""
+    event_id, data = None, []
+    async for line in lines:
+        if line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            if event_id is not None:
+                yield event_id, json.loads("\n".join(data))
+            event_id, data = None, []
 
 
 class Follower:
@@ -201,18 +200,12 @@ class Follower:
                 return
             part = await self._transfer(client, self._source(dataset, path), size, content)
             try:
-                record = await self._io(
+                ingest = functools.partial(
                     self.store.ingest,
-                    dataset,
-                    path,
-                    part,
-                    self.block_size,
-                    message.get("contentType"),
-                    None,
-                    None,
-                    None,
-                    content,
+                    media_type=message.get("contentType"),
+                    sha512=content,
                 )
+                record = await self._io(ingest, dataset, path, part, self.block_size)
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(part)
