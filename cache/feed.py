@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import quote
 
 import redis
@@ -40,6 +40,8 @@ CHUNK = 256 * 1024
 MAX_WAITING = 10_000
 #: what a `Last-Event-ID` may look like: a SQLite row id or a Redis stream id
 EVENT_ID = re.compile(r"^\d{1,18}(-\d{1,18})?$")
+#: a page of a Redis stream: (entry id, fields)
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,9 @@ class Log(Protocol):
 
 class SqliteLog:
     """One SQLite file (WAL) per host: `fdp serve --workers` processes and `fdp cache put`
-    share it. Ids only grow (AUTOINCREMENT), so `Last-Event-ID` never points at another."""
+    share it. Ids only grow (AUTOINCREMENT), so `Last-Event-ID` never points at another; a
+    new log's ids start at the time (in ms, times 1000), above those of a log deleted (or held
+    in memory) before, so a client's `Last-Event-ID` from that one does not hide them."""
 
     def __init__(self, path: Path, keep_seconds: float, max_notices: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +165,11 @@ class SqliteLog:
                 "create table if not exists notices (id integer primary key autoincrement,"
                 " dataset text, path text, size int, sha512 text, mtime real, time real,"
                 " media_type text, unique (dataset, path, sha512))"
+            )
+            self.db.execute(
+                "insert into sqlite_sequence (name, seq) select 'notices', ?"
+                " where not exists (select 1 from sqlite_sequence where name = 'notices')",
+                (int(time.time() * 1000) * 1000,),
             )
             self.db.execute("create index if not exists by_time on notices (time)")
             self.db.execute("create index if not exists by_content on notices (sha512)")
@@ -261,17 +270,26 @@ class RedisLog:
         return entry_id.decode()  # type: ignore[no-any-return]
 
     def after(self, last: str | None, limit: int) -> list[Notice]:
+        """Reads on past pages that are older than the window (trimming is approximate, and
+        `last` may be old), so that an empty answer means the end of the stream."""
         oldest = int((time.time() - self.keep_seconds) * 1000)
-        low = f"({last}" if last else str(oldest)
-        if last and "-" not in last:
-            low = f"({last}-18446744073709551615"
-        out = []
-        for entry_id, fields in self.client.xrange(self.KEY, low, "+", count=limit):  # type: ignore[union-attr]
-            raw = json.loads(fields[b"n"])
-            raw["id"] = entry_id.decode()
-            if raw["time"] * 1000 >= oldest:
-                out.append(Notice(**raw))
-        return out
+        low = str(oldest)
+        if last:
+            ms, _, seq = last.partition("-")
+            if int(ms) >= oldest:
+                low = f"({ms}-{seq or 18446744073709551615}"
+        for _ in range(self.max_notices // limit + 2):  # the stream holds about max_notices
+            entries = cast(Entries, self.client.xrange(self.KEY, low, "+", count=limit))
+            out = []
+            for entry_id, fields in entries:
+                raw = json.loads(fields[b"n"])
+                raw["id"] = entry_id.decode()
+                if raw["time"] * 1000 >= oldest:
+                    out.append(Notice(**raw))
+            if out or len(entries) < limit:
+                return out
+            low = f"({entries[-1][0].decode()}"
+        return []
 
     def _names(self, sha512: str) -> str:
         return f"{self.KEY}:names:{hashlib.sha256(sha512.encode()).hexdigest()[:40]}"

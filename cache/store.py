@@ -447,16 +447,18 @@ class Store:
 
     # -- housekeeping ---------------------------------------------------------------------
 
-    def clean_tmp(self, older_than: float = 3600.0) -> int:
+    def clean_tmp(self, older_than: float = 3600.0, sites_older_than: float = 48 * 3600.0) -> int:
         """Remove part files left by killed fills and workers; returns how many.
 
-        A part file whose fill is alive is locked by its owner and stays.
+        A part file whose fill is alive is locked by its owner and stays. A site's partial
+        transfer (`site-*.part`) is resumed after a link drop, so it stays idle longer.
         """
-        cutoff = time.time() - older_than
+        now = time.time()
         removed = 0
         for path in self.tmp.glob("*.part"):
+            idle = sites_older_than if path.name.startswith("site-") else older_than
             try:
-                if path.stat().st_mtime >= cutoff:
+                if path.stat().st_mtime >= now - idle:
                     continue
                 with path.open("rb") as f:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

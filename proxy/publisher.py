@@ -58,6 +58,8 @@ class Publisher:
         self.error: str | None = None
         #: the last announcement the broker acknowledged
         self.mark: str | None = None
+        #: when the lease was last taken or renewed (`anyio.current_time()`)
+        self.renewed = 0.0
 
     def public(self) -> dict[str, Any]:
         return {
@@ -69,10 +71,20 @@ class Publisher:
         }
 
     async def _lease(self) -> bool:
+        taken = anyio.current_time()
         self.leader = await anyio.to_thread.run_sync(
             self.feed.log.lease, ROLE, self.owner, LEASE_SECONDS
         )
+        if self.leader:
+            self.renewed = taken
         return self.leader
+
+    async def _held(self) -> bool:
+        """Renew the lease once a third of it has passed; False when another process holds
+        it now. Checked after every message: a page may take longer than the lease."""
+        if anyio.current_time() - self.renewed <= LEASE_SECONDS / 3:
+            return True
+        return await self._lease()
 
     async def _mark(self) -> str:
         """Where publishing got to; the log's end when this broker is new to it."""
@@ -126,10 +138,10 @@ class Publisher:
     async def _publish(self, client: aiomqtt.Client, mark: str) -> None:
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.ContentType = "application/json"
-        renewed = anyio.current_time()
         while True:
             woken = self.feed.growth()
             page = await self.feed.read(mark)
+            held = True
             for n in page:
                 body = json.dumps(v03(n, self.public_url))
                 await client.publish(
@@ -137,13 +149,13 @@ class Publisher:
                 )
                 PUBLISHED.inc()
                 mark = n.id
+                if not (held := await self._held()):
+                    break
             if page:
                 await anyio.to_thread.run_sync(self.feed.log.mark, ROLE, mark)
                 self.mark = mark
-            if anyio.current_time() - renewed > LEASE_SECONDS / 3:
-                if not await self._lease():
-                    return  # another process publishes now
-                renewed = anyio.current_time()
+            if not held or not await self._held():
+                return  # another process publishes now
             if len(page) < PAGE:
                 with anyio.move_on_after(LEASE_SECONDS / 3):
                     await woken.wait()
