@@ -44,14 +44,18 @@ EVENT_ID = re.compile(r"^\d{1,18}(-\d{1,18})?$")
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
+#: Sarracenia's identity of an object whose checksum the announcer does not know
+COD = {"method": "cod", "value": "sha512"}
+
+
 @dataclass(frozen=True)
 class Notice:
     """One announcement: this content is available under this name."""
 
     dataset: str
     path: str
-    size: int
-    sha512: str  # base64, as Sarracenia's `identity.value`
+    size: int  # -1: unknown
+    sha512: str  # base64, as Sarracenia's `identity.value`; "": unknown (`cod`)
     mtime: float
     time: float
     media_type: str | None = None
@@ -64,25 +68,32 @@ def stamp(t: float) -> str:
 
 
 def v03(n: Notice, public_url: str) -> dict[str, Any]:
-    """The Sarracenia v03 message: `baseUrl` + `relPath` is the object's URL at this fdp."""
+    """The Sarracenia v03 message: `baseUrl` + `relPath` is the object's URL at this fdp.
+    Without a sha-512 (a harvest's find), the identity is `cod`: calculate it on download."""
+    identity = {"method": "sha512", "value": n.sha512} if n.sha512 else COD
     message: dict[str, Any] = {
         "pubTime": stamp(n.time),
         "baseUrl": f"{public_url}/assets/",
         "relPath": f"{n.dataset}/{n.path}",
-        "identity": {"method": "sha512", "value": n.sha512},
-        "size": n.size,
+        "identity": identity,
         "mtime": stamp(n.mtime),
     }
+    if n.size >= 0:
+        message["size"] = n.size
     if n.media_type:
         message["contentType"] = n.media_type
     return message
 
 
+def topic_level(name: str) -> str:
+    """A name as one MQTT topic level: its wildcards and `/` quoted."""
+    return quote(name, safe=" -._~!$&'()*,;=:@")
+
+
 def topic(n: Notice, root: str) -> str:
-    """`{root}/{dataset}/{folders}` (Sarracenia: exchange, topic prefix, relPath's folders);
-    MQTT's wildcards are quoted in a level."""
+    """`{root}/{dataset}/{folders}` (Sarracenia: exchange, topic prefix, relPath's folders)."""
     levels = [n.dataset, *n.path.split("/")[:-1]]
-    return "/".join([root, *(quote(level, safe=" -._~!$&'()*,;=:@") for level in levels)])
+    return "/".join([root, *(topic_level(level) for level in levels)])
 
 
 def mtime_of(record: ObjectRecord) -> float:
@@ -139,6 +150,9 @@ class Log(Protocol):
     def named(self, sha512: str) -> list[tuple[str, str]]:
         """The (dataset, path) names this content was announced under, in the window."""
 
+    def known(self, dataset: str, paths: list[str]) -> list[str]:
+        """Those of `paths` not seen in `dataset` within the window; all are seen now."""
+
     def lease(self, role: str, owner: str, seconds: float) -> bool:
         """Hold `role` (one publisher among processes) for `seconds`; False when another does."""
 
@@ -177,6 +191,10 @@ class SqliteLog:
                 "create table if not exists marks (role text primary key, value text,"
                 " owner text, until real)"
             )
+            self.db.execute(
+                "create table if not exists known (dataset text, path text, seen real,"
+                " primary key (dataset, path))"
+            )
 
     def append(self, notice: Notice) -> str | None:
         with self.lock, self.db:
@@ -211,6 +229,23 @@ class SqliteLog:
                 (sha512,),
             ).fetchall()
         return [(dataset, path) for dataset, path in rows]
+
+    def known(self, dataset: str, paths: list[str]) -> list[str]:
+        now, new = time.time(), []
+        with self.lock, self.db:
+            self.db.execute("delete from known where seen < ?", (now - self.keep_seconds,))
+            for path in paths:
+                added = self.db.execute(
+                    "insert or ignore into known values (?, ?, ?)", (dataset, path, now)
+                )
+                if added.rowcount:
+                    new.append(path)
+                else:
+                    self.db.execute(
+                        "update known set seen = ? where dataset = ? and path = ?",
+                        (now, dataset, path),
+                    )
+        return new
 
     def lease(self, role: str, owner: str, seconds: float) -> bool:
         now = time.time()
@@ -260,8 +295,9 @@ class RedisLog:
             with self.client.pipeline(transaction=False) as p:
                 p.xadd(self.KEY, fields, minid=oldest, approximate=True)  # type: ignore[arg-type]
                 p.xtrim(self.KEY, maxlen=self.max_notices, approximate=True)
-                p.hset(names, f"{notice.dataset}/{notice.path}", "")
-                p.pexpire(names, int(self.keep_seconds * 1000))
+                if notice.sha512:
+                    p.hset(names, f"{notice.dataset}/{notice.path}", "")
+                    p.pexpire(names, int(self.keep_seconds * 1000))
                 entry_id, *_ = p.execute()
         except redis.RedisError:
             with contextlib.suppress(redis.RedisError):
@@ -297,6 +333,20 @@ class RedisLog:
     def named(self, sha512: str) -> list[tuple[str, str]]:
         names = self.client.hkeys(self._names(sha512))
         return [tuple(n.decode().split("/", 1)) for n in names[:16]]  # type: ignore[misc]
+
+    def known(self, dataset: str, paths: list[str]) -> list[str]:
+        """(A hash per dataset, kept the window after its last look.)"""
+        key = f"{self.KEY}:known:{hashlib.sha256(dataset.encode()).hexdigest()[:40]}"
+        now, new = time.time(), []
+        for start in range(0, len(paths), 1000):
+            batch = paths[start : start + 1000]
+            with self.client.pipeline(transaction=False) as p:
+                for path in batch:
+                    p.hset(key, path, now)
+                added = p.execute()
+            new += [path for path, n in zip(batch, added, strict=True) if n]
+        self.client.pexpire(key, int(self.keep_seconds * 1000))
+        return new
 
     def lease(self, role: str, owner: str, seconds: float) -> bool:
         key, ms = f"{self.KEY}:lease:{role}", int(seconds * 1000)

@@ -163,10 +163,19 @@ def _broker_url(value: str | None) -> str | None:
     return value
 
 
-class AnnounceConfig(Strict):
-    """Announcements of what becomes available: `GET /feed` always, MQTT with a broker."""
+class HarvestConfig(Strict):
+    """Look through these datasets' catalogues every `every_seconds` and announce what is new
+    there (with a `cod` identity: its checksum is known once somebody has read it)."""
 
-    #: publish Sarracenia v03 messages to this MQTT broker (e.g. mqtt://127.0.0.1:1883)
+    datasets: list[str] = []
+    every_seconds: float = Field(600.0, ge=1, le=7 * 86400)
+    #: objects read from one catalogue at a look (its first ones, as the provider pages)
+    max_items: int = Field(10_000, ge=1, le=10_000_000)
+
+
+class Broker(Strict):
+    """An MQTT broker of Sarracenia v03 messages (e.g. mqtt://127.0.0.1:1883)."""
+
     broker: Annotated[str | None, AfterValidator(_broker_url)] = None
     username: str | None = None
     password: SecretStr | None = None
@@ -174,6 +183,14 @@ class AnnounceConfig(Strict):
     #: topics are `{exchange}/{topic_prefix}/{dataset}/{folders of the path}`
     exchange: str = Field("xpublic", pattern=r"^[^/#+]{1,100}$")
     topic_prefix: str = Field("v03", pattern=r"^[^#+]{1,100}$")
+
+    def broker_password(self) -> str | None:
+        return secret(self.password, self.password_file)
+
+
+class AnnounceConfig(Broker):
+    """Announcements of what becomes available: `GET /feed` always, MQTT with a `broker`."""
+
     #: MQTT QoS of the messages (1: the broker acknowledges each)
     qos: int = Field(1, ge=0, le=2)
     #: how long announcements are kept for subscribers that were away
@@ -182,18 +199,20 @@ class AnnounceConfig(Strict):
     max_notices: int = Field(100_000, ge=100, le=100_000_000)
     #: default: `feed.sqlite` beside the cache folder (with `queue.redis_url`: a Redis stream)
     file: str | None = None
-
-    def broker_password(self) -> str | None:
-        return secret(self.password, self.password_file)
+    harvest: HarvestConfig = HarvestConfig()
 
 
-class Subscription(Strict):
-    """Site mode: follow another fdp's `/feed` and keep what it announces here, over a poor
-    link (`fdp serve --subscribe URL`). Each selected object goes into the dataset of the
-    same name here, which must exist (usually with that fdp as its upstream)."""
+class Subscription(Broker):
+    """Site mode: follow another fdp's `/feed`, or Sarracenia v03 messages on an MQTT broker,
+    and keep what is announced here, over a poor link (`fdp serve --subscribe URL`). Each
+    selected object goes into the dataset named by the first folder of its `relPath`, which
+    must exist here (usually with the announcing fdp as its upstream)."""
 
     #: another fdp's feed; its query (`?dataset=a,b&path=prefix/`) selects there already
-    feed: AnyHttpUrl
+    #: (or a `broker`, subscribed to with a persistent session)
+    feed: AnyHttpUrl | None = None
+    #: with a broker: where messages may send this fdp (their `baseUrl` must start with one)
+    fetch_from: list[AnyHttpUrl] = []
     #: shown to that fdp (its access rules and delivery logs see this identity)
     token: SecretStr | None = None
     token_file: SecretFile | None = None
@@ -211,16 +230,32 @@ class Subscription(Strict):
     max_retry_seconds: float = Field(300.0, gt=0, le=86400)
     #: transfers of an object whose bytes do not match its identity, before it is given up
     attempts: int = Field(5, ge=1, le=100)
+    #: how long the broker keeps this site's messages while it is away (MQTT session expiry)
+    session_hours: float = Field(48.0, gt=0, le=24 * 366)
 
     def bearer(self) -> str | None:
         return secret(self.token, self.token_file)
 
-    @field_validator("feed")
+    @property
+    def source(self) -> str:
+        """What is followed (shown in `/status` and logs)."""
+        return str(self.feed or self.broker)
+
+    @field_validator("feed", "fetch_from")
     @classmethod
-    def _no_userinfo(cls, v: AnyHttpUrl) -> AnyHttpUrl:
-        if v.username or v.password:
-            raise ValueError("no credentials in the URL: use token_file")
+    def _no_userinfo(cls, v: Any) -> Any:
+        for url in v if isinstance(v, list) else [v]:
+            if url is not None and (url.username or url.password):
+                raise ValueError("no credentials in the URL: use token_file")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Subscription:
+        if (self.feed is None) == (self.broker is None):
+            raise ValueError("give either 'feed' (an fdp's /feed) or 'broker' (mqtt://...)")
+        if self.broker is not None and not self.fetch_from:
+            raise ValueError("a broker's messages need 'fetch_from': the URLs they may name")
+        return self
 
 
 class EodagConfig(Strict):
@@ -435,6 +470,9 @@ class Settings(Strict):
                     raise ValueError(
                         f"subscriptions.{n}.datasets: no dataset {name!r} here to keep it in"
                     )
+        for name in self.announce.harvest.datasets:
+            if name not in self.datasets:
+                raise ValueError(f"announce.harvest.datasets: no dataset {name!r}")
         return self
 
     @model_validator(mode="after")

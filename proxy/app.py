@@ -36,6 +36,7 @@ from proxy.assets import Assets
 from proxy.auth import Authenticator, Forbidden, Unauthorized, identity
 from proxy.deliveries import DeliveryLog
 from proxy.delivery import CacheDelivery
+from proxy.discovery import Harvester
 from proxy.feed import Feed, feed
 from proxy.metrics import LiveFigures, metrics
 from proxy.problems import BadRequest, ProxyError, error_response, exception_handlers
@@ -225,6 +226,12 @@ def create_app(
     hub = Feed(feed_log)
     announcer = Announcer(store, feed_log, hub.announced) if store is not None else None
     publisher = Publisher(hub, settings.announce, public_url) if settings.announce.broker else None
+    harvest = settings.announce.harvest
+    harvester = (
+        Harvester(harvest, registry, hub, public_url, settings.stac.timeout_seconds)
+        if harvest.datasets
+        else None
+    )
     followers = [
         Follower(sub, settings, store, feed_log, registry, announcer)
         for sub in (settings.subscriptions if store is not None else [])
@@ -296,6 +303,8 @@ def create_app(
             tg.start_soon(hub.tail)
             if publisher is not None:
                 tg.start_soon(publisher.run)
+            if harvester is not None:
+                tg.start_soon(harvester.run)
             for follower in followers:
                 tg.start_soon(follower.run, client)
             tg.start_soon(watch_mirrors, lambda: registry.entries.values(), client)
@@ -351,6 +360,7 @@ def create_app(
     starlette.state.announcer = announcer
     starlette.state.publisher = publisher
     starlette.state.followers = followers
+    starlette.state.harvester = harvester
     queue = make_queue(settings)
     starlette.state.queue = queue
     directory = starlette.state.relays = Directory(registry, settings.relays)

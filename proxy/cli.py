@@ -73,7 +73,10 @@ def _settings(args: argparse.Namespace, upstream_url: str | None = None) -> tupl
             changes.setdefault("subscriptions", list(settings.subscriptions))
             changes["subscriptions"].append(Subscription(feed=AnyHttpUrl(url)))  # type: ignore[union-attr]
         except ValueError:
-            raise SystemExit(f"fdp: --subscribe {url!r} is not an http(s) URL") from None
+            raise SystemExit(
+                f"fdp: --subscribe {url!r} is not an fdp feed's http(s) URL"
+                " (a broker is followed from the config's subscriptions: block)"
+            ) from None
     settings = settings.model_copy(update=changes)
     return settings, source
 

@@ -125,6 +125,7 @@ def _announce(state: Any) -> dict[str, Any]:
         "announced": announcer.announced if announcer is not None else 0,
         "dropped": announcer.dropped if announcer is not None else 0,
         **(publisher.public() if publisher is not None else {"broker": None}),
+        "harvest": state.harvester.public() if state.harvester is not None else None,
     }
 
 

@@ -1,4 +1,5 @@
-"""Site mode: follow another fdp's `/feed` and keep what it announces here, over a poor link.
+"""Site mode: follow another fdp's `/feed` (or a broker's Sarracenia messages) and keep what
+is announced here, over a poor link.
 
 For each selected announcement: nothing to do when this name already holds this content;
 a hard-linked twin when another name here does (content addressing: one transfer, one copy
@@ -7,10 +8,16 @@ link, resumed with `Range` after a drop, and checked against the announced sha-5
 is stored (a corrupted transfer is thrown away and tried again, never served). Then it is
 announced here too, so the site's own subscribers see it.
 
-The place in the feed (the last event whose object is settled, in feed order) is kept in the
-local announcement log, so a restart or hours offline resume where they were. Reconnections
-back off from `retry_seconds` to `max_retry_seconds`. Transfers go only to the feed's origin:
-an announcement cannot send this fdp elsewhere.
+The place in a feed (the last event whose object is settled, in feed order) is kept in the
+local announcement log; a broker keeps it in a persistent MQTT session (messages are
+acknowledged in order once settled, so a crash gets them again). Either way a restart or
+hours offline resume where they were. Reconnections back off from `retry_seconds` to
+`max_retry_seconds`. Transfers go only to the feed's origin, or the `fetch_from` URLs of a
+broker subscription: an announcement cannot send this fdp, and its token, elsewhere.
+
+An announcement whose identity is `cod` (calculate on download: a harvest found the object
+and nobody has read it yet) is transferred when this name is not here, and its sha-512
+computed here; the sha-512 announcement that follows the central's own fill then finds it.
 """
 
 from __future__ import annotations
@@ -21,20 +28,25 @@ import contextlib
 import fnmatch
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
+import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import aiomqtt
 import anyio
 import anyio.to_thread
 import httpx
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from cache.feed import Announcer, Log, announce_quietly
+from cache.feed import Announcer, Log, announce_quietly, topic_level
 from cache.store import ObjectRecord, Store, object_key
 from policies.config import Settings, Subscription
 from policies.pacing import Pace
@@ -82,9 +94,12 @@ class Follower:
         self.sub, self.store, self.feed, self.registry = sub, store, feed, registry
         self.announcer = announcer
         self.block_size = int(settings.cache.block_size)
-        self.url = str(sub.feed)
+        self.url = sub.source
         self.origin = urlsplit(self.url)
         self.role = "subscription:" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        #: a broker knows this site by a name that outlives restarts (its session's)
+        here = f"{self.url}|{Path(settings.cache.folder).resolve()}"
+        self.client_id = "fdp-site-" + hashlib.sha256(here.encode()).hexdigest()[:16]
         rate = sub.max_bytes_per_second
         self.pace = Pace(float(rate), burst=0.05) if rate else None
         self.slots = anyio.Semaphore(sub.concurrency)
@@ -120,7 +135,10 @@ class Follower:
         async with anyio.create_task_group() as transfers:
             while True:
                 try:
-                    await self._follow(client, transfers)
+                    if self.sub.broker is not None:
+                        await self._listen(client)
+                    else:
+                        await self._follow(client, transfers)
                 except Exception as e:  # the feed, the link, the local log: try again later
                     self.error = f"{type(e).__name__}: {e}"
                     log.warning("%s: %s; again in %.0f s", self.url, self.error, backoff)
@@ -147,6 +165,15 @@ class Follower:
                 transfers.start_soon(self._settle, client, event_id, message)
 
     async def _settle(self, client: httpx.AsyncClient, event_id: str, message: dict) -> None:
+        await self._try(client, message)
+        self._pending[event_id] = True
+        place = None
+        while self._pending and next(iter(self._pending.values())):
+            place, _ = self._pending.popitem(last=False)
+        if place is not None:
+            await anyio.to_thread.run_sync(self.feed.mark, self.role, place)
+
+    async def _try(self, client: httpx.AsyncClient, message: dict) -> None:
         try:
             await self._take(client, message)
         except Exception as e:  # one object's trouble never stops the subscription
@@ -154,12 +181,61 @@ class Follower:
             log.warning("%s: %s: %s", message.get("relPath"), type(e).__name__, e)
         finally:
             self.slots.release()
-            self._pending[event_id] = True
-            place = None
-            while self._pending and next(iter(self._pending.values())):
-                place, _ = self._pending.popitem(last=False)
-            if place is not None:
-                await anyio.to_thread.run_sync(self.feed.mark, self.role, place)
+
+    def _mqtt(self) -> aiomqtt.Client:
+        broker = urlsplit(self.url)
+        tls = broker.scheme == "mqtts"
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = int(self.sub.session_hours * 3600)
+        return aiomqtt.Client(
+            broker.hostname or "",
+            broker.port or (8883 if tls else 1883),
+            username=self.sub.username,
+            password=self.sub.broker_password(),
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,  # the broker keeps what came while this site was away
+            properties=properties,
+            timeout=CONNECT_TIMEOUT,
+            tls_context=ssl.create_default_context() if tls else None,
+        )
+
+    async def _listen(self, client: httpx.AsyncClient) -> None:
+        """Follow the broker: each message is acknowledged, in arrival order, once its object
+        is settled, so what was under way when the link or this process died comes again."""
+        mqtt = self._mqtt()
+        paho = mqtt._client  # (aiomqtt acknowledges on arrival; this acks once settled)
+        paho.manual_ack_set(True)
+        root = f"{self.sub.exchange}/{self.sub.topic_prefix}"
+        topics = [f"{root}/{topic_level(d)}/#" for d in self.sub.datasets or []] or [f"{root}/#"]
+        #: arrivals in order: (message id, QoS, settled)
+        unacked: OrderedDict[int, tuple[int, int, bool]] = OrderedDict()
+        arrivals = itertools.count()
+
+        async def settle(n: int, message: dict) -> None:
+            await self._try(client, message)
+            unacked[n] = (*unacked[n][:2], True)
+            while unacked and next(iter(unacked.values()))[2]:
+                _, (mid, qos, _) = unacked.popitem(last=False)
+                if qos:
+                    paho.ack(mid, qos)
+
+        async with mqtt, anyio.create_task_group() as transfers:
+            for name in topics:
+                await mqtt.subscribe(name, qos=1)
+            self.connected, self.error = True, None
+            log.info("following %s (%s)", self.url, ", ".join(topics))
+            async for m in mqtt.messages:
+                try:
+                    message = json.loads(m.payload)  # type: ignore[arg-type]
+                    if not isinstance(message, dict):
+                        raise ValueError(message)
+                except ValueError:
+                    message = {}  # (not a message: acknowledged, counted as failed)
+                await self.slots.acquire()
+                n = next(arrivals)
+                unacked[n] = (m.mid, m.qos, False)
+                transfers.start_soon(settle, n, message)
 
     # -- one announcement -------------------------------------------------------------------
 
@@ -170,40 +246,56 @@ class Follower:
             return False
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.sub.paths)
 
-    def _source(self, dataset: str, path: str) -> str:
-        """The object's URL at the feed's own fdp (never the message's `baseUrl`: an
-        announcement cannot send this fdp, and its token, anywhere else)."""
-        return f"{self.origin.scheme}://{self.origin.netloc}/assets/{dataset}/{quote(path)}"
+    def _source(self, dataset: str, path: str, message: dict) -> str:
+        """The object's URL: at the feed's own fdp (never the message's `baseUrl`), or at the
+        message's `baseUrl` when it is one of `fetch_from` (an announcement cannot send this
+        fdp, and its token, anywhere else)."""
+        name = f"{quote(dataset, safe='')}/{quote(path)}"
+        if self.sub.broker is None:
+            return f"{self.origin.scheme}://{self.origin.netloc}/assets/{name}"
+        base = str(message.get("baseUrl", ""))
+        base = base if base.endswith("/") else base + "/"
+        for allowed in self.sub.fetch_from:
+            prefix = str(allowed) if str(allowed).endswith("/") else f"{allowed}/"
+            if base.startswith(prefix) and ".." not in base.split("/"):
+                return base + name
+        raise TransferFailed(f"baseUrl {base!r} is not one of fetch_from")
 
     async def _take(self, client: httpx.AsyncClient, message: dict) -> None:
         try:
             dataset, _, path = message["relPath"].partition("/")
-            identity, size = message["identity"], int(message["size"])
-            content = identity["value"] if identity["method"] == "sha512" else None
+            identity = message.get("identity") or {"method": "cod"}
+            method = identity["method"]
+            size = int(message["size"]) if message.get("size") is not None else None
+            content = identity["value"] if method == "sha512" else None
             if content is not None and len(base64.b64decode(content, validate=True)) != 64:
                 raise ValueError(content)
             path = safe_key(path)
-        except (KeyError, TypeError, ValueError, BadPath):
-            raise TransferFailed("not a v03 message with a sha512 identity") from None
-        if content is None or size < 0 or not self._selected(dataset, path):
+        except (KeyError, TypeError, ValueError, BadPath, AttributeError):
+            raise TransferFailed("not a v03 message") from None
+        if (
+            (content is None and method != "cod")
+            or (size is not None and size < 0)
+            or not self._selected(dataset, path)
+        ):
             self.counts["skipped"] += 1
             return
-        while (busy := self._content.get(content)) is not None:
+        guard = content or f"name:{dataset}/{path}"
+        while (busy := self._content.get(guard)) is not None:
             await busy.wait()  # the same content under another name: after it, a twin
-        self._content[content] = done = asyncio.Event()  # (no await since the check)
+        self._content[guard] = done = asyncio.Event()  # (no await since the check)
         try:
             here = await self._io(self.store.record, object_key(dataset, path))
-            if here is not None and here.complete and here.sha512 == content:
+            if here is not None and here.complete and (content is None or here.sha512 == content):
                 self.counts["present"] += 1
                 return
-            if await self._twin(content, dataset, path):
+            if content is not None and await self._twin(content, dataset, path):
                 return
-            part = await self._transfer(client, self._source(dataset, path), size, content)
+            url = self._source(dataset, path, message)
+            part, sha512 = await self._transfer(client, url, size, content)
             try:
                 ingest = functools.partial(
-                    self.store.ingest,
-                    media_type=message.get("contentType"),
-                    sha512=content,
+                    self.store.ingest, media_type=message.get("contentType"), sha512=sha512
                 )
                 record = await self._io(ingest, dataset, path, part, self.block_size)
             finally:
@@ -212,7 +304,7 @@ class Follower:
             self.counts["transferred"] += 1
             await self._announce(record)
         finally:
-            del self._content[content]
+            del self._content[guard]
             done.set()
 
     async def _twin(self, content: str, dataset: str, path: str) -> bool:
@@ -240,46 +332,58 @@ class Follower:
 
     # -- one transfer -----------------------------------------------------------------------
 
-    async def _transfer(self, client: httpx.AsyncClient, url: str, size: int, content: str) -> Path:
-        """The object in a file beside the cache, its sha-512 checked; resumed across drops
-        (the partial file is named by its content), fetched anew when corrupted."""
-        part = self.store.tmp / f"site-{hashlib.sha256(content.encode()).hexdigest()[:32]}.part"
-        wanted = base64.b64decode(content)
+    async def _transfer(
+        self, client: httpx.AsyncClient, url: str, size: int | None, content: str | None
+    ) -> tuple[Path, str]:
+        """The object in a file beside the cache and its sha-512 (base64), checked against
+        the announced one; resumed across drops (the partial file is named by what is
+        announced), fetched anew when corrupted."""
+        what = f"{content}" if content else f"{url}|{size}"
+        part = self.store.tmp / f"site-{hashlib.sha256(what.encode()).hexdigest()[:32]}.part"
         if size == 0:
             await self._io(part.write_bytes, b"")
         for _ in range(self.sub.attempts):
             backoff = self.sub.retry_seconds
-            while (have := await self._io(_size, part)) < size:
+            total = size
+            while total is None or (have := await self._io(_size, part)) < total:
                 try:
-                    await self._fetch(client, url, part, have, size)
+                    total = await self._fetch(client, url, part, await self._io(_size, part), total)
                     backoff = self.sub.retry_seconds
                 except httpx.TransportError as e:  # the link dropped: go on from here
-                    log.info("%s: %s after %d bytes; resuming", url, type(e).__name__, have)
+                    log.info("%s: %s; resuming", url, type(e).__name__)
                     await anyio.sleep(backoff)
                     backoff = min(self.sub.max_retry_seconds, backoff * 2)
-            if await self._io(_sha512, part) == wanted and have == size:
-                return part
+            digest = base64.b64encode(await self._io(_sha512, part)).decode("ascii")
+            if have == total and (content is None or digest == content):
+                return part, digest
             self.counts["corrupted"] += 1
             log.warning("%s: the bytes do not match the announced sha-512; fetched again", url)
             await self._io(_remove, part)
         raise TransferFailed(f"corrupted {self.sub.attempts} times: given up")
 
     async def _fetch(
-        self, client: httpx.AsyncClient, url: str, part: Path, have: int, size: int
-    ) -> None:
+        self, client: httpx.AsyncClient, url: str, part: Path, have: int, size: int | None
+    ) -> int:
+        """Append what the other end sends from `have` on; returns the object's size (as
+        announced, else as the answer says, else as read to its end)."""
         headers = self._headers() | ({"range": f"bytes={have}-"} if have else {})
         timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
         async with client.stream("GET", url, headers=headers, timeout=timeout) as r:
             if r.status_code in (408, 429) or r.status_code >= 500:
                 raise httpx.RemoteProtocolError(f"answered {r.status_code}")  # (later)
             if r.status_code not in (200, 206):  # gone, refused, sent elsewhere
-                raise TransferFailed(f"{url}: the announcing fdp answered {r.status_code}")
+                raise TransferFailed(f"{url}: the announcing side answered {r.status_code}")
+            total = size
             if r.status_code == 200:
                 have = 0  # (it sent the whole: start over)
-            elif r.status_code != 206 or not r.headers.get("content-range", "").startswith(
-                f"bytes {have}-"
-            ):
-                raise httpx.RemoteProtocolError(f"answered {r.status_code} to a resume")
+                if total is None and r.headers.get("content-length", "").isdigit():
+                    total = int(r.headers["content-length"])
+            else:
+                given = r.headers.get("content-range", "")
+                if not given.startswith(f"bytes {have}-"):
+                    raise httpx.RemoteProtocolError(f"answered {r.status_code} to a resume")
+                if total is None and given.rpartition("/")[2].isdigit():
+                    total = int(given.rpartition("/")[2])
             with open(part, "r+b" if have else "wb") as f:  # noqa: ASYNC230 (seek only)
                 f.seek(have)
                 f.truncate()
@@ -288,8 +392,9 @@ class Follower:
                         await anyio.sleep(self.pace.book(len(chunk)))
                     await anyio.to_thread.run_sync(f.write, chunk)
                     self.bytes += len(chunk)
-                    if f.tell() > size:
+                    if total is not None and f.tell() > total:
                         raise TransferFailed(f"{url}: longer than announced")
+                return f.tell() if total is None else total
 
 
 def _size(path: Path) -> int:

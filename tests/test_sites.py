@@ -3,6 +3,7 @@ that throttles, cuts and corrupts) and keeps what it selects."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -11,14 +12,16 @@ import yaml
 
 from tests.conftest import fdp_serve
 from tests.harness.link import Link
-from tests.harness.mqtt import wait_until
-from tests.test_feed import OBJECTS
+from tests.harness.mqtt import publish, start_mosquitto, wait_until
+from tests.test_feed import OBJECTS, sha512
 
 CAP = 4_000_000  # bytes a second: the site's share of the link
 
 
-def status(proxy: Any) -> dict[str, Any]:
-    return httpx.get(f"{proxy.url}/status.json", timeout=10).json()["subscriptions"][0]
+def status(proxy: Any, token: str | None = None) -> dict[str, Any]:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    r = httpx.get(f"{proxy.url}/status.json", headers=headers, timeout=10)
+    return r.json()["subscriptions"][0]
 
 
 def central_gets(central: Any, path: str) -> list[str]:
@@ -151,3 +154,151 @@ def test_a_site_keeps_what_it_selected_over_a_poor_link(upstream, oidc, tmp_path
             assert after == before + 1  # (the new one)
     finally:
         link.close()
+
+
+def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc, tmp_path):
+    """Both directions over links of their own: the site takes the central's MQTT
+    announcements (a persistent session keeps them while it is away), the central takes the
+    site's uploads from its `/feed` once the link is back; nothing goes round in a loop."""
+    broker, port = start_mosquitto(tmp_path)
+    files = {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}
+    (tmp_path / "site-token").write_text(oidc.token(sub="site-ship", exp_in=3600))
+    (tmp_path / "central-token").write_text(oidc.token(sub="central", exp_in=3600))
+    central = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "central" / "cache")},
+            "auth": {"oidc_issuer": oidc.issuer, "audience": "fdp"},
+            "announce": {"broker": f"mqtt://127.0.0.1:{port}"},
+            "datasets": {
+                "field": {"upstream": files, "access": {"public": True}, "owners": ["crew"]},
+            },
+        },
+        tmp_path / "central",
+        name="central",
+    )
+    to_central = Link(int(central.url.rsplit(":", 1)[1]))
+    site = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "site" / "cache")},
+            "auth": {"oidc_issuer": oidc.issuer, "audience": "fdp"},
+            "datasets": {
+                "field": {
+                    "upstream": {"fdp": {"base_url": to_central.url}},
+                    "access": {"authenticated": True},
+                    "owners": ["crew"],
+                }
+            },
+            "subscriptions": [
+                {
+                    "broker": f"mqtt://127.0.0.1:{port}",
+                    "fetch_from": [f"{to_central.url}/assets/"],
+                    "token_file": str(tmp_path / "site-token"),
+                    "datasets": ["field"],
+                    "retry_seconds": 0.2,
+                    "max_retry_seconds": 1,
+                }
+            ],
+        },
+        tmp_path / "site",
+        name="site",
+    )
+    to_site = Link(int(site.url.rsplit(":", 1)[1]))
+    config = yaml.safe_load(central.config.read_text())
+    config["server"]["public_url"] = to_central.url  # its announcements name the link
+    config["subscriptions"] = [
+        {
+            "feed": f"{to_site.url}/feed",
+            "token_file": str(tmp_path / "central-token"),
+            "retry_seconds": 0.2,
+            "max_retry_seconds": 1,
+        }
+    ]
+    central.config.write_text(yaml.safe_dump(config))
+    crew = {"authorization": f"Bearer {oidc.token(sub='olga', groups=['crew'])}"}
+    ops = oidc.token(sub="ops", groups=["fdp-admins"], exp_in=3600)
+
+    def central_fill(path: str) -> None:
+        assert httpx.get(f"{central.url}/assets/field/{path}", timeout=30).status_code == 200
+
+    def site_serves(path: str, body: bytes) -> None:
+        r = httpx.get(f"{site.url}/assets/field/{path}", headers=crew, timeout=30)
+        assert r.status_code == 200 and r.content == body
+
+    try:
+        with broker, central.proc, site.proc:
+            both = lambda: status(site, ops)["connected"] and status(central, ops)["connected"]  # noqa: E731
+            wait_until(both, 30, "both following")
+            central_fill(OBJECTS[0])
+            wait_until(lambda: status(site, ops)["transferred"] == 1, 60, "the site taking it")
+            site_serves(OBJECTS[0], upstream.file(f"demo-cogs/{OBJECTS[0]}"))
+
+            # [fault: a lying message] another origin, or no message at all: never fetched
+            lie = {
+                "pubTime": "20261121T000000.000",
+                "baseUrl": f"{upstream.url}/data/",
+                "relPath": "field/stolen.bin",
+                "identity": {"method": "sha512", "value": sha512(b"x")},
+                "size": 1,
+            }
+            before = len(upstream.data_requests())
+            publish(port, "xpublic/v03/field", json.dumps(lie))
+            publish(port, "xpublic/v03/field", "not json")
+            wait_until(lambda: status(site, ops)["failed"] == 2, 30, "both refused")
+            assert len(upstream.data_requests()) == before
+
+            # the site is away: the broker keeps its messages (a persistent session)
+            site.proc.stop()
+            central_fill(OBJECTS[2])
+            site.proc.start()
+            wait_until(
+                lambda: status(site, ops)["transferred"] == 1, 60, "what came while it was away"
+            )
+            site_serves(OBJECTS[2], upstream.file(f"demo-cogs/{OBJECTS[2]}"))
+            assert len(central_gets(central, f"/assets/field/{OBJECTS[0]}")) == 2  # ours + 1
+
+            # it stops mid-transfer: that message was not acknowledged, so it comes again,
+            # and the transfer goes on from its partial file
+            to_central.rate = 400_000
+            started = status(site, ops)["bytes"]
+            central_fill(OBJECTS[1])  # 3.6 MB: seconds over this link
+            wait_until(lambda: status(site, ops)["bytes"] > started, 30, "the transfer begun")
+            site.proc.stop()
+            to_central.rate = None
+            site.proc.start()
+            wait_until(lambda: status(site, ops)["transferred"] == 1, 60, "the stopped one")
+            site_serves(OBJECTS[1], upstream.file(f"demo-cogs/{OBJECTS[1]}"))
+            resumed = central_gets(central, f"/assets/field/{OBJECTS[1]}")
+            assert any(" 206 " in line for line in resumed), resumed
+
+            # an upload at the site reaches the central when the link allows
+            to_site.drop()
+            wait_until(lambda: not status(central, ops)["connected"], 30, "the central noticing")
+            log_book = b"day 1: calm seas\n" * 5000
+            r = httpx.put(
+                f"{site.url}/admin/objects/field/log/day-1.txt", content=log_book, headers=crew
+            )
+            assert r.status_code == 201, r.text
+            to_site.restore()
+            wait_until(
+                lambda: status(central, ops)["transferred"] == 1, 60, "the upload at the central"
+            )
+            r = httpx.get(f"{central.url}/assets/field/log/day-1.txt", timeout=30)
+            assert r.status_code == 200 and r.content == log_book
+            site_gets = [
+                line
+                for line in site.proc.log_text().splitlines()
+                if "GET /assets/field/log/day-1.txt " in line
+            ]
+            assert len(site_gets) == 1, site_gets
+
+            # what each took from the other comes back announced, and is found present
+            wait_until(
+                lambda: status(central, ops)["present"] >= 2, 30, "the central seeing its own"
+            )
+            wait_until(lambda: status(site, ops)["present"] >= 1, 30, "the site seeing its upload")
+            assert (
+                status(site, ops)["transferred"] == 1 and status(central, ops)["transferred"] == 1
+            )
+    finally:
+        to_central.close()
+        to_site.close()

@@ -74,6 +74,18 @@ class Listener:
         self.client.loop_stop()
 
 
+def publish(port: int, topic: str, payload: str) -> None:
+    """One message at QoS 1, as any publisher on the broker could send it."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(LOOPBACK, port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 #: sr3 3.3.1 computes a download's checksum (`onfly_checksum`, by the announced method) but
 #: never compares it with the announced identity: this plugin does, and rejects a mismatch.
 VERIFY_PLUGIN = """

@@ -1,0 +1,110 @@
+"""Harvest announcements: look through datasets' catalogues now and then, and announce what
+is new there.
+
+An object is new when its name was not in the dataset's catalogue at an earlier look (the
+first look only learns what is there). It is announced with Sarracenia's `cod` identity
+(calculate on download, sha-512): nobody has read it yet, so its checksum is unknown here;
+the fill that follows a first read announces it again with its sha-512. The names seen are
+kept in the announcement log, each for the announcement window after it was last seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+from urllib.parse import unquote
+
+import anyio
+import anyio.to_thread
+
+from cache.feed import Notice
+from policies.config import HarvestConfig
+from proxy.feed import Feed
+from proxy.stac.catalog import Catalog
+from proxy.stac.query import Search
+from upstreams.registry import Entry, Registry
+
+log = logging.getLogger("fdp.feed")
+
+PAGE = 100
+
+
+class Harvester:
+    def __init__(
+        self, config: HarvestConfig, registry: Registry, feed: Feed, public_url: str, timeout: float
+    ) -> None:
+        self.config, self.registry, self.feed, self.public = config, registry, feed, public_url
+        self.catalog = Catalog(f"{public_url}/stac", public_url, 0, timeout)
+        #: what `/status` shows
+        self.found = 0
+        self.error: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"datasets": self.config.datasets, "found": self.found, "error": self.error}
+
+    async def run(self) -> None:
+        while True:
+            for name in self.config.datasets:
+                entry = self.registry.entries.get(name)
+                if entry is None:
+                    continue
+                try:
+                    self.found += await self.look(entry)
+                    self.error = None
+                except Exception as e:  # the provider, the log: the next look tries again
+                    self.error = f"{name}: {type(e).__name__}: {e}"
+                    log.warning("harvest of %s: %s", name, self.error)
+            await anyio.sleep(self.config.every_seconds)
+
+    async def look(self, entry: Entry) -> int:
+        """Read the catalogue (up to `max_items` objects) and announce the names new there;
+        returns how many were announced."""
+        found: dict[str, Notice] = {}
+        cursor = None
+        now = time.time()
+        while len(found) < self.config.max_items:
+            items, cursor, failed = await self.catalog.page(entry, Search(limit=PAGE), cursor)
+            if failed:
+                raise failed[0][1]  # (a partial catalogue would make its missing part new)
+            for item in items:
+                for asset in item.get("assets", {}).values():
+                    notice = self._notice(entry.name, item, asset, now)
+                    if notice is not None:
+                        found[notice.path] = notice
+            if cursor is None:
+                break
+        role = f"harvest:{entry.name}"
+        first = await anyio.to_thread.run_sync(self.feed.log.mark, role) is None
+        new = await anyio.to_thread.run_sync(self.feed.log.known, entry.name, list(found))
+        if first:
+            await anyio.to_thread.run_sync(self.feed.log.mark, role, str(now))
+            return 0
+        announced = 0
+        for path in new:
+            entry_id = await anyio.to_thread.run_sync(self.feed.log.append, found[path])
+            if entry_id is not None:
+                announced += 1
+                self.feed.announced(replace(found[path], id=entry_id))
+        if announced:
+            log.info("harvest of %s: %d new objects announced", entry.name, announced)
+        return announced
+
+    def _notice(self, dataset: str, item: dict, asset: Any, now: float) -> Notice | None:
+        """An asset of ours as a `cod` notice (size -1: unknown)."""
+        prefix = f"{self.public}/assets/{dataset}/"
+        href = asset.get("href") if isinstance(asset, dict) else None
+        if not isinstance(href, str) or not href.startswith(prefix):
+            return None
+        size = asset.get("file:size")
+        media = asset.get("type")
+        return Notice(
+            dataset,
+            unquote(href[len(prefix) :]),
+            size if isinstance(size, int) and size >= 0 else -1,
+            "",
+            now,
+            now,
+            media if isinstance(media, str) else None,
+        )
