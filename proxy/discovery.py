@@ -35,14 +35,22 @@ class Harvester:
     def __init__(
         self, config: HarvestConfig, registry: Registry, feed: Feed, public_url: str, timeout: float
     ) -> None:
-        self.config, self.registry, self.feed, self.public = config, registry, feed, public_url
-        self.catalog = Catalog(f"{public_url}/stac", public_url, 0, timeout)
+        self.config, self.registry, self.feed = config, registry, feed
+        self.public_url = public_url
+        #: a listing is read once a look, not once a page
+        memo = min(60.0, config.every_seconds / 2)
+        self.catalog = Catalog(f"{public_url}/stac", public_url, memo, timeout)
         #: what `/status` shows
-        self.found = 0
+        self.looks = self.found = 0
         self.error: str | None = None
 
     def public(self) -> dict[str, Any]:
-        return {"datasets": self.config.datasets, "found": self.found, "error": self.error}
+        return {
+            "datasets": self.config.datasets,
+            "looks": self.looks,
+            "found": self.found,
+            "error": self.error,
+        }
 
     async def run(self) -> None:
         while True:
@@ -56,6 +64,7 @@ class Harvester:
                 except Exception as e:  # the provider, the log: the next look tries again
                     self.error = f"{name}: {type(e).__name__}: {e}"
                     log.warning("harvest of %s: %s", name, self.error)
+            self.looks += 1
             await anyio.sleep(self.config.every_seconds)
 
     async def look(self, entry: Entry) -> int:
@@ -93,7 +102,7 @@ class Harvester:
 
     def _notice(self, dataset: str, item: dict, asset: Any, now: float) -> Notice | None:
         """An asset of ours as a `cod` notice (size -1: unknown)."""
-        prefix = f"{self.public}/assets/{dataset}/"
+        prefix = f"{self.public_url}/assets/{dataset}/"
         href = asset.get("href") if isinstance(asset, dict) else None
         if not isinstance(href, str) or not href.startswith(prefix):
             return None

@@ -13,7 +13,8 @@ import yaml
 from tests.conftest import fdp_serve
 from tests.harness.link import Link
 from tests.harness.mqtt import publish, start_mosquitto, wait_until
-from tests.test_feed import OBJECTS, sha512
+from tests.harness.procs import PYTHON, ServerProcess, free_port, http_ok
+from tests.test_feed import OBJECTS, events, feed, sha512, take
 
 CAP = 4_000_000  # bytes a second: the site's share of the link
 
@@ -302,3 +303,87 @@ def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc
     finally:
         to_central.close()
         to_site.close()
+
+
+def test_a_harvest_announces_what_is_new_and_a_site_takes_it(tmp_path):
+    """A look through a plain autoindex server's catalogue announces the objects that were
+    not there at an earlier look (`cod`: nobody has read them, so no checksum yet); a site
+    takes them, and the central's own fill then announces their sha-512."""
+    root = tmp_path / "drops"
+    (root / "old").mkdir(parents=True)
+    (root / "old" / "before.bin").write_bytes(b"there before the first look\n")
+    port = free_port()
+    files = ServerProcess(
+        "http.server",
+        [PYTHON, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(port)],
+        log_dir=tmp_path,
+        ready=http_ok(f"http://127.0.0.1:{port}/"),
+    )
+    central = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "central" / "cache")},
+            "announce": {"harvest": {"datasets": ["drops"], "every_seconds": 1}},
+            "datasets": {
+                "drops": {
+                    "upstream": {"http": {"base_url": f"http://127.0.0.1:{port}/"}},
+                    "access": {"public": True},
+                }
+            },
+        },
+        tmp_path / "central",
+        name="central",
+    )
+    site = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "site" / "cache")},
+            "datasets": {"drops": {"upstream": {"fdp": {"base_url": central.url}}}},
+            "subscriptions": [{"feed": f"{central.url}/feed", "retry_seconds": 0.2}],
+        },
+        tmp_path / "site",
+        name="site",
+    )
+
+    def harvest() -> dict[str, Any]:
+        return httpx.get(f"{central.url}/status.json").json()["announce"]["harvest"]
+
+    def looked(n: int) -> None:
+        start = harvest()["looks"]
+        wait_until(lambda: harvest()["looks"] >= start + n, 30, f"{n} looks")
+
+    new = {"new/one.bin": b"1" * 300_000, "new/deep/two.txt": b"second\n" * 1000}
+    with files, central.proc, site.proc:
+        looked(2)  # the first look only learns what is there
+        assert harvest()["found"] == 0
+        for rel, body in new.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(body)
+        wait_until(lambda: harvest()["found"] == 2, 30, "the new objects found")
+        with feed(central.url) as r:
+            found = {m["relPath"]: m for _, m in take(events(r), 2)}
+        assert found.keys() == {f"drops/{rel}" for rel in new}
+        for rel in new:
+            m = found[f"drops/{rel}"]
+            assert m["identity"] == {"method": "cod", "value": "sha512"}
+            assert m["baseUrl"] == f"{central.url}/assets/"
+            assert "size" not in m  # (a plain listing does not say: the site learns it)
+
+        # the site takes each; the central's fills announce their sha-512, found present
+        wait_until(lambda: status(site)["present"] == 2, 60, "the sha-512 announcements")
+        assert status(site)["transferred"] == 2
+        with feed(central.url) as r:
+            messages = [m for _, m in take(events(r), 4)]
+        digests = {m["relPath"]: m["identity"] for m in messages[2:]}
+        assert digests == {
+            f"drops/{rel}": {"method": "sha512", "value": sha512(body)} for rel, body in new.items()
+        }
+        for rel, body in new.items():
+            assert httpx.get(f"{site.url}/assets/drops/{rel}").content == body
+            assert len(central_gets(central, f"/assets/drops/{rel}")) == 1  # the site's
+
+        # [fault: the provider is down for a look] nothing is taken for new when it is back
+        files.stop()
+        wait_until(lambda: harvest()["error"] is not None, 30, "the failed look")
+        files.start()
+        (root / "new" / "three.bin").write_bytes(b"3")
+        wait_until(lambda: harvest()["found"] == 3, 30, "only the third")
+        assert harvest()["error"] is None
