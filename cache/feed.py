@@ -147,6 +147,9 @@ class Log(Protocol):
     def after(self, last: str | None, limit: int) -> list[Notice]:
         """The oldest `limit` notices after `last` (from the start of the window: None)."""
 
+    def newest(self) -> str | None:
+        """The last notice's id (None: none yet): where a new reader of what comes starts."""
+
     def named(self, sha512: str) -> list[tuple[str, str]]:
         """The (dataset, path) names this content was announced under, in the window."""
 
@@ -221,6 +224,11 @@ class SqliteLog:
                 (int((last or "0").partition("-")[0]), since, limit),
             ).fetchall()
         return [Notice(*row[:7], id=str(row[7])) for row in rows]
+
+    def newest(self) -> str | None:
+        with self.lock:
+            (row,) = self.db.execute("select max(id) from notices").fetchone()
+        return None if row is None else str(row)
 
     def named(self, sha512: str) -> list[tuple[str, str]]:
         with self.lock:
@@ -329,6 +337,10 @@ class RedisLog:
 
     def _names(self, sha512: str) -> str:
         return f"{self.KEY}:names:{hashlib.sha256(sha512.encode()).hexdigest()[:40]}"
+
+    def newest(self) -> str | None:
+        last = self.client.xrevrange(self.KEY, count=1)
+        return last[0][0].decode() if last else None  # type: ignore[index]
 
     def named(self, sha512: str) -> list[tuple[str, str]]:
         names = self.client.hkeys(self._names(sha512))

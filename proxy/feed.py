@@ -19,6 +19,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio.to_thread
 import redis
@@ -61,8 +62,11 @@ class Feed:
             self._loop.call_soon_threadsafe(self._poke.set)
 
     async def read(self, after: str | None, limit: int = PAGE) -> list[Notice]:
+        return await self._ask(self.log.after, after, limit)  # type: ignore[no-any-return]
+
+    async def _ask(self, fn: Any, *args: Any) -> Any:
         try:
-            return await anyio.to_thread.run_sync(self.log.after, after, limit)
+            return await anyio.to_thread.run_sync(fn, *args)
         except (sqlite3.Error, redis.RedisError, OSError) as e:
             raise FeedUnavailable(
                 f"the announcement log is not available ({type(e).__name__})",
@@ -72,8 +76,11 @@ class Feed:
     async def tail(self) -> None:
         """Wake the streams whenever the log grows (here, in another process or a worker)."""
         self._loop = asyncio.get_running_loop()
+        started = False
         while True:
             try:
+                if not started:  # (what is there already woke nobody: start at its end)
+                    self.newest, started = await self._ask(self.log.newest), True
                 while page := await self.read(self.newest):
                     self.newest = page[-1].id
                     self._grown.set()

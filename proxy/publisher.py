@@ -91,9 +91,7 @@ class Publisher:
         mark = await anyio.to_thread.run_sync(self.feed.log.mark, ROLE)
         if mark is not None:
             return mark
-        mark = "0"
-        while page := await self.feed.read(mark):
-            mark = page[-1].id
+        mark = await anyio.to_thread.run_sync(self.feed.log.newest) or "0"
         await anyio.to_thread.run_sync(self.feed.log.mark, ROLE, mark)
         return mark
 

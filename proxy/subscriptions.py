@@ -369,8 +369,9 @@ class Follower:
         headers = self._headers() | ({"range": f"bytes={have}-"} if have else {})
         timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
         async with client.stream("GET", url, headers=headers, timeout=timeout) as r:
-            if r.status_code in (408, 429) or r.status_code >= 500:
-                raise httpx.RemoteProtocolError(f"answered {r.status_code}")  # (later)
+            if r.status_code in (401, 408, 429) or r.status_code >= 500:
+                # (later: a 401 passes once the token file holds a fresh token)
+                raise httpx.RemoteProtocolError(f"answered {r.status_code}")
             if r.status_code not in (200, 206):  # gone, refused, sent elsewhere
                 raise TransferFailed(f"{url}: the announcing side answered {r.status_code}")
             total = size

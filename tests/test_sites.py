@@ -171,7 +171,11 @@ def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc
             "auth": {"oidc_issuer": oidc.issuer, "audience": "fdp"},
             "announce": {"broker": f"mqtt://127.0.0.1:{port}"},
             "datasets": {
-                "field": {"upstream": files, "access": {"public": True}, "owners": ["crew"]},
+                "field": {
+                    "upstream": files,
+                    "access": {"authenticated": True},
+                    "owners": ["crew"],
+                },
             },
         },
         tmp_path / "central",
@@ -219,7 +223,8 @@ def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc
     ops = oidc.token(sub="ops", groups=["fdp-admins"], exp_in=3600)
 
     def central_fill(path: str) -> None:
-        assert httpx.get(f"{central.url}/assets/field/{path}", timeout=30).status_code == 200
+        r = httpx.get(f"{central.url}/assets/field/{path}", headers=crew, timeout=30)
+        assert r.status_code == 200
 
     def site_serves(path: str, body: bytes) -> None:
         r = httpx.get(f"{site.url}/assets/field/{path}", headers=crew, timeout=30)
@@ -271,6 +276,15 @@ def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc
             resumed = central_gets(central, f"/assets/field/{OBJECTS[1]}")
             assert any(" 206 " in line for line in resumed), resumed
 
+            # [fault: the site's token expired] refused, tried again, taken with a fresh one
+            (tmp_path / "site-token").write_text(oidc.token(sub="site-ship", exp_in=-60))
+            central_fill(OBJECTS[3])
+            refused = f"GET /assets/field/{OBJECTS[3]} 401"
+            wait_until(lambda: refused in central.proc.log_text(), 30, "a refusal")
+            (tmp_path / "site-token").write_text(oidc.token(sub="site-ship", exp_in=3600))
+            wait_until(lambda: status(site, ops)["transferred"] == 2, 60, "taken after all")
+            site_serves(OBJECTS[3], upstream.file(f"demo-cogs/{OBJECTS[3]}"))
+
             # an upload at the site reaches the central when the link allows
             to_site.drop()
             wait_until(lambda: not status(central, ops)["connected"], 30, "the central noticing")
@@ -283,7 +297,7 @@ def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc
             wait_until(
                 lambda: status(central, ops)["transferred"] == 1, 60, "the upload at the central"
             )
-            r = httpx.get(f"{central.url}/assets/field/log/day-1.txt", timeout=30)
+            r = httpx.get(f"{central.url}/assets/field/log/day-1.txt", headers=crew, timeout=30)
             assert r.status_code == 200 and r.content == log_book
             site_gets = [
                 line
@@ -298,7 +312,7 @@ def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc
             )
             wait_until(lambda: status(site, ops)["present"] >= 1, 30, "the site seeing its upload")
             assert (
-                status(site, ops)["transferred"] == 1 and status(central, ops)["transferred"] == 1
+                status(site, ops)["transferred"] == 2 and status(central, ops)["transferred"] == 1
             )
     finally:
         to_central.close()
