@@ -240,19 +240,24 @@ class SqliteLog:
 
     def known(self, dataset: str, paths: list[str]) -> list[str]:
         now, new = time.time(), []
-        with self.lock, self.db:
-            self.db.execute("delete from known where seen < ?", (now - self.keep_seconds,))
-            for path in paths:
-                added = self.db.execute(
-                    "insert or ignore into known values (?, ?, ?)", (dataset, path, now)
-                )
-                if added.rowcount:
-                    new.append(path)
-                else:
-                    self.db.execute(
-                        "update known set seen = ? where dataset = ? and path = ?",
-                        (now, dataset, path),
+        with self.lock, self.db:  # (first: a name unseen for the window is new again)
+            self.db.execute(
+                "delete from known where dataset = ? and seen < ?",
+                (dataset, now - self.keep_seconds),
+            )
+        for start in range(0, len(paths), 1000):  # (short transactions: appends go on)
+            with self.lock, self.db:
+                for path in paths[start : start + 1000]:
+                    added = self.db.execute(
+                        "insert or ignore into known values (?, ?, ?)", (dataset, path, now)
                     )
+                    if added.rowcount:
+                        new.append(path)
+                    else:
+                        self.db.execute(
+                            "update known set seen = ? where dataset = ? and path = ?",
+                            (now, dataset, path),
+                        )
         return new
 
     def lease(self, role: str, owner: str, seconds: float) -> bool:
@@ -347,14 +352,15 @@ class RedisLog:
         return [tuple(n.decode().split("/", 1)) for n in names[:16]]  # type: ignore[misc]
 
     def known(self, dataset: str, paths: list[str]) -> list[str]:
-        """(A hash per dataset, kept the window after its last look.)"""
+        """(A sorted set per dataset, scored by when each name was last seen.)"""
         key = f"{self.KEY}:known:{hashlib.sha256(dataset.encode()).hexdigest()[:40]}"
         now, new = time.time(), []
+        self.client.zremrangebyscore(key, 0, now - self.keep_seconds)
         for start in range(0, len(paths), 1000):
             batch = paths[start : start + 1000]
             with self.client.pipeline(transaction=False) as p:
                 for path in batch:
-                    p.hset(key, path, now)
+                    p.zadd(key, {path: now})
                 added = p.execute()
             new += [path for path, n in zip(batch, added, strict=True) if n]
         self.client.pexpire(key, int(self.keep_seconds * 1000))

@@ -170,7 +170,7 @@ class HarvestConfig(Strict):
     datasets: list[str] = []
     every_seconds: float = Field(600.0, ge=1, le=7 * 86400)
     #: objects read from one catalogue at a look (its first ones, as the provider pages)
-    max_items: int = Field(10_000, ge=1, le=10_000_000)
+    max_items: int = Field(10_000, ge=1, le=1_000_000)
 
 
 class Broker(Strict):
@@ -200,6 +200,14 @@ class AnnounceConfig(Broker):
     #: default: `feed.sqlite` beside the cache folder (with `queue.redis_url`: a Redis stream)
     file: str | None = None
     harvest: HarvestConfig = HarvestConfig()
+
+    @model_validator(mode="after")
+    def _harvest_within_window(self) -> AnnounceConfig:
+        if self.harvest.every_seconds * 2 > self.keep_hours * 3600:
+            raise ValueError(
+                "harvest.every_seconds: at most half of keep_hours (names seen are kept that long)"
+            )
+        return self
 
 
 class Subscription(Broker):
@@ -470,6 +478,9 @@ class Settings(Strict):
                     raise ValueError(
                         f"subscriptions.{n}.datasets: no dataset {name!r} here to keep it in"
                     )
+        sources = [sub.source for sub in self.subscriptions]
+        if len(set(sources)) < len(sources):
+            raise ValueError("subscriptions: each feed or broker once (one place in each)")
         for name in self.announce.harvest.datasets:
             if name not in self.datasets:
                 raise ValueError(f"announce.harvest.datasets: no dataset {name!r}")

@@ -228,7 +228,14 @@ def create_app(
     publisher = Publisher(hub, settings.announce, public_url) if settings.announce.broker else None
     harvest = settings.announce.harvest
     harvester = (
-        Harvester(harvest, registry, hub, public_url, settings.stac.timeout_seconds)
+        Harvester(
+            harvest,
+            registry,
+            hub,
+            public_url,
+            settings.stac.timeout_seconds,
+            settings.announce.keep_hours * 3600,
+        )
         if harvest.datasets
         else None
     )

@@ -2,16 +2,22 @@
 is new there.
 
 An object is new when its name was not in the dataset's catalogue at an earlier look (the
-first look only learns what is there). It is announced with Sarracenia's `cod` identity
-(calculate on download, sha-512): nobody has read it yet, so its checksum is unknown here;
-the fill that follows a first read announces it again with its sha-512. The names seen are
-kept in the announcement log, each for the announcement window after it was last seen.
+first look only learns what is there, and so does a look after more than the announcement
+window without one: the names kept have expired). One process looks at a time (a lease).
+
+A new object is announced with Sarracenia's `cod` identity (calculate on download,
+sha-512): nobody has read it yet, so its checksum is unknown here; the fill that follows a
+first read announces it again with its sha-512. The names seen are kept in the announcement
+log, each for the announcement window after it was last seen.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
@@ -29,13 +35,22 @@ from upstreams.registry import Entry, Registry
 log = logging.getLogger("fdp.feed")
 
 PAGE = 100
+ROLE = "harvest"
 
 
 class Harvester:
     def __init__(
-        self, config: HarvestConfig, registry: Registry, feed: Feed, public_url: str, timeout: float
+        self,
+        config: HarvestConfig,
+        registry: Registry,
+        feed: Feed,
+        public_url: str,
+        timeout: float,
+        keep_seconds: float,
     ) -> None:
         self.config, self.registry, self.feed = config, registry, feed
+        self.keep_seconds = keep_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.public_url = public_url
         #: a listing is read once a look, not once a page
         memo = min(60.0, config.every_seconds / 2)
@@ -54,17 +69,23 @@ class Harvester:
 
     async def run(self) -> None:
         while True:
-            for name in self.config.datasets:
+            errors = []
+            try:
+                lease = self.config.every_seconds * 3
+                held = await anyio.to_thread.run_sync(self.feed.log.lease, ROLE, self.owner, lease)
+            except Exception as e:  # the log: the next round tries again
+                held, errors = False, [f"{type(e).__name__}: {e}"]
+            for name in self.config.datasets if held else ():  # (else another process looks)
                 entry = self.registry.entries.get(name)
                 if entry is None:
                     continue
                 try:
                     self.found += await self.look(entry)
-                    self.error = None
                 except Exception as e:  # the provider, the log: the next look tries again
-                    self.error = f"{name}: {type(e).__name__}: {e}"
-                    log.warning("harvest of %s: %s", name, self.error)
-            self.looks += 1
+                    errors.append(f"{name}: {type(e).__name__}: {e}")
+                    log.warning("harvest: %s", errors[-1])
+            self.error = "; ".join(errors) or None
+            self.looks += held
             await anyio.sleep(self.config.every_seconds)
 
     async def look(self, entry: Entry) -> int:
@@ -84,12 +105,12 @@ class Harvester:
                         found[notice.path] = notice
             if cursor is None:
                 break
-        role = f"harvest:{entry.name}"
-        first = await anyio.to_thread.run_sync(self.feed.log.mark, role) is None
+        role = f"{ROLE}:{entry.name}"
+        last = await anyio.to_thread.run_sync(self.feed.log.mark, role)
         new = await anyio.to_thread.run_sync(self.feed.log.known, entry.name, list(found))
-        if first:
-            await anyio.to_thread.run_sync(self.feed.log.mark, role, str(now))
-            return 0
+        await anyio.to_thread.run_sync(self.feed.log.mark, role, str(now))
+        if last is None or float(last) < now - self.keep_seconds:
+            return 0  # a first look: it only learns what is there
         announced = 0
         for path in new:
             entry_id = await anyio.to_thread.run_sync(self.feed.log.append, found[path])

@@ -150,8 +150,9 @@ class Publisher:
                 if not (held := await self._held()):
                     break
             if page:
-                await anyio.to_thread.run_sync(self.feed.log.mark, ROLE, mark)
                 self.mark = mark
+                if held:  # (else the holder's mark, perhaps ahead, stays)
+                    await anyio.to_thread.run_sync(self.feed.log.mark, ROLE, mark)
             if not held or not await self._held():
                 return  # another process publishes now
             if len(page) < PAGE:

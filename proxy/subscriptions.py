@@ -33,8 +33,10 @@ import json
 import logging
 import os
 import ssl
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -59,6 +61,13 @@ CHUNK = 256 * 1024
 #: the feed pings every 15 s: a silent minute is a dead link
 READ_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class Version:
+    """What the first answer of a transfer said of its version (`If-Range` for resumes)."""
+
+    validator: str | None = None
 
 
 class TransferFailed(Exception):
@@ -97,9 +106,8 @@ class Follower:
         self.url = sub.source
         self.origin = urlsplit(self.url)
         self.role = "subscription:" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
-        #: a broker knows this site by a name that outlives restarts (its session's)
-        here = f"{self.url}|{Path(settings.cache.folder).resolve()}"
-        self.client_id = "fdp-site-" + hashlib.sha256(here.encode()).hexdigest()[:16]
+        #: the only `baseUrl`s a broker's message may give
+        self.bases = {str(u) if str(u).endswith("/") else f"{u}/" for u in sub.fetch_from}
         rate = sub.max_bytes_per_second
         self.pace = Pace(float(rate), burst=0.05) if rate else None
         self.slots = anyio.Semaphore(sub.concurrency)
@@ -182,7 +190,16 @@ class Follower:
         finally:
             self.slots.release()
 
-    def _mqtt(self) -> aiomqtt.Client:
+    def _client_id(self) -> str:
+        """A broker knows this site by a name made once and kept in the local log: it
+        outlives restarts (the session's), and no other site has it."""
+        role = f"{self.role}:client-id"
+        name = self.feed.mark(role)
+        if name is None:
+            name = self.feed.mark(role, f"fdp-site-{uuid.uuid4().hex[:20]}")
+        return name  # type: ignore[return-value]
+
+    def _mqtt(self, client_id: str) -> aiomqtt.Client:
         broker = urlsplit(self.url)
         tls = broker.scheme == "mqtts"
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -192,7 +209,7 @@ class Follower:
             broker.port or (8883 if tls else 1883),
             username=self.sub.username,
             password=self.sub.broker_password(),
-            identifier=self.client_id,
+            identifier=client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,  # the broker keeps what came while this site was away
             properties=properties,
@@ -203,7 +220,7 @@ class Follower:
     async def _listen(self, client: httpx.AsyncClient) -> None:
         """Follow the broker: each message is acknowledged, in arrival order, once its object
         is settled, so what was under way when the link or this process died comes again."""
-        mqtt = self._mqtt()
+        mqtt = self._mqtt(await self._io(self._client_id))
         paho = mqtt._client  # (aiomqtt acknowledges on arrival; this acks once settled)
         paho.manual_ack_set(True)
         root = f"{self.sub.exchange}/{self.sub.topic_prefix}"
@@ -230,8 +247,8 @@ class Follower:
                     message = json.loads(m.payload)  # type: ignore[arg-type]
                     if not isinstance(message, dict):
                         raise ValueError(message)
-                except ValueError:
-                    message = {}  # (not a message: acknowledged, counted as failed)
+                except Exception:  # (not a message: acknowledged, counted as failed)
+                    message = {}
                 await self.slots.acquire()
                 n = next(arrivals)
                 unacked[n] = (m.mid, m.qos, False)
@@ -255,17 +272,15 @@ class Follower:
             return f"{self.origin.scheme}://{self.origin.netloc}/assets/{name}"
         base = str(message.get("baseUrl", ""))
         base = base if base.endswith("/") else base + "/"
-        for allowed in self.sub.fetch_from:
-            prefix = str(allowed) if str(allowed).endswith("/") else f"{allowed}/"
-            if base.startswith(prefix) and ".." not in base.split("/"):
-                return base + name
+        if base in self.bases:  # exactly: a path below one could name another dataset
+            return base + name
         raise TransferFailed(f"baseUrl {base!r} is not one of fetch_from")
 
     async def _take(self, client: httpx.AsyncClient, message: dict) -> None:
         try:
             dataset, _, path = message["relPath"].partition("/")
-            identity = message.get("identity") or {"method": "cod"}
-            method = identity["method"]
+            identity = message.get("identity") or {}
+            method = identity.get("method")
             size = int(message["size"]) if message.get("size") is not None else None
             content = identity["value"] if method == "sha512" else None
             if content is not None and len(base64.b64decode(content, validate=True)) != 64:
@@ -274,17 +289,22 @@ class Follower:
         except (KeyError, TypeError, ValueError, BadPath, AttributeError):
             raise TransferFailed("not a v03 message") from None
         if (
-            (content is None and method != "cod")
+            "fileOp" in message  # (a removal, rename or link: nothing to fetch)
+            or (content is None and method != "cod")
             or (size is not None and size < 0)
             or not self._selected(dataset, path)
         ):
             self.counts["skipped"] += 1
             return
-        guard = content or f"name:{dataset}/{path}"
-        while (busy := self._content.get(guard)) is not None:
-            await busy.wait()  # the same content under another name: after it, a twin
-        self._content[guard] = done = asyncio.Event()  # (no await since the check)
+        # one transfer at a time per name (a cod and a sha-512 announcement of one object)
+        # and per content (the same content under another name: after it, a twin)
+        done, held = asyncio.Event(), []
         try:
+            for guard in [f"name:{dataset}/{path}", *([content] if content else [])]:
+                while (busy := self._content.get(guard)) is not None:
+                    await busy.wait()
+                self._content[guard] = done  # (no await since the check)
+                held.append(guard)
             here = await self._io(self.store.record, object_key(dataset, path))
             if here is not None and here.complete and (content is None or here.sha512 == content):
                 self.counts["present"] += 1
@@ -304,7 +324,8 @@ class Follower:
             self.counts["transferred"] += 1
             await self._announce(record)
         finally:
-            del self._content[guard]
+            for guard in held:
+                del self._content[guard]
             done.set()
 
     async def _twin(self, content: str, dataset: str, path: str) -> bool:
@@ -340,17 +361,20 @@ class Follower:
         announced), fetched anew when corrupted."""
         what = f"{content}" if content else f"{url}|{size}"
         part = self.store.tmp / f"site-{hashlib.sha256(what.encode()).hexdigest()[:32]}.part"
-        if size == 0:
+        if size == 0 or content is None:
+            # (bytes of unknown identity from before: perhaps another version; start over)
             await self._io(part.write_bytes, b"")
         for _ in range(self.sub.attempts):
             backoff = self.sub.retry_seconds
-            total = size
+            total, version = size, Version()
             while total is None or (have := await self._io(_size, part)) < total:
                 try:
-                    total = await self._fetch(client, url, part, await self._io(_size, part), total)
-                    backoff = self.sub.retry_seconds
+                    have = await self._io(_size, part)
+                    total = await self._fetch(client, url, part, have, total, version)
+                    backoff, self.error = self.sub.retry_seconds, None
                 except httpx.TransportError as e:  # the link dropped: go on from here
-                    log.info("%s: %s; resuming", url, type(e).__name__)
+                    self.error = f"{url}: {e}"
+                    log.info("%s: %s; resuming", url, e)
                     await anyio.sleep(backoff)
                     backoff = min(self.sub.max_retry_seconds, backoff * 2)
             digest = base64.b64encode(await self._io(_sha512, part)).decode("ascii")
@@ -362,11 +386,20 @@ class Follower:
         raise TransferFailed(f"corrupted {self.sub.attempts} times: given up")
 
     async def _fetch(
-        self, client: httpx.AsyncClient, url: str, part: Path, have: int, size: int | None
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        part: Path,
+        have: int,
+        size: int | None,
+        version: Version,
     ) -> int:
         """Append what the other end sends from `have` on; returns the object's size (as
-        announced, else as the answer says, else as read to its end)."""
+        announced, else as the answer says, else as read to its end). A resume is asked
+        `If-Range` the version first sent, so a changed object starts over, never spliced."""
         headers = self._headers() | ({"range": f"bytes={have}-"} if have else {})
+        if have and version.validator:
+            headers["if-range"] = version.validator
         timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
         async with client.stream("GET", url, headers=headers, timeout=timeout) as r:
             if r.status_code in (401, 408, 429) or r.status_code >= 500:
@@ -377,6 +410,7 @@ class Follower:
             total = size
             if r.status_code == 200:
                 have = 0  # (it sent the whole: start over)
+                version.validator = r.headers.get("etag") or r.headers.get("last-modified")
                 if total is None and r.headers.get("content-length", "").isdigit():
                     total = int(r.headers["content-length"])
             else:

@@ -123,6 +123,26 @@ def test_no_config_is_the_embedded_default():
             {"FDP_SERVER__PORT": "abc"},
             "server.port (from FDP_SERVER__PORT): Input should be a valid integer",
         ),
+        (
+            "subscriptions: [{feed: 'http://c/feed', broker: 'mqtt://b'}]",
+            {},
+            "give either 'feed' (an fdp's /feed) or 'broker' (mqtt://...)",
+        ),
+        (
+            "subscriptions: [{broker: 'mqtt://b'}]",
+            {},
+            "a broker's messages need 'fetch_from'",
+        ),
+        (
+            "subscriptions: [{feed: 'http://c/feed'}, {feed: 'http://c/feed'}]",
+            {},
+            "subscriptions: Value error, each feed or broker once",
+        ),
+        (
+            "announce: {keep_hours: 1, harvest: {every_seconds: 3600}}",
+            {},
+            "harvest.every_seconds: at most half of keep_hours",
+        ),
         ("cache: [1, 2]", {}, "cache: Input should be a valid dictionary"),
         ("- just\n- a list", {}, "expected a mapping at the top level"),
         ("cache: {store: [unclosed", {}, "line 1, column"),

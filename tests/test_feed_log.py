@@ -96,7 +96,8 @@ def test_the_publisher_stops_within_a_page_when_its_lease_is_lost(tmp_path):
 
     anyio.run(publish)
     assert len(broker.topics) == 2  # not the page's other three
-    assert log.mark(ROLE) == ids[1] and publisher.mark == ids[1]
+    assert publisher.mark == ids[1]
+    assert log.mark(ROLE) is None  # the holder's place is not moved by one that lost it
     log.close()
 
 
@@ -112,3 +113,24 @@ def test_clean_tmp_keeps_a_site_transfer_longer(tmp_path):
     assert store.clean_tmp(sites_older_than=48 * HOUR) == 1
     assert not site.exists()
     store.close()
+
+
+def test_both_logs_know_what_a_harvest_saw_for_the_window_after_it_was_last_seen(
+    tmp_path, redis_url
+):
+    """`known`: new names once; a name not seen for the window is forgotten, in its own
+    dataset only, so it is new again (the same in SQLite and in Redis)."""
+    window = 0.5
+    for feed in (
+        SqliteLog(tmp_path / "feed.sqlite", window, 1000),
+        RedisLog(fresh_redis(redis_url), window, 1000, 5.0),
+    ):
+        assert feed.known("d", ["a", "b"]) == ["a", "b"]
+        assert feed.known("e", ["a"]) == ["a"]  # (another dataset's names are its own)
+        assert feed.known("d", ["a", "b", "c"]) == ["c"]
+        time.sleep(window / 2)
+        assert feed.known("d", ["a"]) == []  # seen again: kept a window from now
+        time.sleep(window / 2 + 0.1)
+        assert feed.known("d", ["a", "b"]) == ["b"]  # b was last seen over a window ago
+        assert feed.known("e", ["a"]) == ["a"]
+        feed.close()

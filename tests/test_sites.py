@@ -16,6 +16,8 @@ from tests.harness.mqtt import publish, start_mosquitto, wait_until
 from tests.harness.procs import PYTHON, ServerProcess, free_port, http_ok
 from tests.test_feed import OBJECTS, events, feed, sha512, take
 
+COD = {"method": "cod", "value": "sha512"}
+
 CAP = 4_000_000  # bytes a second: the site's share of the link
 
 
@@ -247,9 +249,22 @@ def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc
                 "size": 1,
             }
             before = len(upstream.data_requests())
-            publish(port, "xpublic/v03/field", json.dumps(lie))
+            lies = [
+                lie,
+                # a path below the allowed base (another dataset there), dots, a query
+                {**lie, "baseUrl": f"{to_central.url}/assets/secret/", "identity": COD},
+                {**lie, "baseUrl": f"{to_central.url}/assets/%2e%2e/", "identity": COD},
+                {**lie, "baseUrl": f"{to_central.url}/assets/?", "identity": COD},
+            ]
+            for message in lies:
+                publish(port, "xpublic/v03/field", json.dumps(message))
             publish(port, "xpublic/v03/field", "not json")
-            wait_until(lambda: status(site, ops)["failed"] == 2, 30, "both refused")
+            publish(port, "xpublic/v03/field", "[" * 100_000)  # (too deep for a parser)
+            removal = {**lie, "baseUrl": f"{to_central.url}/assets/", "fileOp": {"remove": ""}}
+            publish(port, "xpublic/v03/field", json.dumps(removal))
+            wait_until(lambda: status(site, ops)["failed"] == 6, 30, "every lie refused")
+            wait_until(lambda: status(site, ops)["skipped"] == 1, 30, "a removal, not fetched")
+            assert "stolen" not in central.proc.log_text()
             assert len(upstream.data_requests()) == before
 
             # the site is away: the broker keeps its messages (a persistent session)
@@ -377,7 +392,7 @@ def test_a_harvest_announces_what_is_new_and_a_site_takes_it(tmp_path):
         assert found.keys() == {f"drops/{rel}" for rel in new}
         for rel in new:
             m = found[f"drops/{rel}"]
-            assert m["identity"] == {"method": "cod", "value": "sha512"}
+            assert m["identity"] == COD
             assert m["baseUrl"] == f"{central.url}/assets/"
             assert "size" not in m  # (a plain listing does not say: the site learns it)
 
