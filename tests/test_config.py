@@ -136,7 +136,7 @@ def test_no_config_is_the_embedded_default():
         (
             "subscriptions: [{feed: 'http://c/feed'}, {feed: 'http://c/feed'}]",
             {},
-            "subscriptions: Value error, each feed or broker once",
+            "(top level): Value error, subscriptions: each feed or broker once",
         ),
         (
             "announce: {keep_hours: 1, harvest: {every_seconds: 3600}}",
