@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -423,7 +423,7 @@ def announce(store: Store, feed: Log, record: ObjectRecord) -> Notice | None:
     if entry is None:
         return None
     log.info("announced %s/%s (%d bytes)", notice.dataset, notice.path, notice.size)
-    return Notice(**{**asdict(notice), "id": entry})
+    return replace(notice, id=entry)
 
 
 def announce_quietly(store: Store, feed: Log, record: ObjectRecord) -> Notice | None:

@@ -304,7 +304,7 @@ class Store:
 
     def block_bytes(self, record: ObjectRecord, index: int) -> bytes | None:
         """Block `index` of the object, read whole (None when it is not cached)."""
-        f = self.held_block(record.key, index) or self.block_file(record.key, index)
+        f = self.block_file(record.key, index)
         if f is None:
             return None
         b0, b1 = record.block_range(index)

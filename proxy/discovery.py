@@ -18,7 +18,6 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -116,7 +115,7 @@ class Harvester:
             entry_id = await anyio.to_thread.run_sync(self.feed.log.append, found[path])
             if entry_id is not None:
                 announced += 1
-                self.feed.announced(replace(found[path], id=entry_id))
+                self.feed.announced(found[path])
         if announced:
             log.info("harvest of %s: %d new objects announced", entry.name, announced)
         return announced

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
@@ -57,19 +58,22 @@ def _digest(request: Request) -> bytes | None:
     return None
 
 
-def _write(f: IO[bytes], digest: Any, chunks: list[bytes]) -> None:
+def _write(f: IO[bytes], digests: tuple[Any, ...], chunks: list[bytes]) -> None:
     for chunk in chunks:
         f.write(chunk)
-        digest.update(chunk)
+        for digest in digests:
+            digest.update(chunk)
 
 
-async def _receive(request: Request, folder: Path, limit: int) -> tuple[Path, str]:
-    """The body in a temporary file beside the cache, and its sha-256; checked."""
+async def _receive(request: Request, folder: Path, limit: int) -> tuple[Path, str, str]:
+    """The body in a temporary file beside the cache, its sha-256 (hex; checked) and its
+    sha-512 (base64, for its announcement: so the object is not read back for it)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise TooLarge(f"an object of at most {limit} bytes")
     fd, name = tempfile.mkstemp(dir=folder, suffix=".upload")
-    path, digest, size, batch = Path(name), hashlib.sha256(), 0, []
+    path, size, batch = Path(name), 0, []
+    digests = digest, sha512 = hashlib.sha256(), hashlib.sha512()
     try:
         with os.fdopen(fd, "wb") as f:
             async for chunk in request.stream():
@@ -78,15 +82,15 @@ async def _receive(request: Request, folder: Path, limit: int) -> tuple[Path, st
                     raise TooLarge(f"an object of at most {limit} bytes")
                 batch.append(chunk)
                 if sum(map(len, batch)) >= WRITE_BATCH:
-                    await anyio.to_thread.run_sync(_write, f, digest, batch)
+                    await anyio.to_thread.run_sync(_write, f, digests, batch)
                     batch = []
-            await anyio.to_thread.run_sync(_write, f, digest, batch)
+            await anyio.to_thread.run_sync(_write, f, digests, batch)
         if declared is not None and size != int(declared):
             raise BadRequest(f"the body had {size} bytes, not the {declared} announced")
         wanted = _digest(request)
         if wanted is not None and wanted != digest.digest():
             raise BadRequest("the body does not match its Content-Digest: not stored")
-        return path, digest.hexdigest()
+        return path, digest.hexdigest(), base64.b64encode(sha512.digest()).decode("ascii")
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)  # (a metadata write: no thread for it, even when cancelled)
@@ -110,18 +114,16 @@ async def put(request: Request) -> Response:
         raise StoreUnavailable("the cache is not available", headers={"retry-after": "30"})
     settings = state.settings
     try:
-        source, sha256 = await _receive(request, store.tmp, int(settings.cache.max_bytes))
+        source, sha256, sha512 = await _receive(request, store.tmp, int(settings.cache.max_bytes))
     except ClientDisconnect:
         return Response(status_code=400)  # (nobody is listening)
     try:
         existed = await anyio.to_thread.run_sync(store.record, object_key(dataset, path))
+        ingest = functools.partial(
+            store.ingest, media_type=request.headers.get("content-type"), sha512=sha512
+        )
         record = await anyio.to_thread.run_sync(
-            store.ingest,
-            dataset,
-            path,
-            source,
-            int(settings.cache.block_size),
-            request.headers.get("content-type"),
+            ingest, dataset, path, source, int(settings.cache.block_size)
         )
     finally:
         with contextlib.suppress(OSError):

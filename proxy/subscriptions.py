@@ -367,9 +367,9 @@ class Follower:
         for _ in range(self.sub.attempts):
             backoff = self.sub.retry_seconds
             total, version = size, Version()
-            while total is None or (have := await self._io(_size, part)) < total:
+            have = await self._io(_size, part)
+            while total is None or have < total:
                 try:
-                    have = await self._io(_size, part)
                     total = await self._fetch(client, url, part, have, total, version)
                     backoff, self.error = self.sub.retry_seconds, None
                 except httpx.TransportError as e:  # the link dropped: go on from here
@@ -377,6 +377,7 @@ class Follower:
                     log.info("%s: %s; resuming", url, e)
                     await anyio.sleep(backoff)
                     backoff = min(self.sub.max_retry_seconds, backoff * 2)
+                have = await self._io(_size, part)
             digest = base64.b64encode(await self._io(_sha512, part)).decode("ascii")
             if have == total and (content is None or digest == content):
                 return part, digest
