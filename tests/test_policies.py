@@ -329,4 +329,4 @@ def test_worker_processes_follow_edits_in_the_policy_file(upstream, oidc, admin_
         t, streak = time.monotonic(), 0
         while streak < 20:  # both processes, whichever the kernel hands each request to
             streak = streak + 1 if httpx.get(url).status_code == 401 else 0
-            assert time.monotonic() - t < 5, "a worker process still serves the old policy"
+            assert time.monotonic() - t < 10, "a worker process still serves the old policy"
