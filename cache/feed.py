@@ -159,6 +159,9 @@ class Log(Protocol):
     def lease(self, role: str, owner: str, seconds: float) -> bool:
         """Hold `role` (one publisher among processes) for `seconds`; False when another does."""
 
+    def release(self, role: str, owner: str) -> None:
+        """Give `role` up (a process stopping), so another takes it at once."""
+
     def mark(self, role: str, value: str | None = None) -> str | None:
         """Where `role` got to: set it (`value`) or read it."""
 
@@ -271,6 +274,12 @@ class SqliteLog:
             )
             return taken.rowcount == 1
 
+    def release(self, role: str, owner: str) -> None:
+        with self.lock, self.db:
+            self.db.execute(
+                "update marks set owner = null where role = ? and owner = ?", (role, owner)
+            )
+
     def mark(self, role: str, value: str | None = None) -> str | None:
         with self.lock, self.db:
             if value is not None:
@@ -374,6 +383,11 @@ class RedisLog:
             self.client.pexpire(key, ms)
             return True
         return False
+
+    def release(self, role: str, owner: str) -> None:
+        key = f"{self.KEY}:lease:{role}"
+        if (self.client.get(key) or b"").decode() == owner:
+            self.client.delete(key)
 
     def mark(self, role: str, value: str | None = None) -> str | None:
         key = f"{self.KEY}:mark:{role}"

@@ -201,8 +201,6 @@ def cmd_serve(args: argparse.Namespace, demo: bool = False) -> int:
     workers = getattr(args, "workers", 1)
     if workers > 1 and embedded:
         raise SystemExit("fdp: --workers needs a config file (--config or FDP_CONFIG)")
-    if workers > 1 and settings.subscriptions:
-        raise SystemExit("fdp: subscriptions (site mode) run in one process: no --workers")
     # before the demo upstream starts or ./var is written: a second demo leaves the first alone
     check_port(settings.server.host, settings.server.port, demo)
     if workers > 1:

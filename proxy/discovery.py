@@ -26,7 +26,7 @@ import anyio.to_thread
 
 from cache.feed import Notice
 from policies.config import HarvestConfig
-from proxy.feed import Feed
+from proxy.feed import Feed, release
 from proxy.stac.catalog import Catalog
 from proxy.stac.query import Search
 from upstreams.registry import Entry, Registry
@@ -50,6 +50,7 @@ class Harvester:
         self.config, self.registry, self.feed = config, registry, feed
         self.keep_seconds = keep_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.leader = False
         self.public_url = public_url
         #: a listing is read once a look, not once a page
         memo = min(60.0, config.every_seconds / 2)
@@ -67,25 +68,34 @@ class Harvester:
         }
 
     async def run(self) -> None:
-        while True:
-            errors = []
+        try:
+            while True:
+                await self._round()
+        finally:
+            if self.leader:
+                await release(self.feed.log, ROLE, self.owner)
+
+    async def _round(self) -> None:
+        """One look at every dataset, if this process holds the lease."""
+        errors = []
+        try:
+            lease = self.config.every_seconds * 3
+            held = await anyio.to_thread.run_sync(self.feed.log.lease, ROLE, self.owner, lease)
+        except Exception as e:  # the log: the next round tries again
+            held, errors = False, [f"{type(e).__name__}: {e}"]
+        self.leader = held
+        for name in self.config.datasets if held else ():  # (else another process looks)
+            entry = self.registry.entries.get(name)
+            if entry is None:
+                continue
             try:
-                lease = self.config.every_seconds * 3
-                held = await anyio.to_thread.run_sync(self.feed.log.lease, ROLE, self.owner, lease)
-            except Exception as e:  # the log: the next round tries again
-                held, errors = False, [f"{type(e).__name__}: {e}"]
-            for name in self.config.datasets if held else ():  # (else another process looks)
-                entry = self.registry.entries.get(name)
-                if entry is None:
-                    continue
-                try:
-                    self.found += await self.look(entry)
-                except Exception as e:  # the provider, the log: the next look tries again
-                    errors.append(f"{name}: {type(e).__name__}: {e}")
-                    log.warning("harvest: %s", errors[-1])
-            self.error = "; ".join(errors) or None
-            self.looks += held
-            await anyio.sleep(self.config.every_seconds)
+                self.found += await self.look(entry)
+            except Exception as e:  # the provider, the log: the next look tries again
+                errors.append(f"{name}: {type(e).__name__}: {e}")
+                log.warning("harvest: %s", errors[-1])
+        self.error = "; ".join(errors) or None
+        self.looks += held
+        await anyio.sleep(self.config.every_seconds)
 
     async def look(self, entry: Entry) -> int:
         """Read the catalogue (up to `max_items` objects) and announce the names new there;

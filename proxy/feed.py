@@ -42,6 +42,16 @@ STREAM_SECONDS = 3600.0
 PING_SECONDS = 15
 
 
+async def release(log_: Log, role: str, owner: str) -> None:
+    """Give a lease up as this process stops (so another takes over now, not when the lease
+    runs out); shielded, as shutdown cancels the caller, and bounded."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        try:
+            await anyio.to_thread.run_sync(log_.release, role, owner, abandon_on_cancel=True)
+        except (sqlite3.Error, redis.RedisError, OSError) as e:
+            log.warning("lease %s not released (%s): it runs out", role, type(e).__name__)
+
+
 class FeedUnavailable(ProxyError):
     status, slug = 503, "feed-unavailable"
 

@@ -30,7 +30,7 @@ from prometheus_client import Counter
 from cache.feed import topic, v03
 from policies.config import AnnounceConfig
 from policies.model import SecretFileError
-from proxy.feed import PAGE, Feed, FeedUnavailable
+from proxy.feed import PAGE, Feed, FeedUnavailable, release
 
 log = logging.getLogger("fdp.feed")
 
@@ -108,6 +108,13 @@ class Publisher:
         )
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self.leader:
+                await release(self.feed.log, ROLE, self.owner)
+
+    async def _run(self) -> None:
         backoff = 1.0
         while True:
             try:

@@ -11,9 +11,11 @@ announced here too, so the site's own subscribers see it.
 The place in a feed (the last event whose object is settled, in feed order) is kept in the
 local announcement log; a broker keeps it in a persistent MQTT session (messages are
 acknowledged in order once settled, so a crash gets them again). Either way a restart or
-hours offline resume where they were. Reconnections back off from `retry_seconds` to
-`max_retry_seconds`. Transfers go only to the feed's origin, or the `fetch_from` URLs of a
-broker subscription: an announcement cannot send this fdp, and its token, elsewhere.
+hours offline resume where they were. One process follows each subscription (a lease in the
+log, released when it stops): `--workers` and replicas transfer each object once.
+Reconnections back off from `retry_seconds` to `max_retry_seconds`. Transfers go only to the
+feed's origin, or the `fetch_from` URLs of a broker subscription: an announcement cannot
+send this fdp, and its token, elsewhere.
 
 An announcement whose identity is `cod` (calculate on download: a harvest found the object
 and nobody has read it yet) is transferred when this name is not here, and its sha-512
@@ -32,6 +34,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import ssl
 import uuid
 from collections import OrderedDict
@@ -52,6 +55,7 @@ from cache.feed import Announcer, Log, announce_quietly, topic_level
 from cache.store import ObjectRecord, Store, object_key
 from policies.config import Settings, Subscription
 from policies.pacing import Pace
+from proxy.feed import release
 from upstreams.base import BadPath, safe_key
 from upstreams.registry import Registry
 
@@ -61,6 +65,8 @@ CHUNK = 256 * 1024
 #: the feed pings every 15 s: a silent minute is a dead link
 READ_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
+#: one process follows a subscription; another takes over this long after it stops renewing
+LEASE_SECONDS = 30.0
 
 
 @dataclass
@@ -116,7 +122,8 @@ class Follower:
         self._pending: OrderedDict[str, bool] = OrderedDict()
         #: transfers under way by content: a second name of it waits, then twins
         self._content: dict[str, asyncio.Event] = {}
-        self.connected = False
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.leader = self.connected = False
         self.error: str | None = None
         self.counts = dict.fromkeys(
             ("transferred", "twinned", "present", "skipped", "corrupted", "failed"), 0
@@ -126,6 +133,7 @@ class Follower:
     def public(self) -> dict[str, Any]:
         return {
             "feed": self.url,
+            "following": self.leader,
             "connected": self.connected,
             "error": self.error,
             "bytes": self.bytes,
@@ -139,6 +147,38 @@ class Follower:
         return {"authorization": f"Bearer {token}"} if token else {}
 
     async def run(self, client: httpx.AsyncClient) -> None:
+        """Follow while this process holds the subscription's lease: one follower among the
+        `--workers` processes (and replicas) that share the announcement log."""
+        try:
+            while True:
+                if await self._lease():
+                    async with anyio.create_task_group() as held:
+                        held.start_soon(self._keep_lease, held.cancel_scope)
+                        await self._follow_on(client)
+                await anyio.sleep(LEASE_SECONDS / 3)
+        finally:
+            if self.leader:
+                await release(self.feed, self.role, self.owner)
+
+    async def _lease(self) -> bool:
+        try:
+            self.leader = await self._io(self.feed.lease, self.role, self.owner, LEASE_SECONDS)
+        except Exception as e:  # the log: not held, tried again
+            self.leader, self.error = False, f"{type(e).__name__}: {e}"
+        return self.leader
+
+    async def _keep_lease(self, following: anyio.CancelScope) -> None:
+        """Renew the lease; if another process took it (this one was frozen for longer than
+        the lease), stop following: the place kept is where the other one goes on."""
+        while True:
+            await anyio.sleep(LEASE_SECONDS / 3)
+            if not await self._lease():
+                break
+        log.warning("%s: the lease went to another process; not following here", self.url)
+        self.connected = False
+        following.cancel()
+
+    async def _follow_on(self, client: httpx.AsyncClient) -> None:
         backoff = self.sub.retry_seconds
         async with anyio.create_task_group() as transfers:
             while True:

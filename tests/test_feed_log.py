@@ -1,6 +1,7 @@
 """The announcement log's edges: a Redis page of stale entries is read past, a recreated
 SQLite log's ids stay above the old ones, the publisher gives up within a page when its lease
-is lost, and a site's partial transfer outlives a long link outage in the store's tmp."""
+is lost, a released lease passes on at once, and a site's partial transfer outlives a long link
+outage in the store's tmp."""
 
 from __future__ import annotations
 
@@ -133,4 +134,23 @@ def test_both_logs_know_what_a_harvest_saw_for_the_window_after_it_was_last_seen
         time.sleep(window / 2 + 0.1)
         assert feed.known("d", ["a", "b"]) == ["b"]  # b was last seen over a window ago
         assert feed.known("e", ["a"]) == ["a"]
+        feed.close()
+
+
+def test_both_logs_hand_a_released_lease_over_at_once(tmp_path, redis_url):
+    """A lease is one holder's until it runs out or the holder releases it (a process
+    stopping); another holder's release changes nothing."""
+    for feed in (
+        SqliteLog(tmp_path / "feed.sqlite", HOUR, 1000),
+        RedisLog(fresh_redis(redis_url), HOUR, 1000, 5.0),
+    ):
+        assert feed.lease("role", "one", 60) and feed.lease("role", "one", 60)  # (renewed)
+        assert not feed.lease("role", "two", 60)
+        feed.release("role", "two")  # not its own: held still
+        assert not feed.lease("role", "two", 60)
+        feed.release("role", "one")
+        assert feed.lease("role", "two", 60)
+        assert not feed.lease("role", "one", 60)
+        feed.release("unheld", "one")
+        assert feed.lease("unheld", "two", 60)
         feed.close()

@@ -3,7 +3,9 @@ that throttles, cuts and corrupts) and keeps what it selects."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
 import time
 from typing import Any
 
@@ -151,6 +153,8 @@ def test_a_site_keeps_what_it_selected_over_a_poor_link(upstream, oidc, tmp_path
             site.proc.stop()
             before = central.proc.log_text().count("GET /assets/field/")
             site.proc.start()
+            # following at once: the stopped process released its lease (else 30 s)
+            wait_until(lambda: status(site)["connected"], 10, "the restarted site following")
             upload("copies/four.csv", b"after the restart\n")
             transferred(1, "the first announcement after the restart")
             after = central.proc.log_text().count("GET /assets/field/")
@@ -416,3 +420,71 @@ def test_a_harvest_announces_what_is_new_and_a_site_takes_it(tmp_path):
         (root / "new" / "three.bin").write_bytes(b"3")
         wait_until(lambda: harvest()["found"] == 3, 30, "only the third")
         assert harvest()["error"] is None
+
+
+def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream, tmp_path):
+    """`fdp serve --workers 2` at a site: one process holds the subscription's lease and
+    transfers each object once; when the lease goes elsewhere it stops following, and a
+    process takes over from the place kept."""
+    files = {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}
+    central = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "central" / "cache")},
+            "datasets": {"field": {"upstream": files}},
+        },
+        tmp_path / "central",
+        name="central",
+    )
+    feed_url = f"{central.url}/feed"
+    site = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "site" / "cache")},
+            "datasets": {"field": {"upstream": {"fdp": {"base_url": central.url}}}},
+            "subscriptions": [{"feed": feed_url, "retry_seconds": 0.2, "max_retry_seconds": 1}],
+        },
+        tmp_path / "site",
+        "--workers",
+        "2",
+        name="site",
+    )
+    role = "subscription:" + hashlib.sha256(feed_url.encode()).hexdigest()[:16]
+
+    def statuses() -> list[dict[str, Any]]:  # whichever process each request reaches
+        return [status(site) for _ in range(12)]
+
+    def lease(owner: str, until: float) -> None:
+        with sqlite3.connect(tmp_path / "site" / "feed.sqlite") as db:
+            db.execute("update marks set owner = ?, until = ? where role = ?", (owner, until, role))
+
+    with central.proc, site.proc:
+        wait_until(lambda: any(s["connected"] for s in statuses()), 30, "a follower")
+        for path in OBJECTS[:2]:
+            assert httpx.get(f"{central.url}/assets/field/{path}", timeout=30).status_code == 200
+        wait_until(
+            lambda: any(s["transferred"] == 2 for s in statuses()), 60, "both objects at the site"
+        )
+        seen = statuses()
+        assert all(s["following"] == (s["transferred"] == 2) for s in seen), seen
+        for path in OBJECTS[:2]:
+            assert len(central_gets(central, f"/assets/field/{path}")) == 2  # ours + the site's
+
+        lease("another site process", time.time() + 3600)  # it went elsewhere
+        wait_until(
+            lambda: not any(s["following"] or s["connected"] for s in statuses()),
+            30,
+            "the follower stopping",
+        )
+        path = OBJECTS[2]
+        assert httpx.get(f"{central.url}/assets/field/{path}", timeout=30).status_code == 200
+        time.sleep(1)  # (a follower would have begun: the feed wakes at once)
+        assert len(central_gets(central, f"/assets/field/{path}")) == 1  # nobody follows
+
+        lease("another site process", 0)  # that process died: its lease ran out
+        wait_until(
+            lambda: len(central_gets(central, f"/assets/field/{path}")) == 2, 30, "a takeover"
+        )
+        r = httpx.get(f"{site.url}/assets/field/{path}", timeout=30)
+        assert r.status_code == 200 and r.content == upstream.file(f"demo-cogs/{path}")
+        assert len(central_gets(central, f"/assets/field/{path}")) == 2  # from the site's cache
+        for earlier in OBJECTS[:2]:  # the place was kept: nothing fetched again
+            assert len(central_gets(central, f"/assets/field/{earlier}")) == 2
