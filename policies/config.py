@@ -238,6 +238,10 @@ class Subscription(Broker):
     max_retry_seconds: float = Field(300.0, gt=0, le=86400)
     #: transfers of an object whose bytes do not match its identity, before it is given up
     attempts: int = Field(5, ge=1, le=100)
+    #: an object the other side keeps failing (down for it, refusing: 401, 408, 429, 5xx, a
+    #: dropped link) this long with no byte gained is set aside and tried again apart, so it
+    #: holds neither a transfer slot nor the place in the feed (kept `session_hours`)
+    set_aside_seconds: float = Field(600.0, ge=0, le=86400)
     #: how long the broker keeps this site's messages while it is away (MQTT session expiry)
     session_hours: float = Field(48.0, gt=0, le=24 * 366)
 

@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -56,6 +57,7 @@ from cache.store import ObjectRecord, Store, object_key
 from policies.config import Settings, Subscription
 from policies.pacing import Pace
 from proxy.feed import release
+from proxy.setaside import SetAsideList
 from upstreams.base import BadPath, safe_key
 from upstreams.registry import Registry
 
@@ -78,6 +80,10 @@ class Version:
 
 class TransferFailed(Exception):
     """This object cannot be had now (gone there, refused, or corrupted every time)."""
+
+
+class Stalled(Exception):
+    """The other side has failed this transfer for longer than the patience given it."""
 
 
 async def _events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -128,6 +134,10 @@ class Follower:
         self.counts = dict.fromkeys(
             ("transferred", "twinned", "present", "skipped", "corrupted", "failed"), 0
         )
+        self.set_aside = SetAsideList(store.root / "set-aside" / self.role.partition(":")[2])
+        #: objects in that list now (shown in status), and a wake-up when one is added
+        self.waiting = 0
+        self._put_aside = asyncio.Event()
         self.bytes = 0
 
     def public(self) -> dict[str, Any]:
@@ -138,6 +148,7 @@ class Follower:
             "error": self.error,
             "bytes": self.bytes,
             **self.counts,
+            "set_aside": self.waiting,
         }
 
     # -- following --------------------------------------------------------------------------
@@ -154,6 +165,7 @@ class Follower:
                 if await self._lease():
                     async with anyio.create_task_group() as held:
                         held.start_soon(self._keep_lease, held.cancel_scope)
+                        held.start_soon(self._retry_set_aside, client)
                         await self._follow_on(client)
                 await anyio.sleep(LEASE_SECONDS / 3)
         finally:
@@ -223,12 +235,45 @@ class Follower:
 
     async def _try(self, client: httpx.AsyncClient, message: dict) -> None:
         try:
-            await self._take(client, message)
+            await self._take(client, message, self.sub.set_aside_seconds)
+        except Stalled as e:  # (its slot and the feed's place go on without it)
+            log.warning("%s: %s; set aside, tried again later", message.get("relPath"), e)
+            await self._io(self.set_aside.put, message)
+            self.waiting = await self._io(self.set_aside.count)
+            self._put_aside.set()
         except Exception as e:  # one object's trouble never stops the subscription
             self.counts["failed"] += 1
             log.warning("%s: %s: %s", message.get("relPath"), type(e).__name__, e)
         finally:
             self.slots.release()
+
+    async def _retry_set_aside(self, client: httpx.AsyncClient) -> None:
+        """Try the set-aside objects again, oldest first, one go each (backing off while
+        none succeeds); one set aside longer than `session_hours` is given up."""
+        wait = self.sub.retry_seconds
+        while True:
+            entries = await self._io(self.set_aside.entries)
+            self.waiting = len(entries)
+            if not entries:
+                await self._put_aside.wait()
+                self._put_aside.clear()
+                wait = self.sub.retry_seconds
+                continue
+            await anyio.sleep(wait)
+            wait = min(self.sub.max_retry_seconds, wait * 2)
+            for entry in entries:
+                async with self.slots:
+                    try:
+                        if time.time() - entry.since > self.sub.session_hours * 3600:
+                            raise TransferFailed("set aside too long: given up")
+                        await self._take(client, entry.message, 0.0)
+                    except Stalled:
+                        continue  # (kept for the next round)
+                    except Exception as e:
+                        self.counts["failed"] += 1
+                        log.warning("%s: %s", entry.message.get("relPath"), e)
+                    await self._io(self.set_aside.remove, entry)
+                    wait = self.sub.retry_seconds
 
     def _client_id(self) -> str:
         """A broker knows this site by a name made once and kept in the local log: it
@@ -316,7 +361,9 @@ class Follower:
             return base + name
         raise TransferFailed(f"baseUrl {base!r} is not one of fetch_from")
 
-    async def _take(self, client: httpx.AsyncClient, message: dict) -> None:
+    async def _take(self, client: httpx.AsyncClient, message: dict, patience: float) -> None:
+        """Settle one announcement: present, twinned, transferred or skipped; Stalled when
+        the other side keeps failing it for `patience` seconds."""
         try:
             dataset, _, path = message["relPath"].partition("/")
             identity = message.get("identity") or {}
@@ -352,7 +399,7 @@ class Follower:
             if content is not None and await self._twin(content, dataset, path):
                 return
             url = self._source(dataset, path, message)
-            part, sha512 = await self._transfer(client, url, size, content)
+            part, sha512 = await self._transfer(client, url, size, content, patience)
             try:
                 ingest = functools.partial(
                     self.store.ingest, media_type=message.get("contentType"), sha512=sha512
@@ -394,11 +441,17 @@ class Follower:
     # -- one transfer -----------------------------------------------------------------------
 
     async def _transfer(
-        self, client: httpx.AsyncClient, url: str, size: int | None, content: str | None
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        size: int | None,
+        content: str | None,
+        patience: float,
     ) -> tuple[Path, str]:
         """The object in a file beside the cache and its sha-512 (base64), checked against
         the announced one; resumed across drops (the partial file is named by what is
-        announced), fetched anew when corrupted."""
+        announced), fetched anew when corrupted. Stalled after `patience` seconds of
+        failures with no byte gained."""
         what = f"{content}" if content else f"{url}|{size}"
         part = self.store.tmp / f"site-{hashlib.sha256(what.encode()).hexdigest()[:32]}.part"
         if size == 0 or content is None:
@@ -408,16 +461,22 @@ class Follower:
             backoff = self.sub.retry_seconds
             total, version = size, Version()
             have = await self._io(_size, part)
+            failing = None  # since when, with no byte gained
             while total is None or have < total:
                 try:
                     total = await self._fetch(client, url, part, have, total, version)
                     backoff, self.error = self.sub.retry_seconds, None
                 except httpx.TransportError as e:  # the link dropped: go on from here
                     self.error = f"{url}: {e}"
+                    failing = anyio.current_time() if failing is None else failing
+                    if anyio.current_time() - failing >= patience:
+                        raise Stalled(str(e)) from None
                     log.info("%s: %s; resuming", url, e)
                     await anyio.sleep(backoff)
                     backoff = min(self.sub.max_retry_seconds, backoff * 2)
-                have = await self._io(_size, part)
+                before, have = have, await self._io(_size, part)
+                if have > before:
+                    failing = None
             digest = base64.b64encode(await self._io(_sha512, part)).decode("ascii")
             if have == total and (content is None or digest == content):
                 return part, digest

@@ -488,3 +488,71 @@ def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream
         assert len(central_gets(central, f"/assets/field/{path}")) == 2  # from the site's cache
         for earlier in OBJECTS[:2]:  # the place was kept: nothing fetched again
             assert len(central_gets(central, f"/assets/field/{earlier}")) == 2
+
+
+def test_an_object_the_other_side_keeps_failing_is_set_aside_not_in_the_way(upstream, tmp_path):
+    """[fault: the source answers 503 for one object, for as long as it likes] With one
+    transfer slot and in-order acknowledgements, that object would stop the whole feed; set
+    aside after `set_aside_seconds`, it lets the rest through, outlives a restart (its
+    message was acknowledged: the broker will not send it again) and is taken once the
+    source serves it."""
+    broker, port = start_mosquitto(tmp_path)
+    base = f"{upstream.url}/data/"
+    site = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "site" / "cache")},
+            "datasets": {"demo-cogs": {"upstream": {"http": {"base_url": f"{base}demo-cogs/"}}}},
+            "subscriptions": [
+                {
+                    "broker": f"mqtt://127.0.0.1:{port}",
+                    "fetch_from": [base],
+                    "concurrency": 1,
+                    "retry_seconds": 0.2,
+                    "max_retry_seconds": 0.5,
+                    "set_aside_seconds": 1,
+                }
+            ],
+        },
+        tmp_path / "site",
+        name="site",
+    )
+    stuck, others = OBJECTS[0], [OBJECTS[2], OBJECTS[4]]
+
+    def announce(path: str) -> None:
+        body = upstream.file(f"demo-cogs/{path}")
+        message = {
+            "pubTime": "20261122T000000.000",
+            "baseUrl": base,
+            "relPath": f"demo-cogs/{path}",
+            "identity": {"method": "sha512", "value": sha512(body)},
+            "size": len(body),
+        }
+        publish(port, f"xpublic/v03/demo-cogs/{path.rsplit('/', 1)[0]}", json.dumps(message))
+
+    def asked(path: str) -> list[dict[str, Any]]:
+        return upstream.log(f"/data/demo-cogs/{path}")
+
+    with broker, site.proc:
+        wait_until(lambda: status(site)["connected"], 30, "the site following the broker")
+        upstream.reset()
+        upstream.fault(f"^/data/demo-cogs/{stuck}", status=503)
+        for path in [stuck, *others]:
+            announce(path)
+        wait_until(
+            lambda: status(site)["transferred"] == 2 and status(site)["set_aside"] == 1,
+            30,
+            "the others taken, the failing one set aside",
+        )
+        assert [len(asked(p)) for p in others] == [1, 1]
+        assert len(asked(stuck)) >= 2  # tried, refused, tried again
+
+        site.proc.stop()  # the list is kept on disk; the broker has nothing to send again
+        site.proc.start()
+        wait_until(lambda: status(site)["set_aside"] == 1, 30, "the list after the restart")
+        upstream.reset()  # the source serves it again
+        wait_until(lambda: status(site)["set_aside"] == 0, 30, "the set-aside object taken")
+        s = status(site)
+        assert (s["transferred"], s["failed"]) == (1, 0), s
+        r = httpx.get(f"{site.url}/assets/demo-cogs/{stuck}", timeout=30)
+        assert r.status_code == 200 and r.content == upstream.file(f"demo-cogs/{stuck}")
+        assert len(asked(stuck)) == 1 and not any(asked(p) for p in others)
