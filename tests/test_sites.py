@@ -490,15 +490,11 @@ def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream
             assert len(central_gets(central, f"/assets/field/{earlier}")) == 2
 
 
-def test_an_object_the_other_side_keeps_failing_is_set_aside_not_in_the_way(upstream, tmp_path):
-    """[fault: the source answers 503 for one object, for as long as it likes] With one
-    transfer slot and in-order acknowledgements, that object would stop the whole feed; set
-    aside after `set_aside_seconds`, it lets the rest through, outlives a restart (its
-    message was acknowledged: the broker will not send it again) and is taken once the
-    source serves it."""
-    broker, port = start_mosquitto(tmp_path)
+def _broker_site(upstream: Any, port: int, tmp_path: Any, **subscription: Any) -> Any:
+    """A site following the broker's `demo-cogs` messages, fetching from the demo upstream
+    (a source with faults of its own), not started."""
     base = f"{upstream.url}/data/"
-    site = fdp_serve(
+    return fdp_serve(
         {
             "cache": {"store": str(tmp_path / "site" / "cache")},
             "datasets": {"demo-cogs": {"upstream": {"http": {"base_url": f"{base}demo-cogs/"}}}},
@@ -506,28 +502,42 @@ def test_an_object_the_other_side_keeps_failing_is_set_aside_not_in_the_way(upst
                 {
                     "broker": f"mqtt://127.0.0.1:{port}",
                     "fetch_from": [base],
-                    "concurrency": 1,
                     "retry_seconds": 0.2,
                     "max_retry_seconds": 0.5,
-                    "set_aside_seconds": 1,
+                    **subscription,
                 }
             ],
         },
         tmp_path / "site",
         name="site",
     )
+
+
+def _announce(upstream: Any, port: int, path: str, identity: str | None) -> None:
+    """A v03 message for a demo object at the upstream: its sha-512, or `cod` (None)."""
+    body = upstream.file(f"demo-cogs/{path}")
+    message = {
+        "pubTime": "20261122T000000.000",
+        "baseUrl": f"{upstream.url}/data/",
+        "relPath": f"demo-cogs/{path}",
+        "identity": {"method": "sha512", "value": identity} if identity else COD,
+        "size": len(body),
+    }
+    publish(port, f"xpublic/v03/demo-cogs/{path.rsplit('/', 1)[0]}", json.dumps(message))
+
+
+def test_an_object_the_other_side_keeps_failing_is_set_aside_not_in_the_way(upstream, tmp_path):
+    """[fault: the source answers 503 for one object, for as long as it likes] With one
+    transfer slot and in-order acknowledgements, that object would stop the whole feed; set
+    aside after `set_aside_seconds`, it lets the rest through, outlives a restart (its
+    message was acknowledged: the broker will not send it again) and is taken once the
+    source serves it."""
+    broker, port = start_mosquitto(tmp_path)
+    site = _broker_site(upstream, port, tmp_path, concurrency=1, set_aside_seconds=1)
     stuck, others = OBJECTS[0], [OBJECTS[2], OBJECTS[4]]
 
     def announce(path: str) -> None:
-        body = upstream.file(f"demo-cogs/{path}")
-        message = {
-            "pubTime": "20261122T000000.000",
-            "baseUrl": base,
-            "relPath": f"demo-cogs/{path}",
-            "identity": {"method": "sha512", "value": sha512(body)},
-            "size": len(body),
-        }
-        publish(port, f"xpublic/v03/demo-cogs/{path.rsplit('/', 1)[0]}", json.dumps(message))
+        _announce(upstream, port, path, sha512(upstream.file(f"demo-cogs/{path}")))
 
     def asked(path: str) -> list[dict[str, Any]]:
         return upstream.log(f"/data/demo-cogs/{path}")
@@ -556,3 +566,25 @@ def test_an_object_the_other_side_keeps_failing_is_set_aside_not_in_the_way(upst
         r = httpx.get(f"{site.url}/assets/demo-cogs/{stuck}", timeout=30)
         assert r.status_code == 200 and r.content == upstream.file(f"demo-cogs/{stuck}")
         assert len(asked(stuck)) == 1 and not any(asked(p) for p in others)
+
+
+def test_a_cod_and_a_checksummed_announcement_of_one_object_transfer_it_once(upstream, tmp_path):
+    """A harvest's `cod` announcement and the fill's sha-512 one of the same object arrive
+    together: the second waits for the first's transfer (one per name at a time), then
+    finds the object present: one transfer."""
+    broker, port = start_mosquitto(tmp_path)
+    site = _broker_site(upstream, port, tmp_path, concurrency=2)
+    path = OBJECTS[1]  # 3.6 MB, slowed to seconds: the second arrives mid-transfer
+    body = upstream.file(f"demo-cogs/{path}")
+    with broker, site.proc:
+        wait_until(lambda: status(site)["connected"], 30, "the site following the broker")
+        upstream.reset()
+        upstream.fault(f"^/data/demo-cogs/{path}", chunk_delay=0.1)
+        _announce(upstream, port, path, None)
+        wait_until(lambda: status(site)["bytes"] > 0, 30, "the cod transfer under way")
+        _announce(upstream, port, path, sha512(body))
+        wait_until(lambda: status(site)["present"] == 1, 60, "the second finding it present")
+        assert status(site)["transferred"] == 1
+        assert len(upstream.log(f"/data/demo-cogs/{path}")) == 1
+        r = httpx.get(f"{site.url}/assets/demo-cogs/{path}", timeout=30)
+        assert r.status_code == 200 and r.content == body
