@@ -422,6 +422,46 @@ def test_a_harvest_announces_what_is_new_and_a_site_takes_it(tmp_path):
         assert harvest()["error"] is None
 
 
+def test_a_harvest_after_longer_than_the_window_only_learns_again(tmp_path):
+    """Names seen are kept for the window (`keep_hours`): a look after a longer absence
+    cannot tell new from forgotten, so it announces nothing and learns again."""
+    root = tmp_path / "drops"
+    root.mkdir()
+    (root / "before.bin").write_bytes(b"there before the first look\n")
+    port = free_port()
+    files = ServerProcess(
+        "http.server",
+        [PYTHON, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(port)],
+        log_dir=tmp_path,
+        ready=http_ok(f"http://127.0.0.1:{port}/"),
+    )
+    window = 0.001 * 3600  # keep_hours 0.001: 3.6 s
+    central = fdp_serve(
+        {
+            "cache": {"store": str(tmp_path / "central" / "cache")},
+            "announce": {"keep_hours": 0.001, "harvest": {"datasets": ["d"], "every_seconds": 1}},
+            "datasets": {"d": {"upstream": {"http": {"base_url": f"http://127.0.0.1:{port}/"}}}},
+        },
+        tmp_path / "central",
+        name="central",
+    )
+
+    def harvest() -> dict[str, Any]:
+        return httpx.get(f"{central.url}/status.json").json()["announce"]["harvest"]
+
+    with files, central.proc:
+        wait_until(lambda: harvest()["looks"] >= 1, 30, "the first look")
+        central.proc.stop()
+        time.sleep(window + 1)  # (the absence under test)
+        central.proc.start()
+        wait_until(lambda: harvest()["looks"] >= 2, 30, "two looks after the absence")
+        assert harvest()["found"] == 0  # before.bin, forgotten, is not taken for new
+        (root / "after.bin").write_bytes(b"new\n")
+        wait_until(lambda: harvest()["found"] == 1, 30, "the new one")
+        time.sleep(1.5)  # (a look or two more)
+        assert harvest()["found"] == 1
+
+
 def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream, tmp_path):
     """`fdp serve --workers 2` at a site: one process holds the subscription's lease and
     transfers each object once; when the lease goes elsewhere it stops following, and a
