@@ -375,19 +375,23 @@ class RedisLog:
         self.client.pexpire(key, int(self.keep_seconds * 1000))
         return new
 
+    #: take the lease if free, renew it if this owner's: one step, so never another's
+    LEASE = (
+        "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+    )
+    RELEASE = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
+        "return 0"
+    )
+
     def lease(self, role: str, owner: str, seconds: float) -> bool:
-        key, ms = f"{self.KEY}:lease:{role}", int(seconds * 1000)
-        if self.client.set(key, owner, nx=True, px=ms):
-            return True
-        if (self.client.get(key) or b"").decode() == owner:
-            self.client.pexpire(key, ms)
-            return True
-        return False
+        key = f"{self.KEY}:lease:{role}"
+        return bool(self.client.eval(self.LEASE, 1, key, owner, int(seconds * 1000)))
 
     def release(self, role: str, owner: str) -> None:
-        key = f"{self.KEY}:lease:{role}"
-        if (self.client.get(key) or b"").decode() == owner:
-            self.client.delete(key)
+        self.client.eval(self.RELEASE, 1, f"{self.KEY}:lease:{role}", owner)
 
     def mark(self, role: str, value: str | None = None) -> str | None:
         key = f"{self.KEY}:mark:{role}"

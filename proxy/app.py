@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
+import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -277,6 +278,19 @@ def create_app(
             await anyio.sleep(1.0)
             assets.metrics.publish()
 
+    async def leaseholders(client: httpx.AsyncClient, released: anyio.Event) -> None:
+        """The tasks that hold leases in the announcement log; stopped, they release them."""
+        try:
+            async with anyio.create_task_group() as tg:
+                if publisher is not None:
+                    tg.start_soon(publisher.run)
+                if harvester is not None:
+                    tg.start_soon(harvester.run)
+                for follower in followers:
+                    tg.start_soon(follower.run, client)
+        finally:
+            released.set()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with make_client(registry.timeouts) as client, anyio.create_task_group() as tg:
@@ -308,12 +322,8 @@ def create_app(
             policies.follow()
             tg.start_soon(publish_metrics)
             tg.start_soon(hub.tail)
-            if publisher is not None:
-                tg.start_soon(publisher.run)
-            if harvester is not None:
-                tg.start_soon(harvester.run)
-            for follower in followers:
-                tg.start_soon(follower.run, client)
+            released = anyio.Event()
+            tg.start_soon(leaseholders, client, released)
             tg.start_soon(watch_mirrors, lambda: registry.entries.values(), client)
             if settings.relay.directory is not None:
                 relay = Relay(settings, registry, store, lambda: assets.active)
@@ -324,6 +334,8 @@ def create_app(
                 yield
             finally:
                 tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await released.wait()  # (before the log closes)
                 await queue.close()
                 await anyio.to_thread.run_sync(policies.close)
                 await anyio.to_thread.run_sync(assets.deliveries.close)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,23 +37,32 @@ class SetAsideList:
     def put(self, message: dict[str, Any]) -> None:
         what = json.dumps([message.get("relPath"), message.get("identity")], sort_keys=True)
         file = self.folder / f"{hashlib.sha256(what.encode()).hexdigest()[:32]}.json"
-        if file.exists():
+        if _read(file) is not None:
             return
-        part = file.with_suffix(".part")
-        part.write_text(json.dumps({"message": message, "since": time.time()}))
-        os.replace(part, file)
+        fd, part = tempfile.mkstemp(dir=self.folder, suffix=".part")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"message": message, "since": time.time()}, f)
+                f.flush()
+                os.fsync(f.fileno())  # (the message is acknowledged next: this is its copy)
+            os.replace(part, file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            raise
 
     def entries(self) -> list[SetAside]:
         """Oldest first; files that are not ours (or half written) are skipped."""
-        found = []
-        for file in self.folder.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                doc = json.loads(file.read_text())
-                found.append(SetAside(file, dict(doc["message"]), float(doc["since"])))
+        found = [e for e in map(_read, self.folder.glob("*.json")) if e is not None]
         return sorted(found, key=lambda e: e.since)
 
     def remove(self, entry: SetAside) -> None:
         entry.file.unlink(missing_ok=True)
 
-    def count(self) -> int:
-        return sum(1 for _ in self.folder.glob("*.json"))
+
+def _read(file: Path) -> SetAside | None:
+    try:
+        doc = json.loads(file.read_text())
+        return SetAside(file, dict(doc["message"]), float(doc["since"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

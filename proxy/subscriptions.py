@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import ssl
@@ -72,10 +73,12 @@ LEASE_SECONDS = 30.0
 
 
 @dataclass
-class Version:
-    """What the first answer of a transfer said of its version (`If-Range` for resumes)."""
+class Progress:
+    """What a transfer learned so far: the version its first answer named (`If-Range` for
+    resumes), and the bytes received (a failure after some is not a stall)."""
 
     validator: str | None = None
+    received: int = 0
 
 
 class TransferFailed(Exception):
@@ -162,31 +165,44 @@ class Follower:
         `--workers` processes (and replicas) that share the announcement log."""
         try:
             while True:
-                if await self._lease():
-                    async with anyio.create_task_group() as held:
-                        held.start_soon(self._keep_lease, held.cancel_scope)
-                        held.start_soon(self._retry_set_aside, client)
+                try:
+                    held = await self._lease()
+                except Exception as e:  # the log: tried again
+                    held, self.error = False, f"{type(e).__name__}: {e}"
+                if held:
+                    # (what was under way when the lease was last lost comes again from the
+                    # place kept: nothing of it is pending any more)
+                    self._pending.clear()
+                    async with anyio.create_task_group() as following:
+                        following.start_soon(self._keep_lease, following.cancel_scope)
+                        following.start_soon(self._retry_set_aside, client)
                         await self._follow_on(client)
                 await anyio.sleep(LEASE_SECONDS / 3)
         finally:
-            if self.leader:
-                await release(self.feed, self.role, self.owner)
+            await release(self.feed, self.role, self.owner)  # (only if it is this one's)
 
     async def _lease(self) -> bool:
-        try:
-            self.leader = await self._io(self.feed.lease, self.role, self.owner, LEASE_SECONDS)
-        except Exception as e:  # the log: not held, tried again
-            self.leader, self.error = False, f"{type(e).__name__}: {e}"
+        """Take or renew the lease; False when another process holds it."""
+        self.leader = await self._io(self.feed.lease, self.role, self.owner, LEASE_SECONDS)
         return self.leader
 
     async def _keep_lease(self, following: anyio.CancelScope) -> None:
-        """Renew the lease; if another process took it (this one was frozen for longer than
-        the lease), stop following: the place kept is where the other one goes on."""
+        """Renew the lease; stop following when another process took it (this one was
+        frozen for longer than the lease), or when the log failed every renewal for most
+        of it: the place kept is where the next follower goes on."""
+        renewed = anyio.current_time()
         while True:
             await anyio.sleep(LEASE_SECONDS / 3)
-            if not await self._lease():
-                break
-        log.warning("%s: the lease went to another process; not following here", self.url)
+            try:
+                if not await self._lease():
+                    break
+                renewed = anyio.current_time()
+            except Exception as e:  # the log, for a moment: the lease runs a while yet
+                self.error = f"{type(e).__name__}: {e}"
+                if anyio.current_time() - renewed > LEASE_SECONDS * 2 / 3:
+                    self.leader = False
+                    break
+        log.warning("%s: the lease is lost; not following here", self.url)
         self.connected = False
         following.cancel()
 
@@ -231,15 +247,21 @@ class Follower:
         while self._pending and next(iter(self._pending.values())):
             place, _ = self._pending.popitem(last=False)
         if place is not None:
-            await anyio.to_thread.run_sync(self.feed.mark, self.role, place)
+            try:
+                await anyio.to_thread.run_sync(self.feed.mark, self.role, place)
+            except Exception as e:  # the log: a later settle keeps the place
+                self.error = f"{type(e).__name__}: {e}"
 
     async def _try(self, client: httpx.AsyncClient, message: dict) -> None:
         try:
             await self._take(client, message, self.sub.set_aside_seconds)
         except Stalled as e:  # (its slot and the feed's place go on without it)
             log.warning("%s: %s; set aside, tried again later", message.get("relPath"), e)
-            await self._io(self.set_aside.put, message)
-            self.waiting = await self._io(self.set_aside.count)
+            try:
+                await self._io(self.set_aside.put, message)
+            except OSError as e:  # (a full disk: it is lost to this site)
+                self.counts["failed"] += 1
+                log.error("%s: not set aside: %s", message.get("relPath"), e)
             self._put_aside.set()
         except Exception as e:  # one object's trouble never stops the subscription
             self.counts["failed"] += 1
@@ -248,32 +270,42 @@ class Follower:
             self.slots.release()
 
     async def _retry_set_aside(self, client: httpx.AsyncClient) -> None:
-        """Try the set-aside objects again, oldest first, one go each (backing off while
-        none succeeds); one set aside longer than `session_hours` is given up."""
-        wait = self.sub.retry_seconds
+        """Try the set-aside objects again, one at a time (one slot), each on its own
+        back-off; one set aside longer than `session_hours` is given up."""
+        due: dict[Path, tuple[float, float]] = {}  # file: (when next, the wait after that)
+        first = self.sub.retry_seconds
         while True:
-            entries = await self._io(self.set_aside.entries)
+            try:
+                entries = await self._io(self.set_aside.entries)
+            except OSError as e:
+                entries, self.error = [], f"the set-aside list: {e}"
             self.waiting = len(entries)
-            if not entries:
-                await self._put_aside.wait()
+            now = anyio.current_time()
+            due = {e.file: due.get(e.file, (now + first, first)) for e in entries}
+            ready = [e for e in entries if due[e.file][0] <= now]
+            if not ready:  # (until the soonest is due, or another is set aside)
+                wake = min((when for when, _ in due.values()), default=math.inf)
+                with anyio.move_on_after(wake - now):
+                    await self._put_aside.wait()
                 self._put_aside.clear()
-                wait = self.sub.retry_seconds
                 continue
-            await anyio.sleep(wait)
-            wait = min(self.sub.max_retry_seconds, wait * 2)
-            for entry in entries:
+            for entry in ready:
+                wait = due[entry.file][1]
+                due[entry.file] = (now + wait, min(self.sub.max_retry_seconds, wait * 2))
                 async with self.slots:
                     try:
                         if time.time() - entry.since > self.sub.session_hours * 3600:
                             raise TransferFailed("set aside too long: given up")
                         await self._take(client, entry.message, 0.0)
                     except Stalled:
-                        continue  # (kept for the next round)
+                        continue  # (kept for later)
                     except Exception as e:
                         self.counts["failed"] += 1
                         log.warning("%s: %s", entry.message.get("relPath"), e)
-                    await self._io(self.set_aside.remove, entry)
-                    wait = self.sub.retry_seconds
+                    try:
+                        await self._io(self.set_aside.remove, entry)
+                    except OSError as e:
+                        self.error = f"the set-aside list: {e}"
 
     def _client_id(self) -> str:
         """A broker knows this site by a name made once and kept in the local log: it
@@ -459,24 +491,25 @@ class Follower:
             await self._io(part.write_bytes, b"")
         for _ in range(self.sub.attempts):
             backoff = self.sub.retry_seconds
-            total, version = size, Version()
+            total, progress = size, Progress()
             have = await self._io(_size, part)
             failing = None  # since when, with no byte gained
             while total is None or have < total:
+                received = progress.received
                 try:
-                    total = await self._fetch(client, url, part, have, total, version)
+                    total = await self._fetch(client, url, part, have, total, progress)
                     backoff, self.error = self.sub.retry_seconds, None
                 except httpx.TransportError as e:  # the link dropped: go on from here
                     self.error = f"{url}: {e}"
+                    if progress.received > received:
+                        failing = None
                     failing = anyio.current_time() if failing is None else failing
                     if anyio.current_time() - failing >= patience:
                         raise Stalled(str(e)) from None
                     log.info("%s: %s; resuming", url, e)
                     await anyio.sleep(backoff)
                     backoff = min(self.sub.max_retry_seconds, backoff * 2)
-                before, have = have, await self._io(_size, part)
-                if have > before:
-                    failing = None
+                have = await self._io(_size, part)
             digest = base64.b64encode(await self._io(_sha512, part)).decode("ascii")
             if have == total and (content is None or digest == content):
                 return part, digest
@@ -492,14 +525,14 @@ class Follower:
         part: Path,
         have: int,
         size: int | None,
-        version: Version,
+        progress: Progress,
     ) -> int:
         """Append what the other end sends from `have` on; returns the object's size (as
         announced, else as the answer says, else as read to its end). A resume is asked
         `If-Range` the version first sent, so a changed object starts over, never spliced."""
         headers = self._headers() | ({"range": f"bytes={have}-"} if have else {})
-        if have and version.validator:
-            headers["if-range"] = version.validator
+        if have and progress.validator:
+            headers["if-range"] = progress.validator
         timeout = httpx.Timeout(CONNECT_TIMEOUT, read=READ_TIMEOUT)
         async with client.stream("GET", url, headers=headers, timeout=timeout) as r:
             if r.status_code in (401, 408, 429) or r.status_code >= 500:
@@ -510,7 +543,7 @@ class Follower:
             total = size
             if r.status_code == 200:
                 have = 0  # (it sent the whole: start over)
-                version.validator = r.headers.get("etag") or r.headers.get("last-modified")
+                progress.validator = r.headers.get("etag") or r.headers.get("last-modified")
                 if total is None and r.headers.get("content-length", "").isdigit():
                     total = int(r.headers["content-length"])
             else:
@@ -527,6 +560,7 @@ class Follower:
                         await anyio.sleep(self.pace.book(len(chunk)))
                     await anyio.to_thread.run_sync(f.write, chunk)
                     self.bytes += len(chunk)
+                    progress.received += len(chunk)
                     if total is not None and f.tell() > total:
                         raise TransferFailed(f"{url}: longer than announced")
                 return f.tell() if total is None else total

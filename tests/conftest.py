@@ -38,8 +38,8 @@ class Upstream:
         return self.log("/data/")
 
     def reset(self) -> None:
-        httpx.delete(f"{self.url}/_log").raise_for_status()
-        httpx.delete(f"{self.url}/_faults").raise_for_status()
+        httpx.delete(f"{self.url}/_faults").raise_for_status()  # (then no faulted request
+        httpx.delete(f"{self.url}/_log").raise_for_status()  # is logged after the clearing)
 
     def fault(self, match: str, **spec: Any) -> None:
         httpx.post(f"{self.url}/_faults", json={"match": match, **spec}).raise_for_status()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import subprocess
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ import yaml
 from tests.conftest import fdp_serve
 from tests.harness.link import Link
 from tests.harness.mqtt import publish, start_mosquitto, wait_until
-from tests.harness.procs import PYTHON, ServerProcess, free_port, http_ok
+from tests.harness.procs import BIN, PYTHON, ServerProcess, free_port, http_ok
 from tests.test_feed import OBJECTS, events, feed, sha512, take
 
 COD = {"method": "cod", "value": "sha512"}
@@ -464,8 +465,8 @@ def test_a_harvest_after_longer_than_the_window_only_learns_again(tmp_path):
 
 def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream, tmp_path):
     """`fdp serve --workers 2` at a site: one process holds the subscription's lease and
-    transfers each object once; when the lease goes elsewhere it stops following, and a
-    process takes over from the place kept."""
+    transfers each object once; when the lease goes elsewhere mid-transfer it stops
+    following, and a process takes over from the place kept, the cut transfer included."""
     files = {"http": {"base_url": f"{upstream.url}/data/demo-cogs/"}}
     central = fdp_serve(
         {
@@ -475,11 +476,12 @@ def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream
         tmp_path / "central",
         name="central",
     )
-    feed_url = f"{central.url}/feed"
+    link = Link(int(central.url.rsplit(":", 1)[1]))
+    feed_url = f"{link.url}/feed"
     site = fdp_serve(
         {
             "cache": {"store": str(tmp_path / "site" / "cache")},
-            "datasets": {"field": {"upstream": {"fdp": {"base_url": central.url}}}},
+            "datasets": {"field": {"upstream": {"fdp": {"base_url": link.url}}}},
             "subscriptions": [{"feed": feed_url, "retry_seconds": 0.2, "max_retry_seconds": 1}],
         },
         tmp_path / "site",
@@ -496,38 +498,56 @@ def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream
         with sqlite3.connect(tmp_path / "site" / "feed.sqlite") as db:
             db.execute("update marks set owner = ?, until = ? where role = ?", (owner, until, role))
 
-    with central.proc, site.proc:
-        wait_until(lambda: any(s["connected"] for s in statuses()), 30, "a follower")
-        for path in OBJECTS[:2]:
-            assert httpx.get(f"{central.url}/assets/field/{path}", timeout=30).status_code == 200
-        wait_until(
-            lambda: any(s["transferred"] == 2 for s in statuses()), 60, "both objects at the site"
-        )
-        seen = statuses()
-        assert all(s["following"] == (s["transferred"] == 2) for s in seen), seen
-        for path in OBJECTS[:2]:
-            assert len(central_gets(central, f"/assets/field/{path}")) == 2  # ours + the site's
-
-        lease("another site process", time.time() + 3600)  # it went elsewhere
-        wait_until(
-            lambda: not any(s["following"] or s["connected"] for s in statuses()),
-            30,
-            "the follower stopping",
-        )
-        path = OBJECTS[2]
+    def fill(path: str) -> None:
         assert httpx.get(f"{central.url}/assets/field/{path}", timeout=30).status_code == 200
-        time.sleep(1)  # (a follower would have begun: the feed wakes at once)
-        assert len(central_gets(central, f"/assets/field/{path}")) == 1  # nobody follows
 
-        lease("another site process", 0)  # that process died: its lease ran out
-        wait_until(
-            lambda: len(central_gets(central, f"/assets/field/{path}")) == 2, 30, "a takeover"
+    def at_site() -> str:
+        r = subprocess.run(
+            [BIN / "fdp", "cache", "ls", "--config", site.config],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        r = httpx.get(f"{site.url}/assets/field/{path}", timeout=30)
-        assert r.status_code == 200 and r.content == upstream.file(f"demo-cogs/{path}")
-        assert len(central_gets(central, f"/assets/field/{path}")) == 2  # from the site's cache
-        for earlier in OBJECTS[:2]:  # the place was kept: nothing fetched again
-            assert len(central_gets(central, f"/assets/field/{earlier}")) == 2
+        return r.stdout
+
+    try:
+        with central.proc, site.proc:
+            wait_until(lambda: any(s["connected"] for s in statuses()), 30, "a follower")
+            for path in (OBJECTS[0], OBJECTS[4]):
+                fill(path)
+            wait_until(lambda: any(s["transferred"] == 2 for s in statuses()), 60, "both")
+            seen = statuses()
+            assert all(s["following"] == (s["transferred"] == 2) for s in seen), seen
+            for path in (OBJECTS[0], OBJECTS[4]):
+                assert len(central_gets(central, f"/assets/field/{path}")) == 2  # ours + site's
+
+            link.rate = 250_000  # 3.6 MB: seconds, under way when the lease goes
+            moved = max(s["bytes"] for s in seen)
+            fill(OBJECTS[3])
+            wait_until(lambda: any(s["bytes"] > moved for s in statuses()), 30, "under way")
+            lease("another site process", time.time() + 3600)  # it went elsewhere
+            lost = "the lease is lost; not following here"
+            wait_until(lambda: lost in site.proc.log_text(), 30, "the follower stopping")
+            assert not any(s["following"] or s["connected"] for s in statuses())
+            link.rate = None
+            fill(OBJECTS[2])
+            time.sleep(1)  # (a follower would have begun: the feed wakes at once)
+            assert len(central_gets(central, f"/assets/field/{OBJECTS[2]}")) == 1  # nobody
+
+            lease("another site process", 0)  # that process died: its lease ran out
+            wait_until(
+                lambda: all(path in at_site() for path in OBJECTS[2:4]),
+                60,
+                "a takeover, the cut transfer taken up again",
+            )
+            for path in OBJECTS[2:4]:
+                r = httpx.get(f"{site.url}/assets/field/{path}", timeout=30)
+                assert r.status_code == 200 and r.content == upstream.file(f"demo-cogs/{path}")
+            assert len(central_gets(central, f"/assets/field/{OBJECTS[2]}")) == 2  # once
+            for earlier in (OBJECTS[0], OBJECTS[4]):  # the place was kept
+                assert len(central_gets(central, f"/assets/field/{earlier}")) == 2
+    finally:
+        link.close()
 
 
 def _broker_site(upstream: Any, port: int, tmp_path: Any, **subscription: Any) -> Any:
@@ -596,6 +616,7 @@ def test_an_object_the_other_side_keeps_failing_is_set_aside_not_in_the_way(upst
         assert [len(asked(p)) for p in others] == [1, 1]
         assert len(asked(stuck)) >= 2  # tried, refused, tried again
 
+        assert len(list((tmp_path / "site" / "cache" / "set-aside").rglob("*.json"))) == 1
         site.proc.stop()  # the list is kept on disk; the broker has nothing to send again
         site.proc.start()
         wait_until(lambda: status(site)["set_aside"] == 1, 30, "the list after the restart")
