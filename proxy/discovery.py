@@ -14,10 +14,7 @@ log, each for the announcement window after it was last seen.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-import uuid
 from typing import Any
 from urllib.parse import unquote
 
@@ -26,7 +23,7 @@ import anyio.to_thread
 
 from cache.feed import Notice
 from policies.config import HarvestConfig
-from proxy.feed import Feed, release
+from proxy.feed import Feed, lease_owner, release
 from proxy.stac.catalog import Catalog
 from proxy.stac.query import Search
 from upstreams.registry import Entry, Registry
@@ -49,8 +46,7 @@ class Harvester:
     ) -> None:
         self.config, self.registry, self.feed = config, registry, feed
         self.keep_seconds = keep_seconds
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.leader = False
+        self.owner = lease_owner()
         self.public_url = public_url
         #: a listing is read once a look, not once a page
         memo = min(60.0, config.every_seconds / 2)
@@ -72,8 +68,7 @@ class Harvester:
             while True:
                 await self._round()
         finally:
-            if self.leader:
-                await release(self.feed.log, ROLE, self.owner)
+            await release(self.feed.log, ROLE, self.owner)  # (only if it is this one's)
 
     async def _round(self) -> None:
         """One look at every dataset, if this process holds the lease."""
@@ -83,7 +78,6 @@ class Harvester:
             held = await anyio.to_thread.run_sync(self.feed.log.lease, ROLE, self.owner, lease)
         except Exception as e:  # the log: the next round tries again
             held, errors = False, [f"{type(e).__name__}: {e}"]
-        self.leader = held
         for name in self.config.datasets if held else ():  # (else another process looks)
             entry = self.registry.entries.get(name)
             if entry is None:

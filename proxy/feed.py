@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,6 +43,11 @@ PAGE = 500
 #: token: access is decided when a stream starts)
 STREAM_SECONDS = 3600.0
 PING_SECONDS = 15
+
+
+def lease_owner() -> str:
+    """Who holds a lease: this host and process, and this holder within it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 async def release(log_: Log, role: str, owner: str) -> None:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import sqlite3
 import ssl
-import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,7 +27,7 @@ from prometheus_client import Counter
 from cache.feed import topic, v03
 from policies.config import AnnounceConfig
 from policies.model import SecretFileError
-from proxy.feed import PAGE, Feed, FeedUnavailable, release
+from proxy.feed import PAGE, Feed, FeedUnavailable, lease_owner, release
 
 log = logging.getLogger("fdp.feed")
 
@@ -48,7 +45,7 @@ class Publisher:
         assert config.broker is not None
         self.feed, self.config, self.public_url = feed, config, public_url
         self.root = f"{config.exchange}/{config.topic_prefix}"
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = lease_owner()
         broker = urlsplit(config.broker)
         self.host, self.tls = broker.hostname or "", broker.scheme == "mqtts"
         self.port = broker.port or (8883 if self.tls else 1883)
@@ -111,8 +108,7 @@ class Publisher:
         try:
             await self._run()
         finally:
-            if self.leader:
-                await release(self.feed.log, ROLE, self.owner)
+            await release(self.feed.log, ROLE, self.owner)  # (only if it is this one's)
 
     async def _run(self) -> None:
         backoff = 1.0

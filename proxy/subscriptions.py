@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import socket
 import ssl
 import time
 import uuid
@@ -57,7 +56,7 @@ from cache.feed import Announcer, Log, announce_quietly, topic_level
 from cache.store import ObjectRecord, Store, object_key
 from policies.config import Settings, Subscription
 from policies.pacing import Pace
-from proxy.feed import release
+from proxy.feed import lease_owner, release
 from proxy.setaside import SetAsideList
 from upstreams.base import BadPath, safe_key
 from upstreams.registry import Registry
@@ -131,7 +130,7 @@ class Follower:
         self._pending: OrderedDict[str, bool] = OrderedDict()
         #: transfers under way by content: a second name of it waits, then twins
         self._content: dict[str, asyncio.Event] = {}
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = lease_owner()
         self.leader = self.connected = False
         self.error: str | None = None
         self.counts = dict.fromkeys(

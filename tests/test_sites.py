@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import subprocess
 import time
 from typing import Any
 
@@ -16,7 +15,8 @@ import yaml
 from tests.conftest import fdp_serve
 from tests.harness.link import Link
 from tests.harness.mqtt import publish, start_mosquitto, wait_until
-from tests.harness.procs import BIN, PYTHON, ServerProcess, free_port, http_ok
+from tests.harness.procs import PYTHON, ServerProcess, free_port, http_ok
+from tests.test_cache import cache_ls
 from tests.test_feed import OBJECTS, events, feed, sha512, take
 
 COD = {"method": "cod", "value": "sha512"}
@@ -339,6 +339,18 @@ def test_a_site_follows_a_broker_and_the_central_follows_the_site(upstream, oidc
         to_site.close()
 
 
+def _file_server(root: Any, log_dir: Any) -> tuple[ServerProcess, int]:
+    """A plain autoindex server (Python's) over `root`, not started, and its port."""
+    port = free_port()
+    command = [PYTHON, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root)]
+    return ServerProcess(
+        "http.server",
+        [*command, str(port)],
+        log_dir=log_dir,
+        ready=http_ok(f"http://127.0.0.1:{port}/"),
+    ), port
+
+
 def test_a_harvest_announces_what_is_new_and_a_site_takes_it(tmp_path):
     """A look through a plain autoindex server's catalogue announces the objects that were
     not there at an earlier look (`cod`: nobody has read them, so no checksum yet); a site
@@ -346,13 +358,7 @@ def test_a_harvest_announces_what_is_new_and_a_site_takes_it(tmp_path):
     root = tmp_path / "drops"
     (root / "old").mkdir(parents=True)
     (root / "old" / "before.bin").write_bytes(b"there before the first look\n")
-    port = free_port()
-    files = ServerProcess(
-        "http.server",
-        [PYTHON, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(port)],
-        log_dir=tmp_path,
-        ready=http_ok(f"http://127.0.0.1:{port}/"),
-    )
+    files, port = _file_server(root, tmp_path)
     central = fdp_serve(
         {
             "cache": {"store": str(tmp_path / "central" / "cache")},
@@ -429,13 +435,7 @@ def test_a_harvest_after_longer_than_the_window_only_learns_again(tmp_path):
     root = tmp_path / "drops"
     root.mkdir()
     (root / "before.bin").write_bytes(b"there before the first look\n")
-    port = free_port()
-    files = ServerProcess(
-        "http.server",
-        [PYTHON, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root), str(port)],
-        log_dir=tmp_path,
-        ready=http_ok(f"http://127.0.0.1:{port}/"),
-    )
+    files, port = _file_server(root, tmp_path)
     window = 0.001 * 3600  # keep_hours 0.001: 3.6 s
     central = fdp_serve(
         {
@@ -501,15 +501,6 @@ def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream
     def fill(path: str) -> None:
         assert httpx.get(f"{central.url}/assets/field/{path}", timeout=30).status_code == 200
 
-    def at_site() -> str:
-        r = subprocess.run(
-            [BIN / "fdp", "cache", "ls", "--config", site.config],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        return r.stdout
-
     try:
         with central.proc, site.proc:
             wait_until(lambda: any(s["connected"] for s in statuses()), 30, "a follower")
@@ -536,7 +527,7 @@ def test_one_of_a_sites_worker_processes_follows_and_another_takes_over(upstream
 
             lease("another site process", 0)  # that process died: its lease ran out
             wait_until(
-                lambda: all(path in at_site() for path in OBJECTS[2:4]),
+                lambda: all(path in cache_ls(site) for path in OBJECTS[2:4]),
                 60,
                 "a takeover, the cut transfer taken up again",
             )
