@@ -14,6 +14,7 @@ then reads on from its own last id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -77,7 +78,8 @@ class Feed:
     def announced(self, notice: Notice) -> None:
         """From the announcer's thread: read the log now, not at the next poll."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._poke.set)
+            with contextlib.suppress(RuntimeError):  # (the loop closed: nobody to wake)
+                self._loop.call_soon_threadsafe(self._poke.set)
 
     async def read(self, after: str | None, limit: int = PAGE) -> list[Notice]:
         return await self._ask(self.log.after, after, limit)  # type: ignore[no-any-return]
