@@ -135,6 +135,8 @@ class ServerProcess:
             return ""
 
     def __enter__(self) -> ServerProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # (started already, by a helper that retries a taken port)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
